@@ -1,0 +1,467 @@
+//! Protocol drivers `file` (regular files) and `host_device` (block devices), on io_uring.
+//!
+//! With `cache.direct=on` the file is opened O_DIRECT and its alignment is read from
+//! `statx(STATX_DIOALIGN)` or the device's logical block size, or probed by trial reads;
+//! the node above widens and bounces requests that do not meet it.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+use io_uring::{opcode, types};
+
+use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, Limits, OpenContext};
+use crate::error::{BlockError, Result};
+use crate::io::bounce::BounceBuffer;
+use crate::io::iovec::{self, IoVec};
+use crate::io::reactor::{check, Reactor};
+
+/// The `file` protocol driver.
+pub const FILE_DRIVER: DriverInfo = DriverInfo {
+    name: "file",
+    kind: DriverKind::Protocol,
+    protocol_prefix: Some("file"),
+    probe_device: None,
+    open: open_file,
+};
+
+/// The `host_device` protocol driver.
+pub const HOST_DEVICE_DRIVER: DriverInfo = DriverInfo {
+    name: "host_device",
+    kind: DriverKind::Protocol,
+    protocol_prefix: Some("host_device"),
+    probe_device: Some(probe_device),
+    open: open_host_device,
+};
+
+// Linux block-device ioctls (linux/fs.h) that libc does not define.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Largest chunk written at once when zeroes must be written as data.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+fn probe_device(filename: &str) -> u32 {
+    match std::fs::metadata(filename) {
+        Ok(m) if m.file_type().is_block_device() => 100,
+        _ => 0,
+    }
+}
+
+fn open_file(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+    open_common(ctx, "file", false)
+}
+
+fn open_host_device(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+    open_common(ctx, "host_device", true)
+}
+
+/// An open file or block device.
+pub struct FileDriver {
+    file: File,
+    filename: String,
+    block_device: bool,
+    size: u64,
+    limits: Limits,
+    flush_on_close: bool,
+}
+
+fn open_common(
+    ctx: &mut OpenContext<'_>,
+    driver: &str,
+    want_device: bool,
+) -> Result<Box<dyn BlockDriver>> {
+    let filename = ctx.options.take("filename").ok_or_else(|| {
+        BlockError::invalid(format!("The '{driver}' block driver requires a file name"))
+    })?;
+    let filename = filename
+        .strip_prefix(&format!("{driver}:"))
+        .unwrap_or(&filename)
+        .to_string();
+    match ctx.options.take("aio").as_deref() {
+        None | Some("io_uring") => {}
+        Some(other @ ("threads" | "native")) => {
+            log::info!("{filename}: aio={other} requested; strata always uses io_uring")
+        }
+        Some(other) => {
+            return Err(BlockError::invalid(format!(
+                "Parameter 'aio' expects 'io_uring', 'native' or 'threads', got '{other}'"
+            )))
+        }
+    }
+    let (file, read_only) = open_file_with_fallback(&filename, ctx)?;
+    ctx.flags.read_only = read_only;
+    let meta = file
+        .metadata()
+        .map_err(|e| BlockError::io(&e, format!("Could not stat '{filename}'")))?;
+    let block_device = meta.file_type().is_block_device();
+    if want_device && !block_device {
+        return Err(BlockError::invalid(format!(
+            "'host_device' driver requires '{filename}' to be a block device"
+        )));
+    }
+    if !want_device && !meta.file_type().is_file() {
+        return Err(BlockError::invalid(format!(
+            "'file' driver requires '{filename}' to be a regular file{}",
+            if block_device {
+                " (use driver=host_device for block devices)"
+            } else {
+                ""
+            }
+        )));
+    }
+    let size = if block_device {
+        let mut bytes: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`, a valid local.
+        if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
+            return Err(BlockError::last_os_error(format!(
+                "Could not get the size of '{filename}'"
+            )));
+        }
+        bytes
+    } else {
+        meta.len()
+    };
+    let mut limits = Limits::default();
+    if ctx.flags.cache_direct {
+        let (request, memory) = dio_alignment(&file, block_device)
+            .map_err(|e| e.context(format!("'{filename}' with cache.direct=on")))?;
+        limits.request_alignment = request;
+        limits.min_mem_alignment = memory;
+        limits.opt_mem_alignment = memory.max(4096);
+        log::debug!("{filename}: O_DIRECT alignment: requests {request}, memory {memory}");
+    }
+    Ok(Box::new(FileDriver {
+        file,
+        filename,
+        block_device,
+        size,
+        limits,
+        flush_on_close: !read_only && !ctx.flags.cache_no_flush,
+    }))
+}
+
+/// Opens read-write unless read-only; with auto-read-only, falls back to read-only.
+fn open_file_with_fallback(filename: &str, ctx: &OpenContext<'_>) -> Result<(File, bool)> {
+    let open = |write: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(write);
+        let mut flags = libc::O_CLOEXEC;
+        if ctx.flags.cache_direct {
+            flags |= libc::O_DIRECT;
+        }
+        o.custom_flags(flags);
+        o.open(filename)
+    };
+    if ctx.flags.read_only {
+        return open(false)
+            .map(|f| (f, true))
+            .map_err(|e| BlockError::io(&e, format!("Could not open '{filename}'")));
+    }
+    match open(true) {
+        Ok(f) => Ok((f, false)),
+        Err(e)
+            if ctx.flags.auto_read_only
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                ) =>
+        {
+            log::info!("{filename}: opening read-only (auto-read-only): {e}");
+            open(false)
+                .map(|f| (f, true))
+                .map_err(|e| BlockError::io(&e, format!("Could not open '{filename}'")))
+        }
+        Err(e) => Err(BlockError::io(&e, format!("Could not open '{filename}'"))),
+    }
+}
+
+/// O_DIRECT alignment (request, memory): statx(STATX_DIOALIGN), the logical block size of a
+/// device, or trial reads when the kernel reports neither.
+fn dio_alignment(file: &File, block_device: bool) -> Result<(u32, usize)> {
+    let fd = file.as_raw_fd();
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = CString::default();
+    // SAFETY: statx with AT_EMPTY_PATH reads `fd` and writes into `stx`, a valid local.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let (mut request, mut memory) = (0u32, 0usize);
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        request = stx.stx_dio_offset_align;
+        memory = stx.stx_dio_mem_align as usize;
+    }
+    if block_device {
+        let mut lbs: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int into `lbs`, a valid local.
+        if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut lbs) } == 0 && lbs > 0 {
+            request = request.max(lbs as u32);
+        }
+    }
+    if request == 0 {
+        request = probe_request_alignment(fd)?;
+    }
+    if memory == 0 {
+        memory = probe_memory_alignment(fd, request);
+    }
+    if !request.is_power_of_two() || !memory.is_power_of_two() {
+        return Err(BlockError::invalid(format!(
+            "unusable O_DIRECT alignment: offsets {request}, memory {memory}"
+        )));
+    }
+    Ok((request, memory))
+}
+
+const PROBE_SIZES: [u32; 8] = [1, 512, 1024, 2048, 4096, 8192, 16384, 65536];
+
+fn probe_request_alignment(fd: i32) -> Result<u32> {
+    let mut buf = BounceBuffer::new(65536)?;
+    for size in PROBE_SIZES {
+        // SAFETY: reads at most `size` <= 65536 bytes into our own buffer of that capacity.
+        let r =
+            unsafe { libc::pread(fd, buf.as_mut_slice().as_mut_ptr().cast(), size as usize, 0) };
+        if r >= 0 {
+            return Ok(size);
+        }
+    }
+    Err(BlockError::invalid(
+        "Could not find a working O_DIRECT alignment; try cache.direct=off",
+    ))
+}
+
+fn probe_memory_alignment(fd: i32, request: u32) -> usize {
+    let Ok(mut buf) = BounceBuffer::new(65536 + 8192) else {
+        return 4096;
+    };
+    for align in [1usize, 512, 1024, 2048, 4096] {
+        let slice = &mut buf.as_mut_slice()[align..];
+        // SAFETY: reads `request` <= 65536 bytes into the buffer past `align` <= 4096 bytes.
+        let r = unsafe { libc::pread(fd, slice.as_mut_ptr().cast(), request as usize, 0) };
+        if r >= 0 {
+            return align;
+        }
+    }
+    4096
+}
+
+impl FileDriver {
+    fn reactor() -> Result<std::rc::Rc<Reactor>> {
+        Reactor::current()
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// Reads or writes all of `iov`, resubmitting after short transfers.
+    async fn transfer(&self, write: bool, offset: u64, iov: &[IoVec<'_>]) -> crate::Result<()> {
+        let reactor = Self::reactor()?;
+        let total = iovec::total_len(iov);
+        let mut done = 0u64;
+        while done < total {
+            let rest;
+            let part: &[IoVec<'_>] = if done == 0 {
+                iov
+            } else {
+                rest = iovec::sub_iov(iov, done as usize, (total - done) as usize);
+                &rest
+            };
+            let at = offset + done;
+            let raw = iovec::as_raw(part);
+            let entry = match (write, raw) {
+                (false, [one]) => {
+                    opcode::Read::new(self.fd(), one.iov_base.cast(), one.iov_len as u32)
+                        .offset(at)
+                        .build()
+                }
+                (true, [one]) => {
+                    opcode::Write::new(self.fd(), one.iov_base.cast(), one.iov_len as u32)
+                        .offset(at)
+                        .build()
+                }
+                (false, _) => opcode::Readv::new(self.fd(), raw.as_ptr(), raw.len() as u32)
+                    .offset(at)
+                    .build(),
+                (true, _) => opcode::Writev::new(self.fd(), raw.as_ptr(), raw.len() as u32)
+                    .offset(at)
+                    .build(),
+            };
+            // SAFETY: the buffers and the iovec array `raw` are borrowed by this future until
+            // the operation completes; dropping the op waits for the kernel.
+            let res = unsafe { reactor.op(entry) }.await?;
+            let n = check(res, || {
+                format!(
+                    "{} of {} bytes at offset {at} on '{}' failed",
+                    if write { "write" } else { "read" },
+                    total - done,
+                    self.filename
+                )
+            })? as u64;
+            if n == 0 {
+                if write {
+                    return Err(BlockError::new(
+                        libc::EIO,
+                        format!(
+                            "write at offset {at} on '{}' made no progress",
+                            self.filename
+                        ),
+                    ));
+                }
+                // End of file: the rest reads as zeroes.
+                iovec::zero_iov(iov, done as usize);
+                return Ok(());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let reactor = Self::reactor()?;
+        let entry = opcode::Fallocate::new(self.fd(), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        // SAFETY: fallocate references no memory.
+        let res = unsafe { reactor.op(entry) }.await?;
+        check(res, || {
+            format!(
+                "fallocate of {len} bytes at {offset} on '{}' failed",
+                self.filename
+            )
+        })?;
+        Ok(())
+    }
+
+    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read a [u64; 2] range from a valid local.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) } < 0 {
+            return Err(BlockError::last_os_error(format!(
+                "{} of {len} bytes at {offset} on '{}' failed",
+                if request == BLKDISCARD {
+                    "discard"
+                } else {
+                    "zeroing"
+                },
+                self.filename
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+        let mut zeroes = BounceBuffer::new(len.min(ZERO_CHUNK) as usize)?;
+        zeroes.as_mut_slice().fill(0);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(ZERO_CHUNK) as usize;
+            let buf = &mut zeroes.as_mut_slice()[..n];
+            self.transfer(true, at, &[IoVec::new(buf)]).await?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileDriver {
+    fn drop(&mut self) {
+        // The node is gone, so no request is in flight: make what was written durable.
+        if self.flush_on_close {
+            if let Err(e) = self.file.sync_data() {
+                log::error!("flush of '{}' at close failed: {e}", self.filename);
+            }
+        }
+    }
+}
+
+fn unsupported(e: &BlockError) -> bool {
+    matches!(e.errno(), libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
+}
+
+impl BlockDriver for FileDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn filename(&self) -> String {
+        self.filename.clone()
+    }
+
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
+        Box::pin(self.transfer(false, offset, iov))
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
+        Box::pin(self.transfer(true, offset, iov))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let reactor = Self::reactor()?;
+            let entry = opcode::Fsync::new(self.fd())
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            // SAFETY: fsync references no memory.
+            let res = unsafe { reactor.op(entry) }.await?;
+            check(res, || format!("flush of '{}' failed", self.filename))?;
+            Ok(())
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let r = if self.block_device {
+                self.range_ioctl(BLKDISCARD, offset, len)
+            } else {
+                self.fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .await
+            };
+            match r {
+                // Discard is advisory: storage that cannot free space keeps the data.
+                Err(e) if unsupported(&e) => Ok(()),
+                r => r,
+            }
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let r = if self.block_device {
+                self.range_ioctl(BLKZEROOUT, offset, len)
+            } else {
+                let mode = if may_unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                self.fallocate(mode, offset, len).await
+            };
+            match r {
+                Err(e) if unsupported(&e) => self.write_zero_data(offset, len).await,
+                r => r,
+            }
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! The `raw` format: the bytes of its `file` child, optionally a window (`offset`, `size`).
+//!
+//! When raw was chosen by probing, a write that would make sector 0 look like another format
+//! is refused: otherwise a guest could turn its disk into, say, a qcow2 image naming a host
+//! file as backing file, which the next probing open would follow (CVE-2008-2004).
+
+use std::sync::Arc;
+
+use super::{BlockDriver, BlockStatus, DriverInfo, DriverKind, IoFuture, Limits, OpenContext};
+use crate::error::{BlockError, Result};
+use crate::io::iovec::{self, IoVec};
+use crate::node::{ChildRole, Node};
+use crate::probe;
+
+/// The `raw` driver.
+pub const DRIVER: DriverInfo = DriverInfo {
+    name: "raw",
+    kind: DriverKind::Format,
+    protocol_prefix: None,
+    probe_device: None,
+    open,
+};
+
+/// Bytes of sector 0 checked against the format probes.
+const SECTOR: u64 = 512;
+
+/// A window on the file child.
+pub struct RawDriver {
+    file: Arc<Node>,
+    offset: u64,
+    size: u64,
+    guard_sector0: bool,
+}
+
+fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+    let offset = ctx.options.take_size("offset")?.unwrap_or(0);
+    let size = ctx.options.take_size("size")?;
+    let file = ctx.open_child(ChildRole::File)?;
+    let file_size = file.size();
+    if offset > file_size {
+        return Err(BlockError::invalid(format!(
+            "The sum of offset ({offset}) and size (0) has to be smaller or equal to the actual \
+             size of the containing file ({file_size})"
+        )));
+    }
+    let size = match size {
+        Some(size) if offset.checked_add(size).is_some_and(|end| end <= file_size) => size,
+        Some(size) => {
+            return Err(BlockError::invalid(format!(
+                "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the \
+                 actual size of the containing file ({file_size})"
+            )))
+        }
+        None => file_size - offset,
+    };
+    if ctx.probed {
+        log::warn!(
+            "Image format was not specified for '{}' and probing guessed raw. Automatically \
+             detecting the format is dangerous for raw images, write operations on block 0 will \
+             be restricted. Specify the 'raw' format explicitly to remove the restrictions.",
+            file.filename()
+        );
+    }
+    Ok(Box::new(RawDriver {
+        file,
+        offset,
+        size,
+        guard_sector0: ctx.probed,
+    }))
+}
+
+impl RawDriver {
+    /// Refuses a write whose first sector would probe as another format.
+    fn check_sector0(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        if !self.guard_sector0 || offset >= SECTOR {
+            return Ok(());
+        }
+        // Only the written part of sector 0 is known here; checking it alone is what QEMU does
+        // too, since every image magic sits in the first bytes.
+        let n = (SECTOR - offset).min(iovec::total_len(iov)) as usize;
+        let mut head = vec![0u8; offset as usize + n];
+        iovec::copy_from_iov(iov, 0, &mut head[offset as usize..]);
+        if let Some(format) = probe::probe_format(&head) {
+            return Err(BlockError::new(
+                libc::EPERM,
+                format!(
+                    "write to sector 0 refused: it would make the probed raw image look like \
+                     {format}; give driver=raw explicitly to allow it"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_transfer: self.file.limits().max_transfer,
+            max_iov: self.file.limits().max_iov,
+            ..Limits::default()
+        }
+    }
+
+    fn supports_discard(&self) -> bool {
+        self.file.discard_enabled()
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
+        Box::pin(self.file.read(self.offset + offset, iov))
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.check_sector0(offset, iov)?;
+            self.file.write(self.offset + offset, iov).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.file.flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.file.discard(self.offset + offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.file.write_zeroes(self.offset + offset, len, may_unmap))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(self.file.block_status(self.offset + offset, len))
+    }
+}

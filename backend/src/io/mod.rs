@@ -1,0 +1,8 @@
+//! Asynchronous I/O machinery: buffers, the per-thread io_uring reactor, the task executor,
+//! bounce buffers and write serialisation.
+
+pub mod bounce;
+pub mod executor;
+pub mod iovec;
+pub mod reactor;
+pub mod serialise;

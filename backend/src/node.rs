@@ -1,0 +1,454 @@
+//! A node of the graph: a driver instance with its flags, limits, children and parents, and the
+//! checks every request passes before reaching the driver.
+//!
+//! Requests are futures that borrow the node and the caller's buffers, so a node cannot be
+//! dropped while one of its requests is in flight: dropping the last reference is the drain
+//! point, after which the driver closes (and flushes) its storage.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::driver::{BlockDriver, BlockStatus, Limits};
+use crate::error::{BlockError, Result};
+use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
+use crate::io::bounce::BounceBuffer;
+use crate::io::iovec::{self, IoVec};
+use crate::io::serialise::WriteSerialiser;
+use crate::options::Options;
+
+/// The role a child plays for its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildRole {
+    /// The storage a format reads its image from (a protocol node).
+    File,
+    /// The image below an overlay (opened read-only).
+    Backing,
+}
+
+impl ChildRole {
+    /// The option key of the role (`file`, `backing`).
+    pub fn key(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+        }
+    }
+}
+
+/// Counters of a node, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Requests served straight from the caller's memory.
+    pub zero_copy: AtomicU64,
+    /// Requests copied through an aligned bounce buffer.
+    pub bounced: AtomicU64,
+    /// Writes done as read-modify-write (sub-block).
+    pub read_modify_write: AtomicU64,
+    /// Writes of zeroes turned into write_zeroes by detect-zeroes.
+    pub zeroes_detected: AtomicU64,
+}
+
+/// A child link.
+#[derive(Clone)]
+pub struct Child {
+    /// Role of the child.
+    pub role: ChildRole,
+    /// The child node.
+    pub node: Arc<Node>,
+}
+
+/// An open block node.
+pub struct Node {
+    name: String,
+    driver_name: &'static str,
+    driver: Box<dyn BlockDriver>,
+    flags: NodeFlags,
+    limits: Limits,
+    options: Options,
+    explicit_options: Options,
+    children: Vec<Child>,
+    parents: Mutex<Vec<(ChildRole, Weak<Node>)>>,
+    serialiser: WriteSerialiser,
+    stats: NodeStats,
+}
+
+/// What a query shows of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Driver name.
+    pub driver: String,
+    /// File the node reads (its own or its file child's).
+    pub filename: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Read-only flag.
+    pub read_only: bool,
+    /// Children as (role, node name).
+    pub children: Vec<(String, String)>,
+}
+
+pub(crate) struct NodeParts {
+    pub name: String,
+    pub driver_name: &'static str,
+    pub driver: Box<dyn BlockDriver>,
+    pub flags: NodeFlags,
+    pub options: Options,
+    pub explicit_options: Options,
+    pub children: Vec<(ChildRole, Arc<Node>)>,
+}
+
+impl Node {
+    pub(crate) fn new(parts: NodeParts) -> Result<Arc<Node>> {
+        let limits = parts.driver.limits();
+        if !limits.request_alignment.is_power_of_two()
+            || !limits.min_mem_alignment.is_power_of_two()
+        {
+            return Err(BlockError::invalid(format!(
+                "driver '{}' reported invalid alignment {limits:?}",
+                parts.driver_name
+            )));
+        }
+        let node = Arc::new(Node {
+            name: parts.name,
+            driver_name: parts.driver_name,
+            driver: parts.driver,
+            flags: parts.flags,
+            limits,
+            options: parts.options,
+            explicit_options: parts.explicit_options,
+            children: parts
+                .children
+                .into_iter()
+                .map(|(role, node)| Child { role, node })
+                .collect(),
+            parents: Mutex::new(Vec::new()),
+            serialiser: WriteSerialiser::default(),
+            stats: NodeStats::default(),
+        });
+        for child in &node.children {
+            child
+                .node
+                .lock_parents()
+                .push((child.role, Arc::downgrade(&node)));
+        }
+        Ok(node)
+    }
+
+    fn lock_parents(&self) -> std::sync::MutexGuard<'_, Vec<(ChildRole, Weak<Node>)>> {
+        self.parents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Driver name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver_name
+    }
+
+    /// Flags.
+    pub fn flags(&self) -> &NodeFlags {
+        &self.flags
+    }
+
+    /// Whether the node refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.flags.read_only
+    }
+
+    /// Request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Effective options (after inheritance and defaults).
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Options the user gave for this node.
+    pub fn explicit_options(&self) -> &Options {
+        &self.explicit_options
+    }
+
+    /// Children.
+    pub fn children(&self) -> &[Child] {
+        &self.children
+    }
+
+    /// The child in a role.
+    pub fn child(&self, role: ChildRole) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|c| c.role == role)
+            .map(|c| &c.node)
+    }
+
+    /// Names of the live parents, with the role this node plays for each.
+    pub fn parents(&self) -> Vec<(ChildRole, String)> {
+        self.lock_parents()
+            .iter()
+            .filter_map(|(role, p)| Some((*role, p.upgrade()?.name.clone())))
+            .collect()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Whether discards reach storage (discard=unmap and the driver supports it).
+    pub fn discard_enabled(&self) -> bool {
+        self.flags.discard == DiscardMode::Unmap && self.driver.supports_discard()
+    }
+
+    /// The filename of this node or, for formats, of the storage below.
+    pub fn filename(&self) -> String {
+        let own = self.driver.filename();
+        if own.is_empty() {
+            if let Some(file) = self.child(ChildRole::File) {
+                return file.filename();
+            }
+        }
+        own
+    }
+
+    /// A summary for queries.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.name.clone(),
+            driver: self.driver_name.to_string(),
+            filename: self.filename(),
+            size: self.size(),
+            read_only: self.flags.read_only,
+            children: self
+                .children
+                .iter()
+                .map(|c| (c.role.key().to_string(), c.node.name.clone()))
+                .collect(),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64, what: &str) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::new(
+                libc::EIO,
+                format!(
+                    "{what} of {len} bytes at offset {offset} is beyond the end of node '{}' \
+                     ({size} bytes)",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self, what: &str) -> Result<()> {
+        if self.flags.read_only {
+            return Err(BlockError::new(
+                libc::EROFS,
+                format!("{what} refused: node '{}' is read-only", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_aligned(&self, offset: u64, len: u64) -> bool {
+        let a = u64::from(self.limits.request_alignment);
+        offset % a == 0 && len % a == 0
+    }
+
+    fn mem_aligned(&self, iov: &[IoVec<'_>]) -> bool {
+        let m = self.limits.min_mem_alignment;
+        m == 1
+            || iov
+                .iter()
+                .all(|v| (v.as_ptr() as usize) % m == 0 && v.len() % m == 0)
+    }
+
+    fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = u64::from(self.limits.request_alignment);
+        let start = offset - offset % a;
+        let end = (offset + len).div_ceil(a) * a;
+        (start, end)
+    }
+
+    /// Reads `iov.len()` bytes at `offset` into the caller's buffers.
+    pub async fn read(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        let len = iovec::total_len(iov);
+        self.check_range(offset, len, "read")?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.is_aligned(offset, len) && self.mem_aligned(iov) {
+            self.stats.zero_copy.fetch_add(1, Relaxed);
+            return self.driver.read(offset, iov).await;
+        }
+        self.stats.bounced.fetch_add(1, Relaxed);
+        let (start, end) = self.widen(offset, len);
+        let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
+        self.driver.read(start, &[buf.iovec()]).await?;
+        let skip = to_usize(offset - start)?;
+        iovec::copy_to_iov(iov, 0, &buf.as_slice()[skip..skip + to_usize(len)?]);
+        Ok(())
+    }
+
+    /// Writes the caller's buffers at `offset`.
+    pub async fn write(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        self.check_writable("write")?;
+        let len = iovec::total_len(iov);
+        self.check_range(offset, len, "write")?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.flags.detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
+            self.stats.zeroes_detected.fetch_add(1, Relaxed);
+            let may_unmap = self.flags.detect_zeroes == DetectZeroes::Unmap;
+            return self.write_zeroes(offset, len, may_unmap).await;
+        }
+        self.write_data(offset, iov, len).await
+    }
+
+    /// Writes data, widening and serialising sub-block writes as alignment requires.
+    async fn write_data(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
+        if self.limits.request_alignment == 1 {
+            // Nothing can need read-modify-write: no serialisation needed.
+            return self.write_aligned(offset, iov).await;
+        }
+        let aligned = self.is_aligned(offset, len);
+        let (start, end) = self.widen(offset, len);
+        let _guard = self.serialiser.begin(start, end, !aligned).await;
+        if aligned {
+            return self.write_aligned(offset, iov).await;
+        }
+        self.stats.read_modify_write.fetch_add(1, Relaxed);
+        self.stats.bounced.fetch_add(1, Relaxed);
+        let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
+        let a = u64::from(self.limits.request_alignment);
+        let size = to_usize(end - start)?;
+        let head = to_usize(offset - start)?;
+        // Read the partial blocks at each end (once if they are the same block).
+        if head != 0 {
+            let block = to_usize(a)?;
+            let part = &mut buf.as_mut_slice()[..block];
+            self.driver.read(start, &[IoVec::new(part)]).await?;
+        }
+        if (offset + len) % a != 0 && (head == 0 || end - start > a) {
+            let block = to_usize(a)?;
+            let part = &mut buf.as_mut_slice()[size - block..];
+            self.driver.read(end - a, &[IoVec::new(part)]).await?;
+        }
+        iovec::copy_from_iov(iov, 0, &mut buf.as_mut_slice()[head..head + to_usize(len)?]);
+        self.driver.write(start, &[buf.iovec()]).await
+    }
+
+    async fn write_aligned(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        if self.mem_aligned(iov) {
+            self.stats.zero_copy.fetch_add(1, Relaxed);
+            return self.driver.write(offset, iov).await;
+        }
+        self.stats.bounced.fetch_add(1, Relaxed);
+        let len = to_usize(iovec::total_len(iov))?;
+        let mut buf = BounceBuffer::new(len)?;
+        iovec::copy_from_iov(iov, 0, buf.as_mut_slice());
+        self.driver.write(offset, &[buf.iovec()]).await
+    }
+
+    /// Makes completed writes durable (a no-op with cache.no-flush).
+    pub async fn flush(&self) -> Result<()> {
+        if self.flags.cache_no_flush {
+            return Ok(());
+        }
+        self.driver.flush().await
+    }
+
+    /// Discards a range; with discard=ignore this succeeds without doing anything.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("discard")?;
+        self.check_range(offset, len, "discard")?;
+        if len == 0 || !self.discard_enabled() {
+            return Ok(());
+        }
+        // Only whole aligned blocks can be discarded; the rest is left as is.
+        let a = u64::from(self.limits.request_alignment);
+        let start = offset.div_ceil(a) * a;
+        let end = (offset + len) / a * a;
+        if end <= start {
+            return Ok(());
+        }
+        let _guard = self.serialiser.begin(start, end, false).await;
+        self.driver.discard(start, end - start).await
+    }
+
+    /// Makes a range read as zeroes. `may_unmap` lets it free space when discard=unmap.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable("write_zeroes")?;
+        self.check_range(offset, len, "write_zeroes")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let may_unmap = may_unmap && self.flags.discard == DiscardMode::Unmap;
+        let a = u64::from(self.limits.request_alignment);
+        let (start, end) = self.widen(offset, len);
+        if start == offset && end == offset + len {
+            let _guard = self.serialiser.begin(start, end, false).await;
+            return self.driver.write_zeroes(offset, len, may_unmap).await;
+        }
+        // Unaligned edges: zero them with read-modify-write, the aligned middle directly.
+        let mid_start = offset.div_ceil(a) * a;
+        let mid_end = ((offset + len) / a * a).max(mid_start);
+        let zeroes = vec![0u8; to_usize(a)?];
+        for (s, e) in [
+            (offset, mid_start.min(offset + len)),
+            (mid_end.max(offset), offset + len),
+        ] {
+            let mut at = s;
+            while at < e {
+                let n = (e - at).min(a - at % a);
+                let mut chunk = zeroes[..to_usize(n)?].to_vec();
+                self.write_data(at, &[IoVec::new(&mut chunk)], n).await?;
+                at += n;
+            }
+        }
+        if mid_end > mid_start {
+            let _guard = self.serialiser.begin(mid_start, mid_end, false).await;
+            self.driver
+                .write_zeroes(mid_start, mid_end - mid_start, may_unmap)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Allocation status of the range starting at `offset`.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check_range(offset, len, "block_status")?;
+        self.driver.block_status(offset, len).await
+    }
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver_name)
+            .field("flags", &self.flags)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_usize(v: u64) -> Result<usize> {
+    usize::try_from(v)
+        .map_err(|_| BlockError::invalid(format!("request of {v} bytes is too large")))
+}

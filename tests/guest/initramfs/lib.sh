@@ -1,0 +1,83 @@
+# shellcheck shell=sh
+# Helpers for guest tests (sourced as /strata/lib.sh inside the guest).
+
+# param NAME [DEFAULT]: value of NAME=VALUE on the kernel command line (the
+# last one wins); DEFAULT when absent; returns 1 when absent and no default.
+param() {
+    _p_val=""
+    _p_found=0
+    # shellcheck disable=SC2013 # words, not lines
+    for _p_w in $(cat /proc/cmdline); do
+        case "$_p_w" in
+            "$1="*) _p_val="${_p_w#*=}"; _p_found=1 ;;
+        esac
+    done
+    if [ "$_p_found" = 1 ]; then
+        echo "$_p_val"
+        return 0
+    fi
+    if [ $# -ge 2 ]; then
+        echo "$2"
+        return 0
+    fi
+    return 1
+}
+
+log() { echo "[strata] $*"; }
+
+# fail REASON: record the reason for /init and end the test.
+fail() {
+    echo "[strata] FAIL: $*"
+    echo "$*" > /tmp/strata-fail-reason
+    exit 1
+}
+
+# is_uint VALUE
+is_uint() {
+    case "$1" in
+        ''|*[!0-9]*) return 1 ;;
+        *) return 0 ;;
+    esac
+}
+
+# The block device under test (default vda) and its geometry.
+strata_dev() { param strata.dev vda; }
+dev_lbs() { cat "/sys/block/$(strata_dev)/queue/logical_block_size"; }
+dev_bytes() { echo $(( $(cat "/sys/block/$(strata_dev)/size") * 512 )); }
+ncpus() { grep -c '^processor' /proc/cpuinfo; }
+
+# pattern_chunks LBS BYTES: "LBA COUNT" lines (in LBS units) where the
+# pattern tests write: start of the disk, an odd LBA (not 4k-aligned when
+# LBS is 512), the middle, the end, and the very last block.
+pattern_chunks() {
+    _n=$(( $2 / $1 ))
+    if [ "$_n" -lt 64 ]; then
+        fail "device too small for the pattern test ($_n blocks of $1)"
+    fi
+    echo "0 4"
+    echo "9 3"
+    echo "$(( _n / 2 + 1 )) 5"
+    echo "$(( _n - 9 )) 7"
+    echo "$(( _n - 1 )) 1"
+}
+
+# gen_pattern SEED LBA BYTES: deterministic text derived from SEED and LBA,
+# exactly BYTES long (BYTES a multiple of 64). Park-Miller generator; every
+# product stays below 2^53 so awk's doubles are exact.
+gen_pattern() {
+    awk -v seed="$1" -v lba="$2" -v n="$3" 'BEGIN {
+        m = 2147483647
+        x = (seed % m) * 7919 % m
+        x = (x + (lba % m) * 104729 % m + 12345) % m
+        if (x == 0) x = 1
+        lines = n / 64
+        for (i = 0; i < lines; i++) {
+            line = ""
+            for (j = 0; j < 7; j++) {
+                x = (x * 16807) % m
+                line = line sprintf("%08x", x)
+            }
+            printf "%s%07x\n", line, i % 268435456
+        }
+    }'
+}
