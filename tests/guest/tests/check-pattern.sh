@@ -22,7 +22,8 @@ while read -r lba count; do
     if cmp -s /tmp/want /tmp/got; then
         log "ok: lba $lba +$count matches"
     else
-        log "MISMATCH at lba $lba +$count: first bytes expected '$(head -c 32 /tmp/want)' got '$(head -c 32 /tmp/got | tr -c '[:print:]' '.')'"
+        where="$(cmp /tmp/want /tmp/got 2>&1 | head -n1 || true)"
+        log "MISMATCH at lba $lba +$count ($where): first bytes expected '$(head -c 32 /tmp/want)' got '$(head -c 32 /tmp/got | tr '\000-\037\177-\377' '.')'"
         bad="$bad $lba"
     fi
 done < /tmp/chunks

@@ -69,7 +69,7 @@ for bs in $sizes; do
         --cpus_allowed="0-$((cpus - 1))" --cpus_allowed_policy=split \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 \
         --randrepeat=1 --randseed="$((seed + bs))" \
-        --group_reporting --output=/tmp/fio.out
+        --group_reporting --eta=never --output=/tmp/fio.out
     rc=$?
     set -e
     cat /tmp/fio.out

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test of strata: the workspace's Rust tests (block layer, vhost-user-blk device with
+# libblkio, loop devices) and the guest tests (a Linux guest in QEMU running fio against strata).
+# Needs root (loop devices) and the packages scripts/install-deps.sh installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+cargo build --release --workspace
+cargo test --release --workspace -- --test-threads=2
+tests/guest/run-all.sh target/release/strata
