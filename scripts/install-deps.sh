@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# Installs the Debian packages strata's tests use: QEMU (guests, qemu-storage-daemon,
-# qemu-img), a kernel and busybox for the test guest, fio, and util-linux for loop devices.
-# qemu-utils is named together with qemu-system-x86 so that an upgrade or downgrade of one
-# never removes the other.
+# Installs what strata's tests need on Debian 12 (as root): QEMU (test guests,
+# qemu-storage-daemon, qemu-img), a kernel, busybox-static and fio for the test guest,
+# cpio to pack it. Does nothing when everything is already there.
+#
+# qemu-system-x86 and qemu-utils must come in ONE apt-get command and at the SAME version:
+# these machines may ship a newer (backported) qemu-utils whose Breaks: on qemu-system-common
+# makes a plain `apt-get install qemu-system-x86 qemu-utils` fail ("held broken packages").
+# So the qemu packages are pinned to the version apt would install for qemu-system-x86,
+# downgrading qemu-utils (qemu-img, qemu-storage-daemon) when needed.
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-packages=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static fio util-linux xz-utils cpio)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]} == 0)); then
+have_all() {
+    command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null \
+        && command -v qemu-storage-daemon >/dev/null && command -v fio >/dev/null \
+        && command -v cpio >/dev/null && command -v losetup >/dev/null \
+        && busybox --list 2>/dev/null | grep -x insmod >/dev/null \
+        && ! ldd "$(command -v busybox)" >/dev/null 2>&1 \
+        && "$here/../tests/guest/kernel-path.sh" >/dev/null 2>&1
+}
+if have_all; then
     exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
-    echo "install-deps: missing packages: ${missing[*]} (run as root: sudo $0)" >&2
+    echo "install-deps: packages are missing; run as root: sudo $0" >&2
     exit 1
 fi
+
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends "${packages[@]}"
+v="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')"
+[[ -n "$v" && "$v" != "(none)" ]] || { echo "install-deps: no qemu-system-x86 candidate" >&2; exit 1; }
+apt-get install -y -q --allow-downgrades \
+    "qemu-system-x86=$v" "qemu-system-common=$v" "qemu-utils=$v" "qemu-block-extra=$v" \
+    linux-image-amd64 busybox-static fio cpio util-linux
+have_all || { echo "install-deps: still missing something after apt-get" >&2; exit 1; }
+echo "install-deps: done (qemu $v)"

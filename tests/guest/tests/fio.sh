@@ -7,8 +7,8 @@
 # Passes only if every request virtqueue raised interrupts during the run
 # (when there are 2+ queues and 2+ CPUs).
 # Parameters: strata.fio_size=BYTES per job and block size (default 64M for
-# the large block size, a quarter of it for the small one; clamped to the
-# disk), strata.fio_iodepth=N (16), strata.seed=N (1).
+# the large block size, a quarter of it for the small one; rounded down to
+# whole MiB and clamped to half the disk), strata.fio_iodepth=N (16), strata.seed=N (1).
 set -eu
 # shellcheck source-path=SCRIPTDIR/../initramfs source=lib.sh
 . /strata/lib.sh
@@ -20,12 +20,15 @@ cpus="$(ncpus)"
 seed="$(param strata.seed 1)"
 is_uint "$seed" || fail "strata.seed must be a number, not '$seed'"
 iodepth="$(param strata.fio_iodepth 16)"
+is_uint "$iodepth" || fail "strata.fio_iodepth must be a number, not '$iodepth'"
 jobs=2
 per_job="$(param strata.fio_size $((64 * 1024 * 1024)))"
 is_uint "$per_job" || fail "strata.fio_size must be bytes, not '$per_job'"
 max=$(( size / jobs / 1048576 * 1048576 ))
 [ "$max" -gt 0 ] || fail "disk too small for fio ($size bytes)"
 [ "$per_job" -le "$max" ] || per_job="$max"
+per_job=$(( per_job / 1048576 * 1048576 ))
+[ "$per_job" -gt 0 ] || fail "strata.fio_size must be at least 1M"
 
 if [ "$lbs" -eq 512 ]; then
     sizes="512 4096"
@@ -61,6 +64,7 @@ for bs in $sizes; do
     [ "$job_size" -ge $((bs * 16)) ] || fail "fio size per job too small for bs=$bs"
     log "fio randwrite+verify bs=$bs size=$job_size x $jobs jobs"
     t0="$(cut -d' ' -f1 /proc/uptime)"
+    rm -f /tmp/fio.out
     set +e
     fio --name="randwrite-bs$bs" --filename="$dev" --direct=1 \
         --ioengine="$engine" --iodepth="$iodepth" \
@@ -72,7 +76,7 @@ for bs in $sizes; do
         --group_reporting --eta=never --output=/tmp/fio.out
     rc=$?
     set -e
-    cat /tmp/fio.out
+    cat /tmp/fio.out 2>/dev/null || true
     t1="$(cut -d' ' -f1 /proc/uptime)"
     [ "$rc" -eq 0 ] || fail "fio bs=$bs exited $rc"
     if grep -Eq 'err= *[1-9]|verify: bad|bad magic|crc32c: verify failed' /tmp/fio.out; then

@@ -1,0 +1,341 @@
+#!/usr/bin/env bash
+# Benchmarks strata against qemu-storage-daemon (QSD) and io_uring directly on the image (the
+# limit), with one libblkio client (bench/, `strata-bench`) for every target.
+#
+# Targets: file (a fully allocated 1 GiB raw image, aio=io_uring, cache.direct=on) and null
+# (null-co, per-request overhead only; no io_uring row). Workloads: 4k randread/randwrite at
+# QD1 and QD32, 128k sequential read/write at QD8, 4k randread QD32 on 2 queues.
+# Rounds alternate the targets per workload (A B C A B C ...); each daemon is started fresh for
+# each workload with num-queues matching it and stopped after. The report gives medians over
+# rounds as a table and as JSON (target/bench/ by default).
+#
+#   scripts/bench.sh                 full run: 3 rounds x 5 s per workload and target (~12 min)
+#   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
+#                                    fails only on errors or wrong data, never on timing
+#   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
+#            --targets strata,qsd,io_uring  --backends file,null  --workloads W1,W2,...
+#            --strata BIN  --qsd BIN  --require-strata  --no-build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }
+
+SHORT=0
+ROUNDS=""
+DURATION=""
+RAMP=""
+OUT="$ROOT/target/bench"
+IMAGE=""
+TARGETS="strata,qsd,io_uring"
+BACKENDS="file,null"
+WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32,read-128k-qd8,write-128k-qd8,randread-4k-qd32-2q"
+STRATA="$ROOT/target/release/strata"
+QSD=/usr/bin/qemu-storage-daemon
+REQUIRE_STRATA=0
+BUILD=1
+IMAGE_SIZE=$((1024 * 1024 * 1024))
+
+die() {
+    echo "bench: error: $*" >&2
+    exit 1
+}
+need_arg() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --short) SHORT=1 ;;
+    --rounds) need_arg "$@"; ROUNDS=$2; shift ;;
+    --duration) need_arg "$@"; DURATION=$2; shift ;;
+    --ramp) need_arg "$@"; RAMP=$2; shift ;;
+    --out) need_arg "$@"; OUT=$2; shift ;;
+    --image) need_arg "$@"; IMAGE=$2; shift ;;
+    --targets) need_arg "$@"; TARGETS=$2; shift ;;
+    --backends) need_arg "$@"; BACKENDS=$2; shift ;;
+    --workloads) need_arg "$@"; WORKLOADS=$2; shift ;;
+    --strata) need_arg "$@"; STRATA=$2; shift ;;
+    --qsd) need_arg "$@"; QSD=$2; shift ;;
+    --require-strata) REQUIRE_STRATA=1 ;;
+    --no-build) BUILD=0 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+    esac
+    shift
+done
+
+if ((SHORT)); then
+    ROUNDS=${ROUNDS:-1}
+    DURATION=${DURATION:-0.4}
+    RAMP=${RAMP:-0.1}
+else
+    ROUNDS=${ROUNDS:-3}
+    DURATION=${DURATION:-5}
+    RAMP=${RAMP:-1}
+fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds wants a positive integer, got '$ROUNDS'"
+[[ $DURATION =~ ^[0-9]*\.?[0-9]+$ ]] || die "--duration wants seconds, got '$DURATION'"
+[[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
+if ((!SHORT)) && ((ROUNDS < 3)); then
+    echo "bench: note: fewer than 3 rounds; medians are less robust" >&2
+fi
+
+START_TIME=$SECONDS
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+IMAGE=${IMAGE:-$OUT/bench.img}
+STAMP=$(date +%Y%m%d-%H%M%S)
+RESULTS="$OUT/results-$STAMP.jsonl"
+: >"$RESULTS"
+RUNDIR=$(mktemp -d /tmp/strata-bench.XXXXXX)
+BENCH="$ROOT/target/release/strata-bench"
+
+# ---------------------------------------------------------------------------------------------
+# Build the client and (if it builds) strata.
+MISSING=()
+has_target() { [[ ,$TARGETS, == *,$1,* ]]; }
+if ((BUILD)); then
+    echo "bench: building strata-bench" >&2
+    cargo build --release -q -p strata-bench || die "strata-bench does not build"
+    if has_target strata && [[ $STRATA == "$ROOT/target/release/strata" ]]; then
+        echo "bench: building strata" >&2
+        if ! cargo build --release -q --bin strata 2>"$OUT/logs/strata-build.log"; then
+            tail -n 20 "$OUT/logs/strata-build.log" >&2 || true
+            if ((REQUIRE_STRATA)); then
+                die "strata does not build (log: $OUT/logs/strata-build.log)"
+            fi
+            echo "bench: WARNING: strata does not build; its rows are skipped" >&2
+            MISSING+=("strata=strata did not build")
+        fi
+    fi
+fi
+[[ -x $BENCH ]] || die "$BENCH not found (build it: cargo build --release -p strata-bench)"
+if has_target strata && ((${#MISSING[@]} == 0)) && [[ ! -x $STRATA ]]; then
+    ((REQUIRE_STRATA)) && die "strata binary $STRATA not found"
+    echo "bench: WARNING: $STRATA not found; strata rows are skipped" >&2
+    MISSING+=("strata=binary not found")
+fi
+if ((${#MISSING[@]})); then
+    TARGETS=$(tr ',' '\n' <<<"$TARGETS" | grep -vx strata | paste -sd, -)
+fi
+if has_target qsd && [[ ! -x $QSD ]]; then
+    die "qemu-storage-daemon not found at $QSD (scripts/install-deps.sh installs it)"
+fi
+[[ -n $TARGETS ]] || die "no targets left to run"
+
+# ---------------------------------------------------------------------------------------------
+# CPU pinning: daemon and client on different cores when there are two.
+NCPU=$(nproc)
+if ((NCPU >= 2)); then
+    DAEMON_PIN=(taskset -c 0)
+    CLIENT_PIN=(taskset -c 1)
+    PIN_NOTE="daemon pinned to CPU 0, client to CPU 1 (taskset); io_uring target: client on CPU 1"
+else
+    DAEMON_PIN=()
+    CLIENT_PIN=()
+    PIN_NOTE="not pinned (only $NCPU CPU)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The image: 1 GiB raw, fully written (not just fallocated: unwritten extents read as zeroes
+# without touching the disk), reused between runs.
+[[ $IMAGE != *,* ]] || die "image path must not contain a comma: $IMAGE"
+if has_target io_uring || [[ ,$BACKENDS, == *,file,* ]]; then
+    alloc=0
+    if [[ -f $IMAGE ]]; then
+        alloc=$(($(stat -c '%b * %B' "$IMAGE")))
+    fi
+    if [[ ! -f $IMAGE ]] || (($(stat -c %s "$IMAGE") != IMAGE_SIZE)) || ((alloc < IMAGE_SIZE)); then
+        echo "bench: creating $IMAGE (1 GiB, fully written)" >&2
+        rm -f "$IMAGE"
+        dd if=/dev/zero of="$IMAGE" bs=4M count=$((IMAGE_SIZE / 4194304)) oflag=direct conv=fsync status=none ||
+            die "cannot create $IMAGE"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Daemons.
+DPID=""
+SOCK=""
+DLOG=""
+
+daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
+    local target=$1 backend=$2 nq=$3 sock=$4 bin node
+    case $target in
+    strata) bin=$STRATA ;;
+    qsd) bin=$QSD ;;
+    *) die "no daemon for target $target" ;;
+    esac
+    CMD=("${DAEMON_PIN[@]}" "$bin")
+    case $backend in
+    file)
+        node=d0
+        CMD+=(--blockdev "driver=file,node-name=f0,filename=$IMAGE,aio=io_uring,cache.direct=on"
+            --blockdev "driver=raw,node-name=d0,file=f0")
+        ;;
+    null)
+        node=n0
+        # --blockdev takes integers only (QAPI): size=1G is refused by QSD.
+        if [[ $target == qsd ]]; then
+            CMD+=(--blockdev "driver=null-co,node-name=n0,size=$IMAGE_SIZE,read-zeroes=off")
+        else
+            CMD+=(--blockdev "driver=null-co,node-name=n0,size=$IMAGE_SIZE")
+        fi
+        ;;
+    *) die "unknown backend $backend" ;;
+    esac
+    CMD+=(--export "type=vhost-user-blk,id=e0,node-name=$node,addr.type=unix,addr.path=$sock,writable=on,num-queues=$nq")
+}
+
+show_log() {
+    if [[ -n $DLOG && -f $DLOG ]]; then
+        echo "---- daemon log ($DLOG) ----" >&2
+        tail -n 40 "$DLOG" >&2 || true
+        echo "----" >&2
+    fi
+}
+
+start_daemon() { # TARGET BACKEND NQ
+    local target=$1 backend=$2 nq=$3 i
+    SOCK="$RUNDIR/$target-$backend-$nq.sock"
+    DLOG="$OUT/logs/$target-$backend-q$nq.log"
+    rm -f "$SOCK"
+    daemon_cmd "$target" "$backend" "$nq" "$SOCK"
+    echo "+ ${CMD[*]}" >"$DLOG"
+    "${CMD[@]}" >>"$DLOG" 2>&1 </dev/null &
+    DPID=$!
+    for ((i = 0; i < 500; i++)); do
+        if ! kill -0 "$DPID" 2>/dev/null; then
+            wait "$DPID" && rc=0 || rc=$?
+            DPID=""
+            show_log
+            die "$target ($backend, num-queues=$nq) exited with status $rc before creating its socket"
+        fi
+        [[ -S $SOCK ]] && return 0
+        sleep 0.02
+    done
+    show_log
+    die "$target ($backend, num-queues=$nq) did not create $SOCK within 10 s"
+}
+
+stop_daemon() {
+    [[ -n $DPID ]] || return 0
+    local pid=$DPID i rc=0
+    DPID=""
+    if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid" || rc=$?
+        show_log
+        die "daemon (pid $pid) died during the run (status $rc)"
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 500; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.02
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "bench: WARNING: daemon pid $pid ignored SIGTERM for 10 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    rm -f "$SOCK"
+    DLOG=""
+}
+
+cleanup() {
+    local rc=$?
+    if [[ -n $DPID ]]; then
+        kill -TERM "$DPID" 2>/dev/null || true
+        sleep 0.2
+        kill -KILL "$DPID" 2>/dev/null || true
+        wait "$DPID" 2>/dev/null || true
+    fi
+    rm -rf "$RUNDIR"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Watchdog for one client call: a hung daemon must not hang the run (or CI).
+CLIENT_LIMIT=$(awk -v d="$DURATION" -v r="$RAMP" 'BEGIN { printf "%d", d + r + 60 }')
+client() { # ARGS...: run strata-bench pinned; on failure show the daemon's log
+    if ! timeout --kill-after=5 "$CLIENT_LIMIT" "${CLIENT_PIN[@]}" "$BENCH" "$@"; then
+        show_log
+        die "strata-bench $1 failed (target args: ${*:2})"
+    fi
+}
+
+queues_of() { # WORKLOAD -> number of queues
+    if [[ $1 =~ -([0-9]+)q$ ]]; then echo "${BASH_REMATCH[1]}"; else echo 1; fi
+}
+
+targets_for() { # BACKEND -> targets that apply
+    local t out=()
+    for t in ${TARGETS//,/ }; do
+        [[ $1 == null && $t == io_uring ]] && continue
+        out+=("$t")
+    done
+    echo "${out[@]}"
+}
+
+echo "bench: $PIN_NOTE" >&2
+echo "bench: rounds=$ROUNDS duration=${DURATION}s ramp=${RAMP}s targets=$TARGETS backends=$BACKENDS" >&2
+echo "bench: results -> $RESULTS" >&2
+
+# ---------------------------------------------------------------------------------------------
+# Verify: write a pattern through each target and read it back (file targets: also directly
+# from the image). The null driver stores nothing: only completion status is checked there.
+for backend in ${BACKENDS//,/ }; do
+    for target in $(targets_for "$backend"); do
+        if [[ $target == io_uring ]]; then
+            client verify --target io_uring --backend file --path "$IMAGE" --expect-size "$IMAGE_SIZE"
+            continue
+        fi
+        start_daemon "$target" "$backend" 1
+        if [[ $backend == file ]]; then
+            client verify --target "$target" --backend file --path "$SOCK" \
+                --expect-size "$IMAGE_SIZE" --check-file "$IMAGE"
+        else
+            client verify --target "$target" --backend null --path "$SOCK" \
+                --expect-size "$IMAGE_SIZE" --no-data
+        fi
+        stop_daemon
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Rounds: per workload, every target in turn (same seed within a round = same offsets).
+for ((round = 1; round <= ROUNDS; round++)); do
+    echo "bench: round $round/$ROUNDS" >&2
+    for backend in ${BACKENDS//,/ }; do
+        for wl in ${WORKLOADS//,/ }; do
+            nq=$(queues_of "$wl")
+            for target in $(targets_for "$backend"); do
+                common=(--target "$target" --backend "$backend" --workload "$wl"
+                    --duration "$DURATION" --ramp "$RAMP" --seed "$round" --round "$round"
+                    --out "$RESULTS")
+                if [[ $target == io_uring ]]; then
+                    client run "${common[@]}" --path "$IMAGE"
+                else
+                    start_daemon "$target" "$backend" "$nq"
+                    client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
+                    stop_daemon
+                fi
+            done
+        done
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+report_args=(--results "$RESULTS" --json "$OUT/summary-$STAMP.json" --markdown "$OUT/summary-$STAMP.md"
+    --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd")
+for m in "${MISSING[@]}"; do
+    report_args+=(--missing "$m")
+done
+echo >&2
+"$BENCH" report "${report_args[@]}"
+cp "$OUT/summary-$STAMP.json" "$OUT/latest.json"
+cp "$OUT/summary-$STAMP.md" "$OUT/latest.md"
+echo
+echo "bench: $PIN_NOTE"
+echo "bench: JSON summary: $OUT/summary-$STAMP.json (also latest.json); raw runs: $RESULTS"
+echo "bench: done in $((SECONDS - START_TIME)) s"
