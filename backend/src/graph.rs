@@ -227,11 +227,12 @@ impl Graph {
             }
             None => node_name::generate(),
         };
-        let flags = NodeFlags::take_from(&mut options)?;
-        options.take(keys::DRIVER);
-
+        // Taken before the flags are consumed, so inherited ones (cache.direct ...) stay in the
+        // node's options and reach its own children.
         let mut effective = explicit_options.clone();
         effective.join_defaults(options.clone());
+        let flags = NodeFlags::take_from(&mut options)?;
+        options.take(keys::DRIVER);
         let mut ctx = OpenContext {
             options,
             flags,

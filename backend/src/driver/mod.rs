@@ -131,6 +131,10 @@ pub struct OpenContext<'g> {
 impl OpenContext<'_> {
     /// Opens (or references) the child in `role`, from the `role` / `role.*` options.
     pub fn open_child(&mut self, role: ChildRole) -> Result<Arc<Node>> {
+        // Probing opens the file child before the driver does: the driver gets that one.
+        if let Some((_, child)) = self.children.iter().find(|(r, _)| *r == role) {
+            return Ok(child.clone());
+        }
         let child =
             self.graph
                 .open_child(&mut self.options, &self.all_options, self.flags, role)?;

@@ -100,6 +100,11 @@ impl BlockDriver for RawDriver {
 
     fn limits(&self) -> Limits {
         Limits {
+            // As in QEMU's raw_refresh_limits: a probed image works in whole sectors, so a write
+            // into sector 0 always shows check_sector0 the complete new sector (the node
+            // read-modify-writes partial ones, serialised), and the magic cannot be assembled
+            // from several small writes.
+            request_alignment: if self.guard_sector0 { SECTOR as u32 } else { 1 },
             max_transfer: self.file.limits().max_transfer,
             max_iov: self.file.limits().max_iov,
             ..Limits::default()
@@ -111,13 +116,31 @@ impl BlockDriver for RawDriver {
     }
 
     fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
-        Box::pin(self.file.read(self.offset + offset, iov))
+        Box::pin(async move {
+            // Sector-widened requests may reach past a size that is not a multiple of 512:
+            // that part reads as zeroes.
+            let len = iovec::total_len(iov);
+            let keep = self.size.saturating_sub(offset).min(len);
+            if keep == len {
+                return self.file.read(self.offset + offset, iov).await;
+            }
+            iovec::zero_iov(iov, keep as usize);
+            let part = iovec::sub_iov(iov, 0, keep as usize);
+            self.file.read(self.offset + offset, &part).await
+        })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_sector0(offset, iov)?;
-            self.file.write(self.offset + offset, iov).await
+            // As in read, what lies past the end of a widened request is dropped.
+            let len = iovec::total_len(iov);
+            let keep = self.size.saturating_sub(offset).min(len);
+            if keep == len {
+                return self.file.write(self.offset + offset, iov).await;
+            }
+            let part = iovec::sub_iov(iov, 0, keep as usize);
+            self.file.write(self.offset + offset, &part).await
         })
     }
 

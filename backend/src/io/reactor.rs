@@ -107,14 +107,28 @@ impl Reactor {
         {
             let mut ring = self.ring.borrow_mut();
             let mut ops = self.ops.borrow_mut();
-            for cqe in ring.completion() {
-                let key = cqe.user_data() as usize;
-                if let Some(state) = ops.get_mut(key) {
-                    if let OpState::Pending(waker) =
-                        std::mem::replace(state, OpState::Done(cqe.result()))
-                    {
-                        wakers.extend(waker);
+            loop {
+                for cqe in ring.completion() {
+                    let key = cqe.user_data() as usize;
+                    if let Some(state) = ops.get_mut(key) {
+                        if let OpState::Pending(waker) =
+                            std::mem::replace(state, OpState::Done(cqe.result()))
+                        {
+                            wakers.extend(waker);
+                        }
                     }
+                }
+                // Completions that did not fit in the completion queue wait in the kernel
+                // (IORING_FEAT_NODROP) until an io_uring_enter with GETEVENTS moves them in;
+                // submit() makes that call when the overflow flag is set. Without it, they would
+                // never arrive: the eventfd already fired for them.
+                if !ring.submission().cq_overflow() {
+                    break;
+                }
+                self.queued.set(0);
+                if let Err(e) = ring.submit() {
+                    log::error!("io_uring enter to flush overflowed completions failed: {e}");
+                    break;
                 }
             }
         }
