@@ -1,0 +1,741 @@
+//! The vhost-user-blk device of one frontend connection: the `VhostUserBackend` that
+//! vhost-user-backend drives, and the per-thread workers that run its virtqueues.
+//!
+//! vhost-user-backend runs one epoll worker thread per entry of `queues_per_thread`; each of
+//! ours owns its virtqueues and, in a thread-local [`Worker`], an executor on the thread's own
+//! io_uring whose completion eventfd is an extra listener of that thread's epoll. A kick drains
+//! the available ring, spawns one task per request, submits all their I/O with one system call,
+//! and completes whatever finished at once; the eventfd delivers the rest. Used entries are
+//! pushed in batches with one notification. No lock is shared between queues: each virtqueue
+//! has its own vring lock, taken only by its worker (and briefly by control messages).
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use strata_backend::io::iovec;
+use strata_backend::{BlockError, LocalExecutor};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{DeviceConfig, WCE_OFFSET};
+use crate::request::{self, Desc, Op, Outcome, Parsed, S_IOERR, S_OK};
+
+/// Guest memory as vhost-user-backend shares it.
+pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// How long GET_VRING_BASE, a memory table change or a disconnect wait for in-flight requests.
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Logged request failures per worker before they are only counted.
+const LOGGED_FAILURES: u64 = 20;
+
+/// Device state shared by the control thread and the workers of one connection.
+pub(crate) struct DevState {
+    /// The guest's write cache enable (config-space `writeback`); false means every write is
+    /// flushed before it completes.
+    writeback: AtomicBool,
+    /// Requests taken from each virtqueue and not yet put in its used ring.
+    inflight: Box<[AtomicUsize]>,
+}
+
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The device of one connection.
+pub(crate) struct Device {
+    id: u64,
+    cfg: Arc<DeviceConfig>,
+    state: Arc<DevState>,
+    mem: Mem,
+    /// The memory table published last; update_memory waits until nothing uses the one before.
+    mem_current: Mutex<Weak<GuestMemoryMmap>>,
+    acked_features: AtomicU64,
+    /// Per worker thread, the virtqueue indices it runs, in the order vhost-user-backend
+    /// numbers them for that thread.
+    thread_queues: Vec<Vec<usize>>,
+    epoll: OnceLock<Vec<Weak<VringEpollHandler<Arc<Device>>>>>,
+    exit_events: Vec<(EventConsumer, EventNotifier)>,
+    /// Exit-event consumers vhost-user-backend registers in its epoll and never closes.
+    handed_out_fds: Mutex<Vec<RawFd>>,
+    /// A worker could not be set up (logged once).
+    worker_failed: AtomicBool,
+}
+
+impl Device {
+    pub(crate) fn new(cfg: Arc<DeviceConfig>, mem: Mem) -> io::Result<Self> {
+        let threads = usize::from(cfg.num_queues);
+        let queues = usize::from(cfg.max_queues);
+        let thread_queues = (0..threads)
+            .map(|t| (0..queues).filter(|q| q % threads == t).collect())
+            .collect();
+        let exit_events = (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Device {
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            state: Arc::new(DevState {
+                writeback: AtomicBool::new(!cfg.writethrough),
+                inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
+            }),
+            cfg,
+            mem,
+            mem_current: Mutex::new(Weak::new()),
+            acked_features: AtomicU64::new(0),
+            thread_queues,
+            epoll: OnceLock::new(),
+            exit_events,
+            handed_out_fds: Mutex::new(Vec::new()),
+            worker_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Remembers the epoll handlers, so workers can add their io_uring eventfd to them.
+    pub(crate) fn set_epoll_handlers(&self, handlers: &[Arc<VringEpollHandler<Arc<Device>>>]) {
+        let _ = self
+            .epoll
+            .set(handlers.iter().map(Arc::downgrade).collect());
+    }
+
+    /// The epoll data of a worker's io_uring eventfd (past the queues and the exit event).
+    fn eventfd_token(&self) -> u64 {
+        u64::from(self.cfg.max_queues) + 1
+    }
+
+    fn inflight_total(&self) -> usize {
+        self.state
+            .inflight
+            .iter()
+            .map(|n| n.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Waits until no request of any queue is in flight; false on timeout.
+    pub(crate) fn drain_all(&self) -> bool {
+        wait_until(&self.cfg.id, "all queues", || self.inflight_total() == 0)
+    }
+
+    /// Closes the exit-event descriptors vhost-user-backend leaked into its (now closed)
+    /// epoll sets. Call only after the daemon and its workers are gone.
+    pub(crate) fn close_handed_out_fds(&self) {
+        let fds = std::mem::take(&mut *lock(&self.handed_out_fds));
+        for fd in fds {
+            // SAFETY: `fd` is a duplicate we created in exit_event and handed to
+            // vhost-user-backend, which registered it with a worker's epoll and dropped its
+            // ownership without closing it (into_raw_fd). The workers and their epoll sets are
+            // gone, nothing else knows the number, and this list is emptied before closing, so
+            // each is closed exactly once.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// Runs `f` with this thread's worker, creating it on first use.
+    fn with_worker<R>(&self, thread_id: usize, f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
+        WORKER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|w| w.device != self.id) {
+                *slot = None;
+                match Worker::new(self, thread_id) {
+                    Ok(w) => *slot = Some(w),
+                    Err(e) => {
+                        if !self.worker_failed.swap(true, Ordering::Relaxed) {
+                            log::error!(
+                                "vhost-user-blk export '{}': could not start worker \
+                                 {thread_id}, its queues are not served: {e}",
+                                self.cfg.id
+                            );
+                        }
+                        return None;
+                    }
+                }
+            }
+            slot.as_mut().map(f)
+        })
+    }
+}
+
+/// Polls `done` until it holds, for at most DRAIN_TIMEOUT; logs while waiting.
+fn wait_until(id: &str, what: &str, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    let mut nap = Duration::from_micros(20);
+    let mut told = false;
+    while !done() {
+        let waited = start.elapsed();
+        if waited > DRAIN_TIMEOUT {
+            log::error!(
+                "vhost-user-blk export '{id}': requests of {what} still in flight after {}s; \
+                 going on without them",
+                DRAIN_TIMEOUT.as_secs()
+            );
+            return false;
+        }
+        if !told && waited > Duration::from_secs(1) {
+            log::info!("vhost-user-blk export '{id}': waiting for requests of {what} to finish");
+            told = true;
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
+    }
+    true
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data under these locks is a plain value that a panic cannot leave half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VhostUserBackend for Device {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.max_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.cfg.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        // Without FLUSH the driver cannot flush: the device must be writethrough.
+        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
+            self.state.writeback.store(false, Ordering::Relaxed);
+        }
+        log::debug!(
+            "vhost-user-blk export '{}': features acked {features:#x}",
+            self.cfg.id
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        DeviceConfig::protocol_features()
+    }
+
+    fn reset_device(&self) {
+        log::debug!("vhost-user-blk export '{}': device reset", self.cfg.id);
+        self.drain_all();
+        self.state
+            .writeback
+            .store(!self.cfg.writethrough, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        log::debug!(
+            "vhost-user-blk export '{}': EVENT_IDX {}",
+            self.cfg.id,
+            if enabled { "on" } else { "off" }
+        );
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let writeback = self.state.writeback.load(Ordering::Relaxed);
+        self.cfg.read_config(writeback, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match (offset as usize == WCE_OFFSET, buf) {
+            (true, [wce @ (0 | 1)]) => {
+                let writeback = *wce == 1;
+                self.state.writeback.store(writeback, Ordering::Relaxed);
+                log::info!(
+                    "vhost-user-blk export '{}': guest set the write cache to {}",
+                    self.cfg.id,
+                    if writeback {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    }
+                );
+                Ok(())
+            }
+            _ => {
+                log::warn!(
+                    "vhost-user-blk export '{}': refused SET_CONFIG of {} bytes at offset \
+                     {offset} (only the 1-byte wce field at {WCE_OFFSET} is writable)",
+                    self.cfg.id,
+                    buf.len()
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "only the wce field of the virtio-blk config space is writable",
+                ))
+            }
+        }
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        let new = mem.memory().into_inner();
+        let old = std::mem::replace(&mut *lock(&self.mem_current), Arc::downgrade(&new));
+        drop(new);
+        log::debug!(
+            "vhost-user-blk export '{}': memory table updated",
+            self.cfg.id
+        );
+        // Requests hold the memory table they started with, which keeps its mappings alive;
+        // answer only when none of them uses the old table any more.
+        wait_until(&self.cfg.id, "the old memory table", || {
+            old.strong_count() == 0
+        });
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, _backend: Backend) {
+        // The relay kept a duplicate of the channel for config-change notices.
+        log::debug!(
+            "vhost-user-blk export '{}': backend request channel opened",
+            self.cfg.id
+        );
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.thread_queues
+            .iter()
+            .map(|qs| qs.iter().fold(0u64, |mask, q| mask | 1 << q))
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        let pair = consumer
+            .try_clone()
+            .and_then(|c| Ok((c, notifier.try_clone()?)));
+        match pair {
+            Ok((c, n)) => {
+                lock(&self.handed_out_fds).push(c.as_raw_fd());
+                Some((c, n))
+            }
+            Err(e) => {
+                log::error!(
+                    "vhost-user-blk export '{}': could not create an exit event: {e}",
+                    self.cfg.id
+                );
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(n) = self.state.inflight.get(queue_index as usize) else {
+            return Ok(());
+        };
+        wait_until(&self.cfg.id, &format!("queue {queue_index}"), || {
+            n.load(Ordering::Acquire) == 0
+        });
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringMutex],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: vhost-user-backend would end the worker thread.
+        self.with_worker(thread_id, |w| {
+            if u64::from(device_event) == self.eventfd_token() {
+                w.on_eventfd();
+            } else if let Some(vring) = vrings.get(usize::from(device_event)) {
+                w.process_queue(self, usize::from(device_event), vring);
+                w.submit();
+            }
+            w.complete(self, vrings);
+        });
+        Ok(())
+    }
+}
+
+/// A finished request waiting for its used-ring entry.
+#[derive(Clone, Copy)]
+struct Done {
+    head: u16,
+    len: u32,
+}
+
+/// What request tasks share on one worker thread.
+struct TaskCtx {
+    cfg: Arc<DeviceConfig>,
+    state: Arc<DevState>,
+    /// Finished requests, per slot (the thread's virtqueue number).
+    done: RefCell<Vec<Vec<Done>>>,
+    failures: Cell<u64>,
+}
+
+impl TaskCtx {
+    fn finish(&self, slot: usize, head: u16, len: u32) {
+        if let Some(list) = self.done.borrow_mut().get_mut(slot) {
+            list.push(Done { head, len });
+        }
+    }
+
+    /// Logs a failed request, the first few at warning level, then only every 1000th.
+    fn log_failure(&self, what: &str, detail: &dyn std::fmt::Display) {
+        let n = self.failures.get() + 1;
+        self.failures.set(n);
+        if n <= LOGGED_FAILURES || n % 1000 == 0 {
+            log::warn!(
+                "vhost-user-blk export '{}': {what}: {detail}{}",
+                self.cfg.id,
+                if n == LOGGED_FAILURES {
+                    " (further failures are logged only every 1000th)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// The state of one vhost-user-backend worker thread.
+struct Worker {
+    device: u64,
+    exec: LocalExecutor<'static>,
+    ctx: Rc<TaskCtx>,
+    /// Global virtqueue index of each slot.
+    queues: Vec<usize>,
+    indirect: bool,
+    descs: Vec<Desc>,
+    heads: Vec<u16>,
+    spare: Vec<Done>,
+}
+
+impl Worker {
+    fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
+        let exec = LocalExecutor::new().map_err(|e| e.to_string())?;
+        let handler = dev
+            .epoll
+            .get()
+            .and_then(|h| h.get(thread_id))
+            .and_then(Weak::upgrade)
+            .ok_or("its epoll handler is gone")?;
+        handler
+            .register_listener(exec.reactor().eventfd(), EventSet::IN, dev.eventfd_token())
+            .map_err(|e| format!("could not watch the io_uring eventfd: {e}"))?;
+        let queues = dev
+            .thread_queues
+            .get(thread_id)
+            .cloned()
+            .ok_or("unknown worker thread")?;
+        log::debug!(
+            "vhost-user-blk export '{}': worker {thread_id} runs queues {queues:?}",
+            dev.cfg.id
+        );
+        Ok(Worker {
+            device: dev.id,
+            exec,
+            ctx: Rc::new(TaskCtx {
+                cfg: dev.cfg.clone(),
+                state: dev.state.clone(),
+                done: RefCell::new(vec![Vec::new(); queues.len()]),
+                failures: Cell::new(0),
+            }),
+            queues,
+            indirect: dev.acked_features.load(Ordering::Relaxed)
+                & (1 << VIRTIO_RING_F_INDIRECT_DESC)
+                != 0,
+            descs: Vec::new(),
+            heads: Vec::new(),
+            spare: Vec::new(),
+        })
+    }
+
+    /// Takes every available request of the virtqueue in `slot` and starts it.
+    fn process_queue(&mut self, dev: &Device, slot: usize, vring: &VringMutex) {
+        let Some(&queue) = self.queues.get(slot) else {
+            return;
+        };
+        let mem = dev.mem.memory().into_inner();
+        self.indirect =
+            dev.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+        loop {
+            let (desc_table, size) = {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                if !q.ready() {
+                    return;
+                }
+                let _ = q.disable_notification(&*mem);
+                let (table, size) = (GuestAddress(q.desc_table()), q.size());
+                self.heads.clear();
+                match q.iter(&*mem) {
+                    Ok(avail) => self.heads.extend(avail.map(|chain| chain.head_index())),
+                    Err(e) => {
+                        self.ctx
+                            .log_failure(&format!("queue {queue}: bad available ring"), &e);
+                        return;
+                    }
+                }
+                // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it
+                // too, so its drain sees every request taken before.
+                dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
+                (table, size)
+            };
+            for i in 0..self.heads.len() {
+                let head = self.heads[i];
+                self.start_request(&mem, desc_table, size, slot, queue, head);
+            }
+            let more = {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                q.ready() && q.enable_notification(&*mem).unwrap_or(false)
+            };
+            // A request made available while notifications were off: go round again.
+            if !more {
+                return;
+            }
+        }
+    }
+
+    fn start_request(
+        &mut self,
+        mem: &Arc<GuestMemoryMmap>,
+        desc_table: GuestAddress,
+        size: u16,
+        slot: usize,
+        queue: usize,
+        head: u16,
+    ) {
+        let ctx = &self.ctx;
+        if head >= size {
+            // Not a descriptor: there is nothing to complete. Forget it.
+            ctx.log_failure(
+                &format!("queue {queue}: skipped available entry"),
+                &format!("head index {head} outside the {size}-entry queue"),
+            );
+            ctx.state.inflight[queue].fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if let Err(why) =
+            request::walk_chain(mem, desc_table, size, head, self.indirect, &mut self.descs)
+        {
+            ctx.log_failure(
+                &format!("queue {queue}: dropped descriptor chain {head}"),
+                &why,
+            );
+            // Nothing to write a status into; return the chain so the ring does not leak.
+            ctx.finish(slot, head, 0);
+            return;
+        }
+        let parsed = match request::parse(mem, &self.descs, &ctx.cfg) {
+            Outcome::Request(p) => p,
+            Outcome::Drop(why) => {
+                ctx.log_failure(
+                    &format!("queue {queue}: dropped descriptor chain {head}"),
+                    &why,
+                );
+                ctx.finish(slot, head, 0);
+                return;
+            }
+        };
+        if let Op::Status(code) = parsed.op {
+            if let Some(problem) = &parsed.problem {
+                ctx.log_failure(&format!("queue {queue}: refused request"), problem);
+            }
+            let _ = mem.write_obj(code, parsed.status);
+            ctx.finish(slot, head, 1);
+            return;
+        }
+        self.exec.spawn(RequestTask::new(
+            ctx.clone(),
+            mem.clone(),
+            parsed,
+            slot,
+            head,
+        ));
+    }
+
+    /// Runs ready tasks and submits their I/O in one system call.
+    fn submit(&mut self) {
+        if let Err(e) = self.exec.poll() {
+            log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
+        }
+    }
+
+    /// Completions arrived: run the woken tasks (and submit what they queued).
+    fn on_eventfd(&mut self) {
+        if let Err(e) = self.exec.on_eventfd() {
+            log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
+        }
+    }
+
+    /// Puts finished requests in their used rings, one notification per ring.
+    fn complete(&mut self, dev: &Device, vrings: &[VringMutex]) {
+        let mut mem = None;
+        for (slot, vring) in vrings.iter().enumerate() {
+            {
+                let mut done = self.ctx.done.borrow_mut();
+                let Some(list) = done.get_mut(slot) else {
+                    continue;
+                };
+                if list.is_empty() {
+                    continue;
+                }
+                std::mem::swap(list, &mut self.spare);
+            }
+            let mem = mem.get_or_insert_with(|| dev.mem.memory());
+            let Some(&queue) = self.queues.get(slot) else {
+                continue;
+            };
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            for d in &self.spare {
+                if let Err(e) = q.add_used(&**mem, d.head, d.len) {
+                    self.ctx.log_failure(
+                        &format!("queue {queue}: could not complete request {}", d.head),
+                        &e,
+                    );
+                }
+            }
+            let notify = q.needs_notification(&**mem).unwrap_or(true);
+            if notify {
+                if let Err(e) = state.signal_used_queue() {
+                    log::error!(
+                        "vhost-user-blk export '{}': queue {queue}: could not notify the \
+                         guest: {e}",
+                        dev.cfg.id
+                    );
+                }
+            }
+            drop(state);
+            dev.state.inflight[queue].fetch_sub(self.spare.len(), Ordering::AcqRel);
+            self.spare.clear();
+        }
+    }
+}
+
+/// A request in flight: its I/O future, then the status write and completion.
+///
+/// Field order matters: `io` is dropped before `mem`, so an abandoned request waits for the
+/// kernel to finish with the guest buffers while their mapping is still held.
+struct RequestTask {
+    io: Pin<Box<dyn Future<Output = u8>>>,
+    mem: Arc<GuestMemoryMmap>,
+    ctx: Rc<TaskCtx>,
+    status: GuestAddress,
+    in_len: u32,
+    slot: usize,
+    head: u16,
+}
+
+impl RequestTask {
+    fn new(
+        ctx: Rc<TaskCtx>,
+        mem: Arc<GuestMemoryMmap>,
+        parsed: Parsed,
+        slot: usize,
+        head: u16,
+    ) -> Self {
+        let Parsed {
+            op, status, in_len, ..
+        } = parsed;
+        RequestTask {
+            io: Box::pin(execute(ctx.clone(), op)),
+            mem,
+            ctx,
+            status,
+            in_len,
+            slot,
+            head,
+        }
+    }
+}
+
+impl Future for RequestTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let code = match self.io.as_mut().poll(cx) {
+            Poll::Ready(code) => code,
+            Poll::Pending => return Poll::Pending,
+        };
+        let _ = self.mem.write_obj(code, self.status);
+        let len = if code == S_OK { self.in_len + 1 } else { 1 };
+        self.ctx.finish(self.slot, self.head, len);
+        Poll::Ready(())
+    }
+}
+
+/// Runs one request on the node; returns its virtio status.
+async fn execute(ctx: Rc<TaskCtx>, op: Op) -> u8 {
+    let cfg = &ctx.cfg;
+    let node = &cfg.node;
+    let writethrough = || !ctx.state.writeback.load(Ordering::Relaxed);
+    let (what, result): (&str, Result<(), BlockError>) = match &op {
+        Op::Read { offset, iov } => (
+            "read",
+            request::read_write(node, false, *offset, iov, cfg.max_iov, cfg.max_transfer).await,
+        ),
+        Op::Write { offset, iov } => {
+            let mut r =
+                request::read_write(node, true, *offset, iov, cfg.max_iov, cfg.max_transfer).await;
+            if r.is_ok() && writethrough() {
+                r = node.flush().await;
+            }
+            ("write", r)
+        }
+        Op::Flush => ("flush", node.flush().await),
+        Op::GetId { iov } => {
+            let n = (iovec::total_len(iov) as usize).min(cfg.serial.len());
+            iovec::copy_to_iov(iov, 0, &cfg.serial[..n]);
+            ("get-id", Ok(()))
+        }
+        Op::Discard(segs) => {
+            let mut r = Ok(());
+            for s in segs {
+                r = node.discard(s.offset, s.len).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            if r.is_ok() && writethrough() {
+                r = node.flush().await;
+            }
+            ("discard", r)
+        }
+        Op::WriteZeroes(segs) => {
+            let mut r = Ok(());
+            for s in segs {
+                r = node.write_zeroes(s.offset, s.len, s.unmap).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            if r.is_ok() && writethrough() {
+                r = node.flush().await;
+            }
+            ("write-zeroes", r)
+        }
+        Op::Status(code) => return *code,
+    };
+    match result {
+        Ok(()) => S_OK,
+        Err(e) => {
+            ctx.log_failure(&format!("{what} failed"), &e);
+            S_IOERR
+        }
+    }
+}
