@@ -177,6 +177,24 @@ impl Graph {
         )
     }
 
+    /// Opens a child from options already extracted from the parent's (a backing file).
+    pub(crate) fn open_child_options(
+        &self,
+        child_options: Options,
+        parent_options: &Options,
+        parent_flags: NodeFlags,
+        role: ChildRole,
+    ) -> Result<Arc<Node>> {
+        self.open_node(
+            child_options,
+            Some(Parent {
+                options: parent_options,
+                flags: parent_flags,
+                role,
+            }),
+        )
+    }
+
     fn open_node(&self, mut options: Options, parent: Option<Parent<'_>>) -> Result<Arc<Node>> {
         // json: in a filename counts as explicit options, below the ones given directly.
         if let Some(json) = options
@@ -186,6 +204,10 @@ impl Graph {
             let from_json = Options::from_json_str(json)?;
             options.take("filename");
             options.join_defaults(from_json);
+        }
+        // snapshot=on: the node opens read-only below a temporary qcow2 overlay.
+        if options.take_bool(SNAPSHOT)? == Some(true) {
+            return self.open_temp_overlay(options, parent);
         }
         let explicit_options = options.clone();
         if let Some(parent) = &parent {
@@ -293,12 +315,136 @@ impl Graph {
         Ok(node)
     }
 
+    /// QEMU's `bdrv_append_temp_snapshot`: opens the node described by `options` read-only
+    /// and returns a temporary qcow2 overlay on top of it, which takes the writes. The overlay
+    /// file lives in $TMPDIR and is unlinked as soon as it is open, so it disappears when the
+    /// node is closed (or the process dies). The overlay takes the node-name given by the
+    /// user, so exports and references find the writable node.
+    fn open_temp_overlay(
+        &self,
+        mut options: Options,
+        parent: Option<Parent<'_>>,
+    ) -> Result<Arc<Node>> {
+        let name = options.take(keys::NODE_NAME);
+        if let Some(name) = &name {
+            node_name::validate(name)?;
+            self.check_unused(name)?;
+        }
+        let mut overlay = Options::new();
+        for key in [keys::DISCARD, keys::DETECT_ZEROES] {
+            if let Some(v) = options.get(key) {
+                overlay.set(key, v);
+            }
+        }
+        options.set(keys::READ_ONLY, "on");
+        let base = self.open_node(options, parent)?;
+        let size = base.size().div_ceil(512) * 512;
+        let path = temp_overlay_path()?;
+        let create = crate::driver::qcow2::create::CreateOptions {
+            size,
+            ..Default::default()
+        };
+        crate::driver::qcow2::create::create_file(&path, &create).map_err(|e| {
+            e.context(format!(
+                "Could not create temporary overlay '{}'",
+                path.display()
+            ))
+        })?;
+        overlay.set(keys::DRIVER, "qcow2");
+        overlay.set("file.driver", "file");
+        overlay.set("file.filename", path.to_string_lossy());
+        overlay.set("backing", base.name());
+        // For a temporary file, cache=unsafe is fine (QEMU's bdrv_temp_snapshot_options).
+        overlay.set(keys::CACHE_DIRECT, "off");
+        overlay.set(keys::CACHE_NO_FLUSH, "on");
+        if let Some(name) = name {
+            overlay.set(keys::NODE_NAME, name);
+        }
+        let result = self.open_node(overlay, None);
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::warn!(
+                "could not remove temporary overlay '{}': {e}",
+                path.display()
+            );
+        }
+        result
+    }
+
     fn check_unused(&self, name: &str) -> Result<()> {
         if self.find(name).is_some() {
             return Err(BlockError::invalid(format!("Duplicate node name '{name}'")));
         }
         Ok(())
     }
+}
+
+/// The node option that puts a temporary overlay on top (`snapshot=on`).
+pub const SNAPSHOT: &str = "snapshot";
+
+/// A fresh path for a temporary overlay in $TMPDIR (QEMU's `get_tmp_filename`).
+fn temp_overlay_path() -> Result<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir();
+    for _ in 0..100 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(
+            "strata-snapshot.{}.{n}.{nanos:08x}.qcow2",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(BlockError::io(
+                    &e,
+                    format!("Could not get temporary filename in '{}'", dir.display()),
+                ))
+            }
+        }
+    }
+    Err(BlockError::invalid("Could not get temporary filename"))
+}
+
+/// Whether a filename starts with `protocol:` (QEMU's `path_has_protocol`: a colon before
+/// any slash).
+pub fn path_has_protocol(path: &str) -> bool {
+    path.find([':', '/'])
+        .is_some_and(|i| path.as_bytes()[i] == b':')
+}
+
+/// QEMU's `path_combine`: `filename` relative to the directory of `base` (after any
+/// `protocol:` prefix); absolute names are kept.
+pub fn path_combine(base: &str, filename: &str) -> String {
+    if filename.starts_with('/') {
+        return filename.to_string();
+    }
+    let after_protocol = base.find(':').map_or(0, |i| i + 1);
+    let after_slash = base.rfind('/').map_or(0, |i| i + 1);
+    format!("{}{filename}", &base[..after_protocol.max(after_slash)])
+}
+
+/// QEMU's `bdrv_get_full_backing_filename_from_filename`: the backing file name of an image
+/// named `backed`, resolved relative to the image's directory. Absolute names, protocol
+/// prefixes and `json:` names are used as given.
+pub fn full_backing_filename(backed: &str, backing: &str) -> Result<String> {
+    if backing.is_empty() || path_has_protocol(backing) || backing.starts_with('/') {
+        return Ok(backing.to_string());
+    }
+    if backed.is_empty() || backed.starts_with("json:") {
+        return Err(BlockError::invalid(format!(
+            "Cannot use relative backing file names for '{backed}'"
+        )));
+    }
+    Ok(path_combine(backed, backing))
 }
 
 /// Applies what a child inherits in its role (QEMU's `bdrv_inherited_options` and
@@ -329,4 +475,40 @@ fn probe_file(file: &Node) -> Result<&'static str> {
     block_on(file.read(0, &[IoVec::new(&mut buf)]))?
         .map_err(|e| e.context("Could not read image for determining its format"))?;
     Ok(probe::probe_format(&buf).unwrap_or("raw"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_file_names() {
+        assert_eq!(path_combine("/a/b/top.qcow2", "base.img"), "/a/b/base.img");
+        assert_eq!(path_combine("top.qcow2", "base.img"), "base.img");
+        assert_eq!(
+            path_combine("dir/top.qcow2", "../base.img"),
+            "dir/../base.img"
+        );
+        assert_eq!(path_combine("file:dir/top", "b"), "file:dir/b");
+        assert_eq!(path_combine("/x/top", "/abs/b"), "/abs/b");
+        assert!(path_has_protocol("nbd:localhost:10809"));
+        assert!(path_has_protocol("json:{\"driver\": \"raw\"}"));
+        assert!(!path_has_protocol("dir/a:b"));
+        assert_eq!(
+            full_backing_filename("/img/top.qcow2", "json:{}").unwrap(),
+            "json:{}"
+        );
+        assert_eq!(
+            full_backing_filename("/img/top.qcow2", "/abs.img").unwrap(),
+            "/abs.img"
+        );
+        assert_eq!(
+            full_backing_filename("/img/top.qcow2", "sub/b.img").unwrap(),
+            "/img/sub/b.img"
+        );
+        assert!(full_backing_filename("", "b.img")
+            .unwrap_err()
+            .message()
+            .contains("relative"));
+    }
 }

@@ -320,6 +320,33 @@ impl Node {
         self.write_data(offset, iov, len).await
     }
 
+    /// Writes the caller's buffers at `offset` of a growable node (a regular file), extending
+    /// it when the range reaches past its end: format drivers grow their image file this way.
+    /// Other nodes check the range as [`write`](Self::write) does.
+    pub async fn write_growing(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        if !self.driver.can_grow() {
+            return self.write(offset, iov).await;
+        }
+        self.check_writable("write")?;
+        let len = iovec::total_len(iov);
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(BlockError::new(
+                libc::EFBIG,
+                format!(
+                    "write of {len} bytes at offset {offset} on node '{}' is too large",
+                    self.name
+                ),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.write_data(offset, iov, len).await
+    }
+
     /// Writes data, widening and serialising sub-block writes as alignment requires.
     async fn write_data(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
         if self.limits.request_alignment == 1 {

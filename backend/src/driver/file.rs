@@ -8,6 +8,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 
@@ -63,7 +64,8 @@ pub struct FileDriver {
     file: File,
     filename: String,
     block_device: bool,
-    size: u64,
+    /// Grows when a format driver writes past the end (`Node::write_growing`).
+    size: AtomicU64,
     limits: Limits,
     flush_on_close: bool,
 }
@@ -137,7 +139,7 @@ fn open_common(
         file,
         filename,
         block_device,
-        size,
+        size: AtomicU64::new(size),
         limits,
         flush_on_close: !read_only && !ctx.flags.cache_no_flush,
     }))
@@ -322,6 +324,9 @@ impl FileDriver {
             }
             done += n;
         }
+        if write {
+            self.size.fetch_max(offset + total, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -390,7 +395,11 @@ fn unsupported(e: &BlockError) -> bool {
 
 impl BlockDriver for FileDriver {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn can_grow(&self) -> bool {
+        !self.block_device
     }
 
     fn limits(&self) -> Limits {

@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use std::future::Future;
@@ -78,6 +79,11 @@ pub trait BlockDriver: Send + Sync {
         false
     }
 
+    /// Whether writes past the end extend the node (a regular file under a format driver).
+    fn can_grow(&self) -> bool {
+        false
+    }
+
     /// Reads into `iov` from `offset`.
     fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()>;
 
@@ -142,6 +148,73 @@ impl OpenContext<'_> {
         Ok(child)
     }
 
+    /// Opens the backing child of a format with backing files (QEMU's
+    /// `bdrv_open_backing_file`): `backing=null` (or empty) means none, `backing=NODE`
+    /// references a node, `backing.*` options define it; otherwise the image's own backing
+    /// file name (relative names are resolved against the image's filename) and format
+    /// (probed, with a warning, when the image does not name it) are used.
+    pub fn open_backing(
+        &mut self,
+        backing_file: Option<&str>,
+        backing_format: Option<&str>,
+    ) -> Result<Option<Arc<Node>>> {
+        let role = ChildRole::Backing;
+        if let Some((_, child)) = self.children.iter().find(|(r, _)| *r == role) {
+            return Ok(Some(child.clone()));
+        }
+        match self.options.get(role.key()) {
+            Some("" | "null") => {
+                if self.options.has_prefix(role.key()) {
+                    return Err(BlockError::invalid(
+                        "Cannot give 'backing=null' together with 'backing.*' options",
+                    ));
+                }
+                self.options.take(role.key());
+                return Ok(None);
+            }
+            Some(_) => return self.open_child(role).map(Some),
+            None => {}
+        }
+        let mut child = self.options.extract_child(role.key());
+        let file_given =
+            child.contains("filename") || child.contains("file") || child.has_prefix("file");
+        if !file_given {
+            match backing_file {
+                Some(name) => {
+                    let image = self
+                        .children
+                        .iter()
+                        .find(|(r, _)| *r == ChildRole::File)
+                        .map(|(_, n)| n.filename())
+                        .unwrap_or_default();
+                    child.set(
+                        "filename",
+                        crate::graph::full_backing_filename(&image, name)?,
+                    );
+                }
+                None if child.is_empty() => return Ok(None),
+                None => {}
+            }
+        }
+        let probed = backing_format.is_none() && !child.contains(crate::flags::keys::DRIVER);
+        if let Some(format) = backing_format {
+            child.set_default(crate::flags::keys::DRIVER, format);
+        }
+        let node = self
+            .graph
+            .open_child_options(child, &self.all_options, self.flags, role)?;
+        if probed && backing_file.is_some() {
+            log::warn!(
+                "Backing file format of '{}' not specified; probed as '{}'. Give the format \
+                 (qemu-img rebase -F, or strata img create -F) to avoid probing",
+                node.filename(),
+                node.driver_name()
+            );
+        }
+        self.children.push((role, node.clone()));
+        Ok(Some(node))
+    }
+
     /// The name of the node being opened.
     pub fn node_name(&self) -> &str {
         &self.node_name
@@ -165,6 +238,7 @@ pub struct DriverInfo {
 /// Every driver strata has.
 pub static DRIVERS: &[DriverInfo] = &[
     raw::DRIVER,
+    qcow2::DRIVER,
     file::FILE_DRIVER,
     file::HOST_DEVICE_DRIVER,
     null::DRIVER,
