@@ -33,6 +33,9 @@ pub struct DaemonArgs {
     /// An export: type=vhost-user-blk,id=...,node-name=...,addr.type=unix,addr.path=... (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub export: Vec<String>,
+    /// An object: `iothread,id=...` is accepted (strata runs one thread per queue anyway).
+    #[arg(long, value_name = "OPTIONS")]
+    pub object: Vec<String>,
     /// A QMP monitor (not available yet; strata refuses it rather than ignoring it).
     #[arg(long, value_name = "OPTIONS")]
     pub monitor: Vec<String>,
@@ -83,18 +86,92 @@ pub struct ServeArgs {
 /// `strata img ...`.
 #[derive(Subcommand, Debug)]
 pub enum ImgCommand {
-    /// Create an image: strata img create -f raw FILE SIZE.
+    /// Create an image: strata img create -f qcow2 [-b BACKING -F FMT] [-o OPTS] FILE [SIZE].
     Create(ImgCreateArgs),
+    /// Show an image's format, sizes and backing chain.
+    Info(ImgInfoArgs),
+    /// Check a qcow2 image's metadata for consistency (and repair it with -r).
+    Check(ImgCheckArgs),
 }
 
 /// `strata img create`.
 #[derive(Args, Debug)]
 pub struct ImgCreateArgs {
-    /// Image format.
+    /// Image format (raw or qcow2).
     #[arg(short = 'f', long = "format", default_value = "raw")]
     pub format: String,
+    /// Backing file (qcow2); a relative name is relative to the new image's directory.
+    #[arg(short = 'b', long = "backing")]
+    pub backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
+    /// Format options: cluster_size=, compat=0.10|1.1, lazy_refcounts=on|off,
+    /// compression_type=zlib|zstd, refcount_bits=, extended_l2=on|off (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Do not open the backing file (the size must then be given).
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// File to create (an existing file is truncated, as qemu-img does).
     pub file: PathBuf,
-    /// Virtual size, with an optional K/M/G/T/P/E suffix.
-    pub size: String,
+    /// Virtual size, with an optional K/M/G/T/P/E suffix (default: the backing file's size).
+    pub size: Option<String>,
+}
+
+/// Output formats of `img info` and `img check`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON, as qemu-img prints it.
+    Json,
+}
+
+/// `strata img info`.
+#[derive(Args, Debug)]
+pub struct ImgInfoArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Show every image of the backing chain, not only the top one.
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
+    /// Image file.
+    pub file: PathBuf,
+}
+
+/// What `img check -r` repairs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Leaked clusters only.
+    Leaks,
+    /// Leaks and errors.
+    All,
+}
+
+/// `strata img check`.
+#[derive(Args, Debug)]
+pub struct ImgCheckArgs {
+    /// Image format (probed when omitted; only qcow2 has checks).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Repair: leaks or all.
+    #[arg(short = 'r', value_enum)]
+    pub repair: Option<RepairMode>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Quiet: print nothing (the exit code tells).
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Image file.
+    pub file: PathBuf,
 }

@@ -8,7 +8,7 @@ use strata_vhost::{BlkExportConfig, Listen};
 /// Default number of descriptors per virtqueue.
 const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Most virtqueues an export may have (one worker thread each).
-const MAX_QUEUES: u16 = 256;
+const MAX_QUEUES: u16 = 64;
 
 /// Parses one `--export` and resolves its node in the graph.
 pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), String> {
@@ -41,10 +41,11 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
         log::info!("export '{id}': iothread={iothread} ignored: strata runs one thread per queue");
     }
     let listen = match o.take("addr.type").as_deref() {
-        Some("unix") => Listen::UnixPath(PathBuf::from(
-            o.take("addr.path")
-                .ok_or_else(|| format!("export '{id}': addr.type=unix needs 'addr.path'"))?,
-        )),
+        Some("unix") => {
+            Listen::UnixPath(PathBuf::from(o.take("addr.path").ok_or_else(|| {
+                format!("export '{id}': addr.type=unix needs 'addr.path'")
+            })?))
+        }
         Some("fd") => {
             let s = o
                 .take("addr.str")
@@ -66,7 +67,10 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
             "export '{id}': num-queues must be between 1 and {MAX_QUEUES}, got {num_queues}"
         ));
     }
-    let logical_block_size = o.take_size("logical-block-size").map_err(err)?.unwrap_or(512);
+    let logical_block_size = o
+        .take_size("logical-block-size")
+        .map_err(err)?
+        .unwrap_or(512);
     if !(512..=65536).contains(&logical_block_size) || !logical_block_size.is_power_of_two() {
         return Err(format!(
             "export '{id}': logical-block-size must be a power of two from 512 to 65536, got {logical_block_size}"

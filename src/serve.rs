@@ -1,7 +1,6 @@
 //! Running the daemon: qemu-storage-daemon style, or `strata serve IMAGE`.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -22,16 +21,34 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
     if args.export.is_empty() {
         return Err("nothing to serve: give --export (with --blockdev), or use 'strata serve IMAGE'; see --help".into());
     }
+    for text in &args.object {
+        let mut o =
+            Options::parse(text, Some("qom-type")).map_err(|e| format!("--object {text}: {e}"))?;
+        match o.take("qom-type").as_deref() {
+            Some("iothread") => log::info!(
+                "--object {text}: strata runs one I/O thread per queue; iothread objects are not needed"
+            ),
+            other => {
+                return Err(format!(
+                    "--object {text}: object type '{}' is not supported",
+                    other.unwrap_or("")
+                ))
+            }
+        }
+    }
     let graph = Graph::new();
     for text in &args.blockdev {
-        let options = Options::parse(text, Some("driver")).map_err(|e| format!("--blockdev {text}: {e}"))?;
+        let options =
+            Options::parse(text, Some("driver")).map_err(|e| format!("--blockdev {text}: {e}"))?;
         graph
             .blockdev_add(options)
             .map_err(|e| format!("--blockdev {text}: {e}"))?;
     }
     let mut exports = Vec::new();
     for text in &args.export {
-        exports.push(export_options::parse(text, &graph).map_err(|e| format!("--export {text}: {e}"))?);
+        exports.push(
+            export_options::parse(text, &graph).map_err(|e| format!("--export {text}: {e}"))?,
+        );
     }
     if let Some(pidfile) = &args.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))
@@ -44,10 +61,7 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
 pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     if !args.image.exists() {
         crate::img::create_raw_file(&args.image, DEFAULT_IMAGE_SIZE)?;
-        log::info!(
-            "created {} (1 GiB sparse raw image)",
-            args.image.display()
-        );
+        log::info!("created {} (1 GiB sparse raw image)", args.image.display());
     }
     let image = args.image.to_str().ok_or("image path is not valid UTF-8")?;
     let graph = Graph::new();
@@ -61,7 +75,9 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     if args.read_only {
         options.set("read-only", "on");
     }
-    let node = graph.blockdev_add(options).map_err(|e| format!("{image}: {e}"))?;
+    let node = graph
+        .blockdev_add(options)
+        .map_err(|e| format!("{image}: {e}"))?;
     let config = BlkExportConfig {
         id: "disk".into(),
         node,
@@ -77,9 +93,14 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
 }
 
 fn print_qemu_hint(socket: &Path, queues: u16) {
-    let socket = std::fs::canonicalize(socket.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-        .map(|dir| dir.join(socket.file_name().unwrap_or_default()))
-        .unwrap_or_else(|_| socket.to_path_buf());
+    let socket = std::fs::canonicalize(
+        socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+    .map(|dir| dir.join(socket.file_name().unwrap_or_default()))
+    .unwrap_or_else(|_| socket.to_path_buf());
     println!(
         "Attach a VM with:\n  qemu-system-x86_64 -m 1G \
          -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
@@ -91,36 +112,26 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
 
 /// Starts every export, then waits for SIGTERM/SIGINT: stop, drain, flush, exit 0.
 fn run(configs: Vec<(BlkExportConfig, Listen)>) -> Result<(), String> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("Could not install signal handlers: {e}"))?;
+    let mut signals = Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("Could not install signal handlers: {e}"))?;
     let mut exports = Vec::new();
     for (config, listen) in configs {
         let id = config.id.clone();
         let export = BlkExport::start(config, listen).map_err(|e| format!("export '{id}': {e}"))?;
-        exports.push(Arc::new(export));
+        exports.push(export);
     }
-    let handle = signals.handle();
-    let stoppers = exports.clone();
-    let waiter = std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            log::info!("signal {signal}: stopping");
-            for e in &stoppers {
-                e.stop();
-            }
-        }
-    });
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal}: stopping");
+    }
+    for export in &exports {
+        export.stop();
+    }
     let mut result = Ok(());
     for export in exports {
-        let export = Arc::try_unwrap(export).map_err(|_| "export still referenced".to_string());
-        match export {
-            Ok(export) => {
-                if let Err(e) = export.join() {
-                    result = Err(e.to_string());
-                }
-            }
-            Err(e) => result = Err(e),
+        let id = export.id().to_string();
+        if let Err(e) = export.join() {
+            result = Err(format!("export '{id}': {e}"));
         }
     }
-    handle.close();
-    let _ = waiter.join();
     result
 }

@@ -1,0 +1,106 @@
+//! The command line: usage, errors that name the wrong option, `img create`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .expect("run strata")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_prints_usage() {
+    let o = strata(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for word in ["--blockdev", "--export", "serve", "img"] {
+        assert!(out.contains(word), "--help lacks {word}: {out}");
+    }
+}
+
+#[test]
+fn unknown_flag_is_named() {
+    let o = strata(&["--blockdevv", "x"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--blockdevv"), "{}", stderr(&o));
+}
+
+#[test]
+fn nothing_to_serve_is_an_error() {
+    let o = strata(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--export"), "{}", stderr(&o));
+}
+
+#[test]
+fn blockdev_errors_name_the_option() {
+    let o = strata(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0,bogus=1",
+        "--export",
+        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/x.sock",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Block protocol 'null-co' doesn't support the option 'bogus'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = strata(&[
+        "--blockdev",
+        "driver=nope,node-name=n0",
+        "--export",
+        "type=vhost-user-blk",
+    ]);
+    assert!(
+        stderr(&o).contains("Unknown driver 'nope'"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn export_errors_name_the_option() {
+    let cases: &[(&str, &str)] = &[
+        ("type=nbd,id=e0,node-name=n0", "Export type 'nbd'"),
+        ("type=vhost-user-blk,id=e0,node-name=zz,addr.type=unix,addr.path=/tmp/y.sock", "'zz'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,colour=red", "'colour'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,num-queues=0", "num-queues"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,logical-block-size=1000", "logical-block-size"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,writable=maybe", "'writable'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=tcp", "addr.type 'tcp'"),
+    ];
+    for (export, expected) in cases {
+        let o = strata(&[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            export,
+        ]);
+        assert!(!o.status.success(), "{export} accepted");
+        assert!(stderr(&o).contains(expected), "{export}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn img_create_raw_makes_a_sparse_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let o = strata(&["img", "create", "-f", "raw", path.to_str().unwrap(), "3G"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 3 << 30);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 1 << 20, "image is not sparse");
+
+    let o = strata(&["img", "create", "-f", "raw", path.to_str().unwrap(), "12Q"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("12Q"), "{}", stderr(&o));
+    assert!(Path::new(&path).exists());
+}
