@@ -3,7 +3,8 @@
 #   1. raw image file, logical block size 512: sysfs checks, fio --verify=crc32c (4k and 512 B
 #      random writes), a pattern written on one boot and read back on a second boot (with a
 #      restarted daemon in between);
-#   2. the same over a loop device with 4096-byte sectors, logical block size 4096.
+#   2. the same over a loop device with 4096-byte sectors, logical block size 4096;
+#   3. the same on a qcow2 overlay (made by strata img create) over a raw base image.
 #
 #   run-all.sh STRATA_BINARY
 set -euo pipefail
@@ -83,4 +84,14 @@ scenario "loop device with 4096-byte sectors" 4096 "$size" \
     --blockdev "driver=host_device,node-name=f0,filename=$loopdev,cache.direct=on" \
     --blockdev driver=raw,node-name=d0,file=f0
 
-echo "guest tests: 2 scenarios passed"
+losetup -d "$loopdev"
+loopdev=""
+
+truncate -s "$size" "$work/base.raw"
+"$strata" img create -f qcow2 -b base.raw -F raw "$work/overlay.qcow2" >/dev/null
+scenario "qcow2 overlay over a raw base" 512 "$size" \
+    --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on" \
+    --blockdev driver=qcow2,node-name=d0,file=f0
+qemu-img check "$work/overlay.qcow2"
+
+echo "guest tests: 3 scenarios passed"
