@@ -59,8 +59,10 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
 
 /// `strata serve IMAGE --socket PATH`.
 pub fn serve_image(args: ServeArgs) -> Result<(), String> {
+    let mut format = args.format.clone();
     if !args.image.exists() {
         crate::img::create_raw_file(&args.image, DEFAULT_IMAGE_SIZE)?;
+        format.get_or_insert_with(|| "raw".to_string());
         log::info!("created {} (1 GiB sparse raw image)", args.image.display());
     }
     let image = args.image.to_str().ok_or("image path is not valid UTF-8")?;
@@ -69,7 +71,7 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     options.set("node-name", "disk");
     options.set("file.filename", image);
     options.set("cache.direct", if args.cached { "off" } else { "on" });
-    if let Some(format) = &args.format {
+    if let Some(format) = &format {
         options.set("driver", format.as_str());
     }
     if args.read_only {
