@@ -15,6 +15,8 @@
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
 #            --targets strata,qsd,io_uring  --backends file,null  --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
+#            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
+#            --wait-idle S    before each run, wait up to S s for other work to go quiet
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +36,9 @@ STRATA="$ROOT/target/release/strata"
 QSD=/usr/bin/qemu-storage-daemon
 REQUIRE_STRATA=0
 BUILD=1
+DAEMON_CPU=""
+WAIT_IDLE=0
+CLIENT_CPU=""
 IMAGE_SIZE=$((1024 * 1024 * 1024))
 
 die() {
@@ -57,6 +62,9 @@ while [[ $# -gt 0 ]]; do
     --qsd) need_arg "$@"; QSD=$2; shift ;;
     --require-strata) REQUIRE_STRATA=1 ;;
     --no-build) BUILD=0 ;;
+    --wait-idle) need_arg "$@"; WAIT_IDLE=$2; shift ;;
+    --daemon-cpu) need_arg "$@"; DAEMON_CPU=$2; shift ;;
+    --client-cpu) need_arg "$@"; CLIENT_CPU=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -75,6 +83,7 @@ fi
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds wants a positive integer, got '$ROUNDS'"
 [[ $DURATION =~ ^[0-9]*\.?[0-9]+$ ]] || die "--duration wants seconds, got '$DURATION'"
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
+[[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
 if ((!SHORT)) && ((ROUNDS < 3)); then
     echo "bench: note: fewer than 3 rounds; medians are less robust" >&2
 fi
@@ -117,6 +126,12 @@ fi
 if ((${#MISSING[@]})); then
     TARGETS=$(tr ',' '\n' <<<"$TARGETS" | grep -vx strata | paste -sd, -)
 fi
+if has_target strata; then
+    # Snapshot the binary: a rebuild during the run must not mix two strata versions.
+    cp "$STRATA" "$RUNDIR/strata"
+    echo "bench: strata: $STRATA ($(stat -c %y "$STRATA" | cut -d. -f1), tree $(git describe --always --dirty 2>/dev/null || echo unknown))" >&2
+    STRATA="$RUNDIR/strata"
+fi
 if has_target qsd && [[ ! -x $QSD ]]; then
     die "qemu-storage-daemon not found at $QSD (scripts/install-deps.sh installs it)"
 fi
@@ -125,10 +140,13 @@ fi
 # ---------------------------------------------------------------------------------------------
 # CPU pinning: daemon and client on different cores when there are two.
 NCPU=$(nproc)
-if ((NCPU >= 2)); then
-    DAEMON_PIN=(taskset -c 0)
-    CLIENT_PIN=(taskset -c 1)
-    PIN_NOTE="daemon pinned to CPU 0, client to CPU 1 (taskset); io_uring target: client on CPU 1"
+if ((NCPU >= 2)) || [[ -n $DAEMON_CPU$CLIENT_CPU ]]; then
+    DAEMON_CPU=${DAEMON_CPU:-0}
+    CLIENT_CPU=${CLIENT_CPU:-1}
+    [[ $DAEMON_CPU != "$CLIENT_CPU" ]] || die "--daemon-cpu and --client-cpu must differ"
+    DAEMON_PIN=(taskset -c "$DAEMON_CPU")
+    CLIENT_PIN=(taskset -c "$CLIENT_CPU")
+    PIN_NOTE="daemon pinned to CPU $DAEMON_CPU, client to CPU $CLIENT_CPU (taskset); io_uring target: client on CPU $CLIENT_CPU"
 else
     DAEMON_PIN=()
     CLIENT_PIN=()
@@ -276,6 +294,28 @@ targets_for() { # BACKEND -> targets that apply
     echo "${out[@]}"
 }
 
+# Interference check: timing from a machine that is busy with other work is not comparable.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+b0=$(busy_ticks)
+sleep 1
+b1=$(busy_ticks)
+busy_pct=$(((b1 - b0) * 100 / $(getconf CLK_TCK)))
+wait_idle() { # wait up to WAIT_IDLE s until less than 25% of one CPU is busy (0.5 s samples)
+    local deadline=$((SECONDS + WAIT_IDLE)) a b
+    while ((SECONDS < deadline)); do
+        a=$(busy_ticks)
+        sleep 0.5
+        b=$(busy_ticks)
+        (((b - a) * 200 / $(getconf CLK_TCK) < 25)) && return 0
+    done
+    echo "bench: note: machine still busy after waiting ${WAIT_IDLE}s; running anyway" >&2
+}
+if ((busy_pct > 25)); then
+    echo "bench: WARNING: the machine is busy before the run (${busy_pct}% of one CPU in use by" \
+        "other work); timings will be disturbed (see 'other CPU %' in the report)" >&2
+else
+    echo "bench: machine idle before the run (${busy_pct}% of one CPU busy)" >&2
+fi
 echo "bench: $PIN_NOTE" >&2
 echo "bench: rounds=$ROUNDS duration=${DURATION}s ramp=${RAMP}s targets=$TARGETS backends=$BACKENDS" >&2
 echo "bench: results -> $RESULTS" >&2
@@ -309,6 +349,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         for wl in ${WORKLOADS//,/ }; do
             nq=$(queues_of "$wl")
             for target in $(targets_for "$backend"); do
+                ((WAIT_IDLE == 0)) || wait_idle
                 common=(--target "$target" --backend "$backend" --workload "$wl"
                     --duration "$DURATION" --ramp "$RAMP" --seed "$round" --round "$round"
                     --out "$RESULTS")

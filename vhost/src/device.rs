@@ -135,11 +135,10 @@ impl Device {
     pub(crate) fn close_handed_out_fds(&self) {
         let fds = std::mem::take(&mut *lock(&self.handed_out_fds));
         for fd in fds {
-            // SAFETY: `fd` is a duplicate we created in exit_event and handed to
-            // vhost-user-backend, which registered it with a worker's epoll and dropped its
-            // ownership without closing it (into_raw_fd). The workers and their epoll sets are
-            // gone, nothing else knows the number, and this list is emptied before closing, so
-            // each is closed exactly once.
+            // vhost-user-backend took these duplicates from exit_event with into_raw_fd and
+            // never closes them; its workers and their epoll sets are gone now.
+            // SAFETY: nothing else knows these numbers and the list was emptied above, so each
+            // descriptor we created is closed exactly once.
             unsafe { libc::close(fd) };
         }
     }

@@ -333,12 +333,11 @@ fn to_iovecs(
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
             let slice = slice.ok()?;
             let ptr = slice.ptr_guard_mut().as_ptr();
-            // SAFETY: `ptr..ptr+slice.len()` lies inside one mapped guest memory region (vm-memory
-            // checked it). The mapping stays alive for as long as the request runs: every
-            // request task owns an `Arc` of this `GuestMemoryMmap` and drops it only after its
-            // I/O future (and with it any in-flight io_uring operation, which waits for the
-            // kernel on drop). The guest may change the bytes concurrently, as with any DMA
-            // buffer; they are plain bytes with no validity invariant.
+            // The guest may change these bytes concurrently, as with any DMA buffer; they are
+            // plain bytes with no validity invariant.
+            // SAFETY: the range lies inside one mapped guest region (vm-memory checked it), and
+            // each request task owns an Arc of this GuestMemoryMmap until its I/O (including any
+            // in-flight io_uring operation, which waits for the kernel on drop) has finished.
             out.push(unsafe { IoVec::from_raw_parts(ptr, slice.len()) });
             total += slice.len() as u64;
         }
