@@ -1,0 +1,449 @@
+//! Aggregates the per-run JSON lines written by `strata-bench run` into a table of medians,
+//! the ratios the project tracks, and a summary JSON document.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+
+use serde_json::{json, Map, Value};
+
+use crate::engine::Result;
+
+/// Targets in display order; unknown targets sort after these.
+const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
+const BACKEND_ORDER: &[&str] = &["file", "null"];
+/// Runs with more busy CPU than this outside the daemon and client (fraction of one CPU) are
+/// counted as disturbed in the report header.
+const NOISY: f64 = 0.25;
+/// Metrics whose per-round median is reported.
+const METRICS: &[&str] = &[
+    "iops",
+    "mib_s",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "mean_us",
+    "daemon_cpu_s_per_io",
+    "client_cpu_s_per_io",
+    "other_cpu_fraction",
+];
+
+fn rank(order: &[&str], s: &str) -> usize {
+    order.iter().position(|x| *x == s).unwrap_or(order.len())
+}
+
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+#[derive(Default)]
+struct Group {
+    runs: Vec<Value>,
+}
+
+impl Group {
+    fn values(&self, metric: &str) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter_map(|r| r.get(metric).and_then(Value::as_f64))
+            .collect()
+    }
+    fn median(&self, metric: &str) -> Option<f64> {
+        median(&mut self.values(metric))
+    }
+}
+
+type Key = (String, String, String); // backend, workload, target
+
+pub struct Options<'a> {
+    pub results: &'a str,
+    pub json_out: Option<&'a str>,
+    pub markdown_out: Option<&'a str>,
+    /// (target, reason) for targets that were not run.
+    pub missing: Vec<(String, String)>,
+    /// Targets expected per backend (for "missing" rows): (backend, targets).
+    pub expect: Vec<(String, Vec<String>)>,
+}
+
+pub fn report(opts: &Options) -> Result<()> {
+    let text =
+        fs::read_to_string(opts.results).map_err(|e| format!("read {}: {e}", opts.results))?;
+    let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
+    let mut workload_order: Vec<String> = Vec::new();
+    let mut pinning: Vec<String> = Vec::new();
+    let mut durations: Vec<f64> = Vec::new();
+    let mut other: Vec<f64> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| format!("{}:{}: bad JSON: {e}", opts.results, i + 1))?;
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        let (backend, workload, target) = (s("backend"), s("workload"), s("target"));
+        if !workload_order.contains(&workload) {
+            workload_order.push(workload.clone());
+        }
+        if let Some(p) = v.get("pinning").and_then(Value::as_str) {
+            if !pinning.iter().any(|x| x == p) {
+                pinning.push(p.to_string());
+            }
+        }
+        if let Some(o) = v.get("other_cpu_fraction").and_then(Value::as_f64) {
+            other.push(o);
+        }
+        if let Some(d) = v.get("seconds").and_then(Value::as_f64) {
+            durations.push(d);
+        }
+        groups
+            .entry((backend, workload, target))
+            .or_default()
+            .runs
+            .push(v);
+    }
+    if groups.is_empty() {
+        return Err(format!("{}: no results", opts.results));
+    }
+
+    // Add expected-but-missing combinations.
+    let present: Vec<Key> = groups.keys().cloned().collect();
+    let mut missing_rows: Vec<Key> = Vec::new();
+    for (backend, targets) in &opts.expect {
+        for w in &workload_order {
+            if !present.iter().any(|(b, wl, _)| b == backend && wl == w) {
+                continue;
+            }
+            for t in targets {
+                let k = (backend.clone(), w.clone(), t.clone());
+                if !groups.contains_key(&k) {
+                    missing_rows.push(k);
+                }
+            }
+        }
+    }
+    let missing_reason = |t: &str| {
+        opts.missing
+            .iter()
+            .find(|(mt, _)| mt == t)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| "not run".to_string())
+    };
+
+    let mut keys: Vec<Key> = groups.keys().cloned().chain(missing_rows).collect();
+    keys.sort_by_key(|(b, w, t)| {
+        (
+            rank(BACKEND_ORDER, b),
+            b.clone(),
+            workload_order.iter().position(|x| x == w),
+            rank(TARGET_ORDER, t),
+            t.clone(),
+        )
+    });
+
+    // Table.
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| backend | workload | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/IO | client CPU µs/IO | other CPU % | rounds |"
+    );
+    let _ = writeln!(
+        table,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut rows_json = Vec::new();
+    for k in &keys {
+        let (b, w, t) = k;
+        match groups.get(k) {
+            None => {
+                let reason = missing_reason(t);
+                let _ = writeln!(
+                    table,
+                    "| {b} | {w} | {t} | missing: {reason} | | | | | | | | 0 |"
+                );
+                rows_json.push(json!({
+                    "backend": b, "workload": w, "target": t, "rounds": 0,
+                    "missing": reason,
+                }));
+            }
+            Some(g) => {
+                let m = |metric: &str| g.median(metric);
+                let f0 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+                let f1 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+                let us = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2}", v * 1e6));
+                let _ = writeln!(
+                    table,
+                    "| {b} | {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    f0(m("iops")),
+                    f1(m("mib_s")),
+                    f1(m("p50_us")),
+                    f1(m("p99_us")),
+                    f1(m("p999_us")),
+                    us(m("daemon_cpu_s_per_io")),
+                    us(m("client_cpu_s_per_io")),
+                    m("other_cpu_fraction")
+                        .map_or("-".to_string(), |v| format!("{:.0}", v * 100.0)),
+                    g.runs.len()
+                );
+                let mut med = Map::new();
+                let mut all = Map::new();
+                for metric in METRICS {
+                    med.insert(metric.to_string(), json!(m(metric)));
+                    all.insert(metric.to_string(), json!(g.values(metric)));
+                }
+                rows_json.push(json!({
+                    "backend": b, "workload": w, "target": t, "rounds": g.runs.len(),
+                    "median": med, "per_round": all,
+                }));
+            }
+        }
+    }
+
+    // Ratios.
+    let get = |b: &str, w: &str, t: &str, metric: &str| -> Option<f64> {
+        groups
+            .get(&(b.to_string(), w.to_string(), t.to_string()))
+            .and_then(|g| g.median(metric))
+    };
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    };
+    struct Ratio {
+        name: &'static str,
+        value: Option<f64>,
+        goal: Option<(&'static str, f64)>,
+        inputs: String,
+    }
+    let rr1 = "randread-4k-qd1";
+    let rr32 = "randread-4k-qd32";
+    let rr32q2 = "randread-4k-qd32-2q";
+    let direct_p50 = get("file", rr1, "io_uring", "p50_us");
+    let added = |t: &str| match (get("file", rr1, t, "p50_us"), direct_p50) {
+        (Some(a), Some(d)) => Some(a - d),
+        _ => None,
+    };
+    let ratios = vec![
+        Ratio {
+            name: "file randread-4k-qd32 IOPS, strata / io_uring direct",
+            value: div(
+                get("file", rr32, "strata", "iops"),
+                get("file", rr32, "io_uring", "iops"),
+            ),
+            goal: Some((">=", 0.97)),
+            inputs: "median IOPS".into(),
+        },
+        Ratio {
+            name: "file randread-4k-qd1 p50 added over direct, strata / QSD",
+            value: div(added("strata"), added("qsd")),
+            goal: Some(("<=", 0.5)),
+            inputs: format!(
+                "added p50 µs: strata {}, qsd {} (direct p50 {})",
+                fmt_opt(added("strata")),
+                fmt_opt(added("qsd")),
+                fmt_opt(direct_p50)
+            ),
+        },
+        Ratio {
+            name: "null randread-4k-qd32 IOPS, strata / QSD",
+            value: div(
+                get("null", rr32, "strata", "iops"),
+                get("null", rr32, "qsd", "iops"),
+            ),
+            goal: Some((">=", 1.5)),
+            inputs: "median IOPS".into(),
+        },
+        Ratio {
+            name: "null randread-4k-qd32 daemon CPU s per I/O, strata / QSD",
+            value: div(
+                get("null", rr32, "strata", "daemon_cpu_s_per_io"),
+                get("null", rr32, "qsd", "daemon_cpu_s_per_io"),
+            ),
+            goal: Some(("<=", 0.6)),
+            inputs: "median daemon (utime+stime)/I/O".into(),
+        },
+        Ratio {
+            name: "null randread-4k-qd32 IOPS, strata 2 queues / 1 queue",
+            value: div(
+                get("null", rr32q2, "strata", "iops"),
+                get("null", rr32, "strata", "iops"),
+            ),
+            goal: Some((">=", 1.6)),
+            inputs: "median IOPS".into(),
+        },
+        // References: where QSD stands on the same scales.
+        Ratio {
+            name: "(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct",
+            value: div(
+                get("file", rr32, "qsd", "iops"),
+                get("file", rr32, "io_uring", "iops"),
+            ),
+            goal: None,
+            inputs: "median IOPS".into(),
+        },
+        Ratio {
+            name: "(ref) null randread-4k-qd32 IOPS, QSD 2 queues / 1 queue",
+            value: div(
+                get("null", rr32q2, "qsd", "iops"),
+                get("null", rr32, "qsd", "iops"),
+            ),
+            goal: None,
+            inputs: "median IOPS".into(),
+        },
+    ];
+    let mut ratio_text = String::new();
+    let _ = writeln!(ratio_text, "| ratio | value | goal | met | inputs |");
+    let _ = writeln!(ratio_text, "|---|---:|---|---|---|");
+    let mut ratios_json = Vec::new();
+    for r in &ratios {
+        let met = match (r.value, r.goal) {
+            (Some(v), Some((">=", g))) => Some(v >= g),
+            (Some(v), Some((_, g))) => Some(v <= g),
+            _ => None,
+        };
+        let value = r
+            .value
+            .map_or_else(|| "n/a (inputs missing)".to_string(), |v| format!("{v:.3}"));
+        let goal = r
+            .goal
+            .map_or_else(|| "-".to_string(), |(op, g)| format!("{op} {g}"));
+        let met_s = match met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        let _ = writeln!(
+            ratio_text,
+            "| {} | {value} | {goal} | {met_s} | {} |",
+            r.name, r.inputs
+        );
+        ratios_json.push(json!({
+            "name": r.name,
+            "value": r.value,
+            "goal": r.goal.map(|(op, g)| format!("{op} {g}")),
+            "met": met,
+            "inputs": r.inputs,
+        }));
+    }
+
+    let pin_line = if pinning.is_empty() {
+        "pinning: unknown".to_string()
+    } else {
+        format!("pinning: {}", pinning.join("; "))
+    };
+    let rounds = groups.values().map(|g| g.runs.len()).max().unwrap_or(0);
+    let duration = median(&mut durations).unwrap_or(0.0);
+    let noisy = other.iter().filter(|&&o| o > NOISY).count();
+    let other_max = other.iter().copied().fold(0.0, f64::max);
+    let other_med = median(&mut other).unwrap_or(0.0);
+    let header = format!(
+        "strata-bench: median of {rounds} round(s), {duration:.1} s measured per run; {pin_line}\n\
+         interference (busy CPU outside daemon and client): median {:.0}%, max {:.0}% of one CPU; \
+         {noisy} of {} runs above {:.0}%",
+        other_med * 100.0,
+        other_max * 100.0,
+        other.len(),
+        NOISY * 100.0
+    );
+
+    let mut md = String::new();
+    let _ = writeln!(md, "{header}\n");
+    md.push_str(&table);
+    md.push('\n');
+    md.push_str(&ratio_text);
+    print!("{md}");
+
+    if let Some(p) = opts.markdown_out {
+        fs::write(p, &md).map_err(|e| format!("write {p}: {e}"))?;
+    }
+    if let Some(p) = opts.json_out {
+        let doc = json!({
+            "tool": "strata-bench",
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            // SAFETY: sysconf has no memory-safety preconditions.
+            "cpus_online": unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
+            "rounds": rounds,
+            "measured_seconds_per_run": duration,
+            "interference": {
+                "other_cpu_fraction_median": other_med,
+                "other_cpu_fraction_max": other_max,
+                "runs_above_threshold": noisy,
+                "threshold": NOISY,
+            },
+            "pinning": pinning,
+            "missing": opts.missing.iter().map(|(t, r)| json!({"target": t, "reason": r})).collect::<Vec<_>>(),
+            "rows": rows_json,
+            "ratios": ratios_json,
+        });
+        let s = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        fs::write(p, s + "\n").map_err(|e| format!("write {p}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.1}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+
+    #[test]
+    fn report_from_lines() {
+        let dir = std::env::temp_dir().join(format!("strata-bench-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let res = dir.join("r.jsonl");
+        let mut lines = String::new();
+        for (t, iops, p50) in [("qsd", 70000.0, 64.0), ("io_uring", 78000.0, 51.0)] {
+            for round in 1..=3 {
+                lines.push_str(
+                    &json!({"backend": "file", "workload": "randread-4k-qd32", "target": t,
+                            "round": round, "iops": iops + round as f64, "p50_us": p50,
+                            "seconds": 5.0, "pinning": "daemon CPU 0, client CPU 1"})
+                    .to_string(),
+                );
+                lines.push('\n');
+            }
+        }
+        fs::write(&res, lines).unwrap();
+        let out = dir.join("s.json");
+        report(&Options {
+            results: res.to_str().unwrap(),
+            json_out: Some(out.to_str().unwrap()),
+            markdown_out: None,
+            missing: vec![("strata".into(), "does not build".into())],
+            expect: vec![(
+                "file".into(),
+                vec!["strata".into(), "qsd".into(), "io_uring".into()],
+            )],
+        })
+        .unwrap();
+        let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+        let rows = doc["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0]["target"], "strata");
+        assert_eq!(rows[0]["missing"], "does not build");
+        assert_eq!(rows[1]["median"]["iops"], 70002.0);
+        let r = &doc["ratios"][5];
+        assert!((r["value"].as_f64().unwrap() - 70002.0 / 78002.0).abs() < 1e-9);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
