@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of strata: the workspace's Rust tests (block layer, vhost-user-blk device with
-# libblkio, loop devices) and the guest tests (a Linux guest in QEMU running fio against strata).
+# libblkio, loop devices), the guest tests (a Linux guest in QEMU running fio against strata)
+# and the benchmark's short mode (every workload briefly, checking data, never timing).
 # Needs root (loop devices) and the packages scripts/install-deps.sh installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,4 @@ scripts/install-deps.sh
 cargo build --release --workspace
 cargo test --release --workspace -- --test-threads=2
 tests/guest/run-all.sh target/release/strata
+scripts/bench.sh --short --no-build --require-strata
