@@ -2,18 +2,22 @@
 # Benchmarks strata against qemu-storage-daemon (QSD) and io_uring directly on the image (the
 # limit), with one libblkio client (bench/, `strata-bench`) for every target.
 #
-# Targets: file (a fully allocated 1 GiB raw image, aio=io_uring, cache.direct=on) and null
-# (null-co, per-request overhead only; no io_uring row). Workloads: 4k randread/randwrite at
-# QD1 and QD32, 128k sequential read/write at QD8, 4k randread QD32 on 2 queues.
+# Backends: file (a fully allocated 1 GiB raw image, aio=io_uring, cache.direct=on), null
+# (null-co, per-request overhead only; no io_uring row) and qcow2 (a 1 GiB qcow2 image, 64k
+# clusters, every cluster allocated with data, on the same file driver; no io_uring row).
+# Workloads: 4k randread/randwrite at QD1 and QD32, 128k sequential read/write at QD8, 4k
+# randread QD32 on 2 queues; qcow2 runs randread-4k-qd1, randread-4k-qd32 and randwrite-4k-qd32
+# (all of --workloads when that is given). qcow2 writes write the data already there, so the
+# image keeps the content of its raw source (checked before and after the rounds).
 # Rounds alternate the targets per workload (A B C A B C ...); each daemon is started fresh for
 # each workload with num-queues matching it and stopped after. The report gives medians over
 # rounds as a table and as JSON (target/bench/ by default).
 #
-#   scripts/bench.sh                 full run: 3 rounds x 5 s per workload and target (~12 min)
+#   scripts/bench.sh                 full run: 3 rounds x 5 s per workload and target (~14 min)
 #   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
-#            --targets strata,qsd,io_uring  --backends file,null  --workloads W1,W2,...
+#            --targets strata,qsd,io_uring  --backends file,null,qcow2  --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
@@ -30,8 +34,10 @@ RAMP=""
 OUT="$ROOT/target/bench"
 IMAGE=""
 TARGETS="strata,qsd,io_uring"
-BACKENDS="file,null"
+BACKENDS="file,null,qcow2"
 WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32,read-128k-qd8,write-128k-qd8,randread-4k-qd32-2q"
+QCOW2_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32"
+WORKLOADS_SET=0
 STRATA="$ROOT/target/release/strata"
 QSD=/usr/bin/qemu-storage-daemon
 REQUIRE_STRATA=0
@@ -57,7 +63,7 @@ while [[ $# -gt 0 ]]; do
     --image) need_arg "$@"; IMAGE=$2; shift ;;
     --targets) need_arg "$@"; TARGETS=$2; shift ;;
     --backends) need_arg "$@"; BACKENDS=$2; shift ;;
-    --workloads) need_arg "$@"; WORKLOADS=$2; shift ;;
+    --workloads) need_arg "$@"; WORKLOADS=$2; WORKLOADS_SET=1; shift ;;
     --strata) need_arg "$@"; STRATA=$2; shift ;;
     --qsd) need_arg "$@"; QSD=$2; shift ;;
     --require-strata) REQUIRE_STRATA=1 ;;
@@ -84,6 +90,12 @@ fi
 [[ $DURATION =~ ^[0-9]*\.?[0-9]+$ ]] || die "--duration wants seconds, got '$DURATION'"
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
 [[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
+for b in ${BACKENDS//,/ }; do
+    [[ $b == file || $b == null || $b == qcow2 ]] || die "unknown backend '$b' (file, null, qcow2)"
+done
+if ((WORKLOADS_SET)); then
+    QCOW2_WORKLOADS=$WORKLOADS
+fi
 if ((!SHORT)) && ((ROUNDS < 3)); then
     echo "bench: note: fewer than 3 rounds; medians are less robust" >&2
 fi
@@ -91,7 +103,16 @@ fi
 START_TIME=$SECONDS
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
+# One run at a time per output directory: runs share the images (a verify racing another run's
+# writes would fail) and would disturb each other's timing anyway.
+exec 9>"$OUT/.lock"
+if ! flock -n 9; then
+    echo "bench: another bench run is using $OUT; waiting for it to finish" >&2
+    flock 9
+fi
 IMAGE=${IMAGE:-$OUT/bench.img}
+QCOW2_IMG=$OUT/bench.qcow2
+QCOW2_SRC=$OUT/bench-qcow2-src.raw
 STAMP=$(date +%Y%m%d-%H%M%S)
 RESULTS="$OUT/results-$STAMP.jsonl"
 : >"$RESULTS"
@@ -102,6 +123,7 @@ BENCH="$ROOT/target/release/strata-bench"
 # Build the client and (if it builds) strata.
 MISSING=()
 has_target() { [[ ,$TARGETS, == *,$1,* ]]; }
+has_backend() { [[ ,$BACKENDS, == *,$1,* ]]; }
 if ((BUILD)); then
     echo "bench: building strata-bench" >&2
     cargo build --release -q -p strata-bench || die "strata-bench does not build"
@@ -157,7 +179,7 @@ fi
 # The image: 1 GiB raw, fully written (not just fallocated: unwritten extents read as zeroes
 # without touching the disk), reused between runs.
 [[ $IMAGE != *,* ]] || die "image path must not contain a comma: $IMAGE"
-if has_target io_uring || [[ ,$BACKENDS, == *,file,* ]]; then
+if has_target io_uring || has_backend file; then
     alloc=0
     if [[ -f $IMAGE ]]; then
         alloc=$(($(stat -c '%b * %B' "$IMAGE")))
@@ -168,6 +190,43 @@ if has_target io_uring || [[ ,$BACKENDS, == *,file,* ]]; then
         dd if=/dev/zero of="$IMAGE" bs=4M count=$((IMAGE_SIZE / 4194304)) oflag=direct conv=fsync status=none ||
             die "cannot create $IMAGE"
     fi
+fi
+
+# The qcow2 image: converted with qemu-img from a raw source that strata-bench fills with its
+# source pattern (every 8 bytes: their own offset XOR a constant; no zero blocks, so every
+# cluster is allocated with data). Both are reused between runs. The "$QCOW2_IMG.ok" stamp says
+# the image holds the source's content: it is removed while a run writes to the image and put
+# back when the run ends with the content checked, so an interrupted run regenerates it.
+QCOW2_SRC_ID="strata-bench source pattern v1, $IMAGE_SIZE bytes"
+QCOW2_ID="qcow2 from $QCOW2_SRC_ID, cluster_size=65536"
+QCOW2_ACTIVE=0
+if has_backend qcow2 && { has_target strata || has_target qsd; }; then
+    QEMU_IMG=$(command -v qemu-img) || die "qemu-img not found (scripts/install-deps.sh installs it)"
+    [[ $QCOW2_IMG != *,* ]] || die "output path must not contain a comma: $QCOW2_IMG"
+    if [[ ! -f $QCOW2_SRC || $(cat "$QCOW2_SRC.ok" 2>/dev/null) != "$QCOW2_SRC_ID" ]] ||
+        (($(stat -c %s "$QCOW2_SRC") != IMAGE_SIZE)); then
+        echo "bench: creating $QCOW2_SRC (1 GiB raw, source pattern)" >&2
+        rm -f "$QCOW2_SRC" "$QCOW2_SRC.ok" "$QCOW2_SRC.tmp" "$QCOW2_IMG.ok"
+        "$BENCH" fill --path "$QCOW2_SRC.tmp" --size "$IMAGE_SIZE" >&2 || die "cannot create $QCOW2_SRC"
+        mv "$QCOW2_SRC.tmp" "$QCOW2_SRC"
+        echo "$QCOW2_SRC_ID" >"$QCOW2_SRC.ok"
+    fi
+    if [[ ! -f $QCOW2_IMG || $(cat "$QCOW2_IMG.ok" 2>/dev/null) != "$QCOW2_ID" || $QCOW2_SRC -nt $QCOW2_IMG ]]; then
+        echo "bench: creating $QCOW2_IMG (qemu-img convert -f raw -O qcow2 of $QCOW2_SRC)" >&2
+        rm -f "$QCOW2_IMG" "$QCOW2_IMG.ok" "$QCOW2_IMG.tmp"
+        "$QEMU_IMG" convert -f raw -O qcow2 -o cluster_size=65536 -t none -T none \
+            "$QCOW2_SRC" "$QCOW2_IMG.tmp" || die "qemu-img convert failed"
+        # Every guest cluster must be allocated with data (no zero or unallocated ranges).
+        map=$("$QEMU_IMG" map -f qcow2 --output=json "$QCOW2_IMG.tmp") || die "qemu-img map failed"
+        if grep -Eq '"(data|present)": false|"zero": true' <<<"$map"; then
+            die "qemu-img convert left unallocated or zero clusters in $QCOW2_IMG.tmp: $map"
+        fi
+        mv "$QCOW2_IMG.tmp" "$QCOW2_IMG"
+        echo "$QCOW2_ID" >"$QCOW2_IMG.ok"
+    fi
+    # From here on the run writes to the image: it is clean again only if the run completes.
+    rm -f "$QCOW2_IMG.ok"
+    QCOW2_ACTIVE=1
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +258,11 @@ daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
             CMD+=(--blockdev "driver=null-co,node-name=n0,size=$IMAGE_SIZE")
         fi
         ;;
+    qcow2)
+        node=d0
+        CMD+=(--blockdev "driver=file,node-name=f0,filename=$QCOW2_IMG,aio=io_uring,cache.direct=on"
+            --blockdev "driver=qcow2,node-name=d0,file=f0")
+        ;;
     *) die "unknown backend $backend" ;;
     esac
     CMD+=(--export "type=vhost-user-blk,id=e0,node-name=$node,addr.type=unix,addr.path=$sock,writable=on,num-queues=$nq")
@@ -219,7 +283,7 @@ start_daemon() { # TARGET BACKEND NQ
     rm -f "$SOCK"
     daemon_cmd "$target" "$backend" "$nq" "$SOCK"
     echo "+ ${CMD[*]}" >"$DLOG"
-    "${CMD[@]}" >>"$DLOG" 2>&1 </dev/null &
+    "${CMD[@]}" >>"$DLOG" 2>&1 </dev/null 9>&- & # 9: the run lock stays with this script
     DPID=$!
     for ((i = 0; i < 500; i++)); do
         if ! kill -0 "$DPID" 2>/dev/null; then
@@ -288,10 +352,14 @@ queues_of() { # WORKLOAD -> number of queues
 targets_for() { # BACKEND -> targets that apply
     local t out=()
     for t in ${TARGETS//,/ }; do
-        [[ $1 == null && $t == io_uring ]] && continue
+        [[ $1 != file && $t == io_uring ]] && continue
         out+=("$t")
     done
     echo "${out[@]}"
+}
+
+workloads_for() { # BACKEND -> its workloads, space-separated
+    if [[ $1 == qcow2 ]]; then echo "${QCOW2_WORKLOADS//,/ }"; else echo "${WORKLOADS//,/ }"; fi
 }
 
 # Interference check: timing from a machine that is busy with other work is not comparable.
@@ -323,6 +391,8 @@ echo "bench: results -> $RESULTS" >&2
 # ---------------------------------------------------------------------------------------------
 # Verify: write a pattern through each target and read it back (file targets: also directly
 # from the image). The null driver stores nothing: only completion status is checked there.
+# qcow2: reads through the target must equal the raw source; then a pattern is written, read
+# back, and the source data written back.
 for backend in ${BACKENDS//,/ }; do
     for target in $(targets_for "$backend"); do
         if [[ $target == io_uring ]]; then
@@ -333,6 +403,9 @@ for backend in ${BACKENDS//,/ }; do
         if [[ $backend == file ]]; then
             client verify --target "$target" --backend file --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --check-file "$IMAGE"
+        elif [[ $backend == qcow2 ]]; then
+            client verify --target "$target" --backend qcow2 --path "$SOCK" \
+                --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC"
         else
             client verify --target "$target" --backend null --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --no-data
@@ -346,13 +419,18 @@ done
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round/$ROUNDS" >&2
     for backend in ${BACKENDS//,/ }; do
-        for wl in ${WORKLOADS//,/ }; do
+        for wl in $(workloads_for "$backend"); do
             nq=$(queues_of "$wl")
             for target in $(targets_for "$backend"); do
                 ((WAIT_IDLE == 0)) || wait_idle
                 common=(--target "$target" --backend "$backend" --workload "$wl"
                     --duration "$DURATION" --ramp "$RAMP" --seed "$round" --round "$round"
                     --out "$RESULTS")
+                # qcow2: writes carry the data already at their offset (the image stays equal
+                # to its source).
+                if [[ $backend == qcow2 ]]; then
+                    common+=(--write-source)
+                fi
                 if [[ $target == io_uring ]]; then
                     client run "${common[@]}" --path "$IMAGE"
                 else
@@ -366,9 +444,23 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # ---------------------------------------------------------------------------------------------
+# qcow2 after the rounds: the write workloads must have left the source's content (read-only
+# verify through each daemon), and the image must pass qemu-img check. Then it is clean again.
+if ((QCOW2_ACTIVE)); then
+    for target in $(targets_for qcow2); do
+        start_daemon "$target" qcow2 1
+        client verify --target "$target" --backend qcow2 --path "$SOCK" \
+            --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC" --read-only
+        stop_daemon
+    done
+    "$QEMU_IMG" check -q -f qcow2 "$QCOW2_IMG" || die "qemu-img check found errors in $QCOW2_IMG"
+    echo "$QCOW2_ID" >"$QCOW2_IMG.ok"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Report.
 report_args=(--results "$RESULTS" --json "$OUT/summary-$STAMP.json" --markdown "$OUT/summary-$STAMP.md"
-    --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd")
+    --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd" --expect "qcow2=strata,qsd")
 for m in "${MISSING[@]}"; do
     report_args+=(--missing "$m")
 done

@@ -77,6 +77,12 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
         ));
     }
     let serial = o.take("serial");
+    // QSD sets polling on its iothread object (poll-max-ns); strata's workers belong to the
+    // export, so the export takes it.
+    let poll_max_ns = o
+        .take_u64("poll-max-ns")
+        .map_err(err)?
+        .unwrap_or(strata_vhost::DEFAULT_POLL_MAX_NS);
     if let Some(key) = o.first_key() {
         return Err(format!("export '{id}': Invalid parameter '{key}'"));
     }
@@ -90,6 +96,7 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
             logical_block_size: logical_block_size as u32,
             serial,
             writethrough,
+            poll_max_ns,
         },
         listen,
     ))

@@ -89,6 +89,7 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
         logical_block_size: args.logical_block_size,
         serial: None,
         writethrough: false,
+        poll_max_ns: strata_vhost::DEFAULT_POLL_MAX_NS,
     };
     print_qemu_hint(&args.socket, args.queues);
     run(vec![(config, Listen::UnixPath(args.socket.clone()))])

@@ -320,6 +320,9 @@ pub struct RunSpec<'a> {
     pub daemon_pid: Option<u32>,
     /// Limit offsets to the first `span` bytes.
     pub span: Option<u64>,
+    /// Writes carry the source pattern of their offset (see [`fill_source`]) instead of
+    /// random data, so they leave an image made from that pattern unchanged.
+    pub write_source: bool,
 }
 
 /// Runs a workload for `ramp + duration`, measuring only the last `duration`.
@@ -333,6 +336,7 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
         seed,
         daemon_pid,
         span,
+        write_source,
     } = *spec;
     let per_queue = workload.block_size * workload.queue_depth;
     let mut dev = Device::open(driver, path, workload.queues, per_queue * workload.queues)?;
@@ -378,6 +382,7 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
                         span,
                         wseed,
                         first_seq,
+                        write_source,
                         t0 + ramp,
                         t0 + ramp + duration,
                     )
@@ -464,6 +469,7 @@ fn worker(
     span: u64,
     seed: u64,
     first_seq: u64,
+    write_source: bool,
     t_ramp: Instant,
     t_end: Instant,
 ) -> Result<WorkerStats> {
@@ -485,6 +491,11 @@ fn worker(
         // SAFETY: slot < qd, so the slice lies inside this worker's part of the region.
         let p = unsafe { buf.add(slot * bs) };
         if w.pattern.is_write() {
+            if write_source {
+                // SAFETY: as above; the slot's previous request has completed, so nothing
+                // else reads or writes these bytes until this request is submitted.
+                fill_source(unsafe { std::slice::from_raw_parts_mut(p, bs) }, off);
+            }
             q.write(off, p, bs, slot, ReqFlags::empty());
         } else {
             q.read(off, p, bs, slot, ReqFlags::empty());
@@ -599,6 +610,8 @@ pub struct VerifyReport {
     pub capacity: u64,
     pub data_checked: bool,
     pub cross_checked: bool,
+    /// Data was written through the target and read back.
+    pub write_checked: bool,
 }
 
 /// Writes a seeded pattern to scattered offsets (4k and 128k requests) through the target,
@@ -683,6 +696,7 @@ pub fn verify(
         capacity,
         data_checked: check_data,
         cross_checked: check_file.is_some(),
+        write_checked: true,
     })
 }
 
@@ -705,6 +719,189 @@ fn check_buffers(buf: &[u8], offsets: &[u64], bs: usize, seed: u64, how: &str) -
         }
     }
     Ok(())
+}
+
+/// Constant mixed into the source pattern (ASCII "STRATA" in the high bytes): keeps every word
+/// non-zero, so a zero cluster or an unwritten range never matches.
+const SOURCE_MAGIC: u64 = 0x5354_5241_5441_0000;
+
+/// The source pattern: the bytes at disk offset `offset`. Every 8-byte word holds its own disk
+/// offset XOR [`SOURCE_MAGIC`]: non-zero, different at every offset (misplaced data shows), and
+/// cheap enough to generate per request, so write workloads can write exactly what is already
+/// there (`RunSpec::write_source`). `offset` and `buf.len()` must be multiples of 8.
+pub fn fill_source(buf: &mut [u8], offset: u64) {
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        let v = (offset + i as u64 * 8) ^ SOURCE_MAGIC;
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Writes `size` bytes of the source pattern to a new file `path` (and syncs it): the raw
+/// source of the qcow2 benchmark image.
+pub fn fill_file(path: &str, size: u64) -> Result<()> {
+    use std::io::Write as _;
+    const CHUNK: usize = 4 << 20;
+    if size % 512 != 0 {
+        return Err(format!("size {size} is not a multiple of 512"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("create {path}: {e}"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(CHUNK as u64) as usize;
+        fill_source(&mut buf[..n], off);
+        f.write_all(&buf[..n])
+            .map_err(|e| format!("write {path} at {off}: {e}"))?;
+        off += n as u64;
+    }
+    f.sync_all().map_err(|e| format!("fsync {path}: {e}"))
+}
+
+/// Like [`check_buffers`], against the source pattern.
+fn check_source(buf: &[u8], offsets: &[u64], bs: usize, how: &str) -> Result<()> {
+    let mut want = vec![0u8; bs];
+    for (i, &off) in offsets.iter().enumerate() {
+        fill_source(&mut want, off);
+        let got = &buf[i * bs..(i + 1) * bs];
+        if let Some(first) = got.iter().zip(want.iter()).position(|(a, b)| a != b) {
+            let word = first & !7;
+            let got_word = u64::from_le_bytes(got[word..word + 8].try_into().unwrap());
+            let hint = if got_word == 0 {
+                "zeroes".to_string()
+            } else {
+                let tag = got_word ^ SOURCE_MAGIC;
+                if tag < 1 << 48 {
+                    format!("source data of offset {}", tag)
+                } else {
+                    format!("{got_word:#018x}")
+                }
+            };
+            return Err(format!(
+                "data mismatch ({how}): request of {bs} bytes at offset {off}, first wrong byte \
+                 at +{first} (disk offset {}): got {hint}",
+                off + first as u64
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Verifies a target that serves the content of `source` (a raw file holding the source
+/// pattern, e.g. the qcow2 image converted from it): scattered 4k reads and 128k reads at
+/// 4k-aligned offsets (so they cross cluster boundaries) through the target must return what
+/// `source` holds; `source` itself is read directly with io_uring (O_DIRECT) and checked against
+/// the pattern. With `write_check`, a different pattern is then written through the target and
+/// read back, and the source data is written back and read back, leaving the image as it was.
+pub fn verify_source(
+    driver: Driver,
+    path: &str,
+    source: &str,
+    seed: u64,
+    expect_size: Option<u64>,
+    write_check: bool,
+) -> Result<VerifyReport> {
+    let mut requests = 0;
+    let mut bytes = 0;
+    let mut capacity = 0;
+    for (pass, bs, count) in [(0u64, 4096usize, 128usize), (1, 128 * 1024, 32)] {
+        let mut dev = Device::open(driver, path, 1, count * bs)?;
+        capacity = dev.capacity;
+        if let Some(want) = expect_size {
+            if capacity != want {
+                return Err(format!(
+                    "capacity is {capacity} bytes, expected {want} bytes"
+                ));
+            }
+        }
+        // Distinct, non-overlapping, 4k-aligned offsets: a stride plus a seeded jitter.
+        let units = capacity.saturating_sub(bs as u64) / 4096 + 1;
+        let stride = units / count as u64;
+        if stride * 4096 < bs as u64 {
+            return Err(format!("target too small for verify: {capacity} bytes"));
+        }
+        let mut rng = Rng::new(seed.wrapping_add(pass));
+        let offsets: Vec<u64> = (0..count as u64)
+            .map(|i| (i * stride + rng.next() % (stride - bs as u64 / 4096 + 1)) * 4096)
+            .collect();
+        let n = offsets.len() as u64;
+
+        let mut src = Device::open(Driver::IoUring, source, 1, count * bs)?;
+        if src.capacity != capacity {
+            return Err(format!(
+                "source {source} has {} bytes, the target {capacity}",
+                src.capacity
+            ));
+        }
+        src.buf_slice().fill(0x5A);
+        io_batch(&mut src, false, &offsets, bs)?;
+        check_source(
+            src.buf_slice(),
+            &offsets,
+            bs,
+            &format!(
+                "source file {source} does not hold the source pattern; delete it to regenerate"
+            ),
+        )?;
+        drop(src);
+        requests += n;
+        bytes += n * bs as u64;
+
+        let how = format!("read through the target differs from the source file {source}");
+        dev.buf_slice().fill(0xA5);
+        io_batch(&mut dev, false, &offsets, bs)?;
+        check_source(dev.buf_slice(), &offsets, bs, &how)?;
+        requests += n;
+        bytes += n * bs as u64;
+
+        if write_check {
+            let pseed = seed.wrapping_add(pass.wrapping_mul(0x5151));
+            {
+                let buf = dev.buf_slice();
+                for (i, &off) in offsets.iter().enumerate() {
+                    fill_pattern(&mut buf[i * bs..(i + 1) * bs], pseed, off);
+                }
+            }
+            io_batch(&mut dev, true, &offsets, bs)?;
+            dev.buf_slice().fill(0xA5);
+            io_batch(&mut dev, false, &offsets, bs)?;
+            check_buffers(
+                dev.buf_slice(),
+                &offsets,
+                bs,
+                pseed,
+                "written and read back through the target",
+            )?;
+            {
+                let buf = dev.buf_slice();
+                for (i, &off) in offsets.iter().enumerate() {
+                    fill_source(&mut buf[i * bs..(i + 1) * bs], off);
+                }
+            }
+            io_batch(&mut dev, true, &offsets, bs)?;
+            dev.buf_slice().fill(0xA5);
+            io_batch(&mut dev, false, &offsets, bs)?;
+            check_source(
+                dev.buf_slice(),
+                &offsets,
+                bs,
+                "source data written back and read back through the target",
+            )?;
+            requests += 4 * n;
+            bytes += 4 * n * bs as u64;
+        }
+    }
+    Ok(VerifyReport {
+        requests: requests as usize,
+        bytes,
+        capacity,
+        data_checked: true,
+        cross_checked: false,
+        write_checked: write_check,
+    })
 }
 
 #[cfg(test)]
@@ -740,6 +937,46 @@ mod tests {
         assert_ne!(a, b);
         fill_pattern(&mut b, 1, 0);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn source_pattern_is_positional() {
+        // A 12 KiB run equals three 4 KiB pieces generated at their own offsets.
+        let mut whole = vec![0u8; 3 * 4096];
+        fill_source(&mut whole, 65536);
+        let mut piece = vec![0u8; 4096];
+        for i in 0..3u64 {
+            fill_source(&mut piece, 65536 + i * 4096);
+            assert_eq!(
+                &whole[i as usize * 4096..(i as usize + 1) * 4096],
+                &piece[..]
+            );
+        }
+        assert!(whole.chunks_exact(8).all(|w| w != [0u8; 8]));
+        assert!(check_source(&whole, &[65536], 3 * 4096, "t").is_ok());
+        let err = check_source(&whole, &[69632], 4096, "t").unwrap_err();
+        assert!(err.contains("source data of offset 65536"), "{err}");
+        assert!(check_source(&[0u8; 4096], &[0], 4096, "t")
+            .unwrap_err()
+            .contains("zeroes"));
+    }
+
+    #[test]
+    fn fill_file_writes_the_pattern() {
+        let path = std::env::temp_dir().join(format!("strata-bench-fill-{}", std::process::id()));
+        let p = path.to_str().unwrap();
+        let _ = std::fs::remove_file(p);
+        fill_file(p, 3 << 20).unwrap();
+        let data = std::fs::read(p).unwrap();
+        assert_eq!(data.len(), 3 << 20);
+        let mut want = vec![0u8; 3 << 20];
+        fill_source(&mut want, 0);
+        assert_eq!(data, want);
+        assert!(
+            fill_file(p, 4096).is_err(),
+            "must not overwrite an existing file"
+        );
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

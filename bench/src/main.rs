@@ -5,7 +5,9 @@
 //!
 //! Subcommands:
 //! - `run`: one or more workloads against one target; appends one JSON line per workload.
-//! - `verify`: writes a pattern and reads it back (and, optionally, directly from the file).
+//! - `verify`: writes a pattern and reads it back (and, optionally, directly from the file);
+//!   with `--source`, compares reads with a raw source file (the qcow2 image's content).
+//! - `fill`: writes the source pattern to a new raw file (the qcow2 image is converted from it).
 //! - `report`: medians over rounds, the tracked ratios, a table and a JSON summary.
 
 mod engine;
@@ -48,7 +50,7 @@ struct TargetArgs {
     /// libblkio driver; default: io-uring when the target is "io_uring", else vhost-user.
     #[arg(long, value_enum)]
     driver: Option<DriverArg>,
-    /// Backend label: file or null.
+    /// Backend label: file, null or qcow2.
     #[arg(long, default_value = "file")]
     backend: String,
 }
@@ -95,6 +97,10 @@ enum Cmd {
         /// JSON-lines file to append results to.
         #[arg(long)]
         out: Option<String>,
+        /// Writes carry the source pattern of their offset (what `fill` writes) instead of
+        /// random data: they leave an image made from `fill`'s output unchanged (qcow2).
+        #[arg(long)]
+        write_source: bool,
     },
     /// Write a pattern through the target, read it back and compare.
     Verify {
@@ -107,10 +113,27 @@ enum Cmd {
         #[arg(long)]
         no_data: bool,
         /// Also read the pattern back directly from this file with io_uring (O_DIRECT).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "source")]
         check_file: Option<String>,
+        /// The target serves this raw file's content (written by `fill`; the qcow2 image is
+        /// converted from it): reads through the target must equal it. Then a pattern is
+        /// written and read back, and the source data restored (unless --read-only).
+        #[arg(long, conflicts_with = "no_data")]
+        source: Option<String>,
+        /// With --source: only compare reads, write nothing.
+        #[arg(long, requires = "source")]
+        read_only: bool,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+    },
+    /// Write the source pattern (every 8 bytes: their own offset XOR a constant) to a new file.
+    Fill {
+        /// The file to create (must not exist).
+        #[arg(long)]
+        path: String,
+        /// Size in bytes (a multiple of 512).
+        #[arg(long)]
+        size: u64,
     },
     /// Medians over rounds, ratios, table and JSON from a results file.
     Report {
@@ -173,6 +196,7 @@ fn run(cli: Cli) -> Result<(), String> {
             round,
             span,
             out,
+            write_source,
         } => {
             let workloads: Vec<Workload> = workload
                 .iter()
@@ -195,6 +219,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     seed,
                     daemon_pid,
                     span,
+                    write_source,
                 })
                 .map_err(|e| format!("{} {} {w}: {e}", t.target, t.backend))?;
                 let iops = r.ios as f64 / r.seconds;
@@ -255,34 +280,53 @@ fn run(cli: Cli) -> Result<(), String> {
             expect_size,
             no_data,
             check_file,
+            source,
+            read_only,
             seed,
         } => {
-            let r = engine::verify(
-                t.driver(),
-                &t.path,
-                seed,
-                expect_size,
-                !no_data,
-                check_file.as_deref(),
-            )
+            let r = match &source {
+                Some(src) => {
+                    engine::verify_source(t.driver(), &t.path, src, seed, expect_size, !read_only)
+                }
+                None => engine::verify(
+                    t.driver(),
+                    &t.path,
+                    seed,
+                    expect_size,
+                    !no_data,
+                    check_file.as_deref(),
+                ),
+            }
             .map_err(|e| format!("verify {} {}: {e}", t.target, t.backend))?;
+            let data = match &source {
+                Some(src) if r.write_checked => {
+                    format!("reads equal {src}; written, read back and restored")
+                }
+                Some(src) => format!("reads equal {src} (read-only)"),
+                None if r.data_checked => "compared".to_string(),
+                None => "not compared (null driver)".to_string(),
+            };
             println!(
-                "verify {} {}: ok: {} requests, {} KiB, capacity {} bytes, data {}{}",
+                "verify {} {}: ok: {} requests, {} KiB, capacity {} bytes, data {data}{}",
                 t.target,
                 t.backend,
                 r.requests,
                 r.bytes / 1024,
                 r.capacity,
-                if r.data_checked {
-                    "compared"
-                } else {
-                    "not compared (null driver)"
-                },
                 if r.cross_checked {
                     ", cross-checked on the file"
                 } else {
                     ""
                 }
+            );
+            Ok(())
+        }
+        Cmd::Fill { path, size } => {
+            let t0 = std::time::Instant::now();
+            engine::fill_file(&path, size)?;
+            println!(
+                "fill: wrote {size} bytes of the source pattern to {path} in {:.1} s",
+                t0.elapsed().as_secs_f64()
             );
             Ok(())
         }

@@ -11,7 +11,7 @@ use crate::engine::Result;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
-const BACKEND_ORDER: &[&str] = &["file", "null"];
+const BACKEND_ORDER: &[&str] = &["file", "null", "qcow2"];
 /// Runs with more busy CPU than this outside the daemon and client (fraction of one CPU) are
 /// counted as disturbed in the report header.
 const NOISY: f64 = 0.25;
@@ -279,6 +279,15 @@ pub fn report(opts: &Options) -> Result<()> {
             goal: Some((">=", 1.6)),
             inputs: "median IOPS".into(),
         },
+        Ratio {
+            name: "qcow2 randread-4k-qd32 IOPS, strata / QSD",
+            value: div(
+                get("qcow2", rr32, "strata", "iops"),
+                get("qcow2", rr32, "qsd", "iops"),
+            ),
+            goal: Some((">=", 1.0)),
+            inputs: "median IOPS".into(),
+        },
         // References: where QSD stands on the same scales.
         Ratio {
             name: "(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct",
@@ -294,6 +303,15 @@ pub fn report(opts: &Options) -> Result<()> {
             value: div(
                 get("null", rr32q2, "qsd", "iops"),
                 get("null", rr32, "qsd", "iops"),
+            ),
+            goal: None,
+            inputs: "median IOPS".into(),
+        },
+        Ratio {
+            name: "(ref) randread-4k-qd32 IOPS, QSD qcow2 / QSD raw file",
+            value: div(
+                get("qcow2", rr32, "qsd", "iops"),
+                get("file", rr32, "qsd", "iops"),
             ),
             goal: None,
             inputs: "median IOPS".into(),
@@ -314,7 +332,7 @@ pub fn report(opts: &Options) -> Result<()> {
             .map_or_else(|| "n/a (inputs missing)".to_string(), |v| format!("{v:.3}"));
         let goal = r
             .goal
-            .map_or_else(|| "-".to_string(), |(op, g)| format!("{op} {g}"));
+            .map_or_else(|| "-".to_string(), |(op, g)| format!("{op} {g:?}"));
         let met_s = match met {
             Some(true) => "yes",
             Some(false) => "NO",
@@ -328,7 +346,7 @@ pub fn report(opts: &Options) -> Result<()> {
         ratios_json.push(json!({
             "name": r.name,
             "value": r.value,
-            "goal": r.goal.map(|(op, g)| format!("{op} {g}")),
+            "goal": r.goal.map(|(op, g)| format!("{op} {g:?}")),
             "met": met,
             "inputs": r.inputs,
         }));
@@ -423,6 +441,14 @@ mod tests {
                 lines.push('\n');
             }
         }
+        for (t, iops) in [("qsd", 40000.0), ("strata", 44000.0)] {
+            lines.push_str(
+                &json!({"backend": "qcow2", "workload": "randread-4k-qd32", "target": t,
+                        "round": 1, "iops": iops, "seconds": 5.0})
+                .to_string(),
+            );
+            lines.push('\n');
+        }
         fs::write(&res, lines).unwrap();
         let out = dir.join("s.json");
         report(&Options {
@@ -438,12 +464,29 @@ mod tests {
         .unwrap();
         let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
         let rows = doc["rows"].as_array().unwrap();
-        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.len(), 5);
         assert_eq!(rows[0]["target"], "strata");
         assert_eq!(rows[0]["missing"], "does not build");
         assert_eq!(rows[1]["median"]["iops"], 70002.0);
-        let r = &doc["ratios"][5];
+        let ratio = |name: &str| {
+            doc["ratios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["name"] == name)
+                .unwrap_or_else(|| panic!("no ratio {name}"))
+                .clone()
+        };
+        let r = ratio("(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct");
         assert!((r["value"].as_f64().unwrap() - 70002.0 / 78002.0).abs() < 1e-9);
+        let q = ratio("qcow2 randread-4k-qd32 IOPS, strata / QSD");
+        assert!((q["value"].as_f64().unwrap() - 1.1).abs() < 1e-9);
+        assert_eq!(q["goal"], ">= 1.0");
+        assert_eq!(q["met"], true);
+        // qcow2 rows sort after file, strata before qsd.
+        assert_eq!(rows[3]["backend"], "qcow2");
+        assert_eq!(rows[3]["target"], "strata");
+        assert_eq!(rows[4]["target"], "qsd");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

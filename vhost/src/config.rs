@@ -63,6 +63,8 @@ pub(crate) struct DeviceConfig {
     pub max_transfer: u64,
     /// Most buffers the node takes in one request; longer vectors are split.
     pub max_iov: usize,
+    /// Busy-poll window of a worker after its last activity (0: never poll).
+    pub poll_max_ns: u64,
 }
 
 /// The largest `request_alignment` of the node and the storage below it (its file children):
@@ -154,6 +156,7 @@ impl DeviceConfig {
             seg_max: u32::from(c.queue_size) - 2,
             max_transfer,
             max_iov: limits.max_iov.max(1),
+            poll_max_ns: c.poll_max_ns,
         })
     }
 

@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use strata_backend::io::iovec;
+use strata_backend::IoVec;
 use strata_backend::{BlockError, LocalExecutor};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
@@ -359,6 +360,9 @@ impl VhostUserBackend for Device {
                 w.submit();
             }
             w.complete(self, vrings);
+            if w.poll_window > Duration::ZERO {
+                w.busy_poll(self, vrings);
+            }
         });
         Ok(())
     }
@@ -377,13 +381,31 @@ struct TaskCtx {
     state: Arc<DevState>,
     /// Finished requests, per slot (the thread's virtqueue number).
     done: RefCell<Vec<Vec<Done>>>,
+    /// Some list in `done` is not empty (saves looking at every slot).
+    any_done: Cell<bool>,
+    /// Empty buffer vectors of finished requests, reused by new ones (one allocation less
+    /// per request).
+    iov_pool: RefCell<Vec<Vec<IoVec<'static>>>>,
     failures: Cell<u64>,
 }
 
 impl TaskCtx {
+    /// Keeps an emptied buffer vector for the next request (a bounded number of them).
+    fn recycle_iov(&self, mut iov: Vec<IoVec<'static>>) {
+        if iov.capacity() == 0 {
+            return;
+        }
+        iov.clear();
+        let mut pool = self.iov_pool.borrow_mut();
+        if pool.len() < usize::from(self.cfg.queue_size) {
+            pool.push(iov);
+        }
+    }
+
     fn finish(&self, slot: usize, head: u16, len: u32) {
         if let Some(list) = self.done.borrow_mut().get_mut(slot) {
             list.push(Done { head, len });
+            self.any_done.set(true);
         }
     }
 
@@ -420,7 +442,15 @@ struct Worker {
     descs: Vec<Desc>,
     heads: Vec<u16>,
     spare: Vec<Done>,
+    /// Busy-poll window after the last activity (zero: sleep at once).
+    poll_window: Duration,
+    /// Slots of the rings a busy-poll stint watches.
+    active: Vec<usize>,
 }
+
+/// Longest a worker stays in one busy-poll stint before it goes back to its epoll loop (which
+/// must see exit and control events now and then even under constant load).
+const MAX_POLL_STINT: Duration = Duration::from_millis(2);
 
 impl Worker {
     fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
@@ -450,6 +480,8 @@ impl Worker {
                 cfg: dev.cfg.clone(),
                 state: dev.state.clone(),
                 done: RefCell::new(vec![Vec::new(); queues.len()]),
+                any_done: Cell::new(false),
+                iov_pool: RefCell::new(Vec::new()),
                 failures: Cell::new(0),
             }),
             queues,
@@ -459,44 +491,19 @@ impl Worker {
             descs: Vec::new(),
             heads: Vec::new(),
             spare: Vec::new(),
+            poll_window: Duration::from_nanos(dev.cfg.poll_max_ns),
+            active: Vec::new(),
         })
     }
 
-    /// Takes every available request of the virtqueue in `slot` and starts it.
+    /// Takes every available request of the virtqueue in `slot` and starts it, then turns
+    /// guest notifications (kicks) back on.
     fn process_queue(&mut self, dev: &Device, slot: usize, vring: &VringMutex) {
-        let Some(&queue) = self.queues.get(slot) else {
-            return;
-        };
-        let mem = dev.mem.memory().into_inner();
         self.indirect =
             dev.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+        let mem = dev.mem.memory().into_inner();
         loop {
-            let (desc_table, size) = {
-                let mut state = vring.get_mut();
-                let q = state.get_queue_mut();
-                if !q.ready() {
-                    return;
-                }
-                let _ = q.disable_notification(&*mem);
-                let (table, size) = (GuestAddress(q.desc_table()), q.size());
-                self.heads.clear();
-                match q.iter(&*mem) {
-                    Ok(avail) => self.heads.extend(avail.map(|chain| chain.head_index())),
-                    Err(e) => {
-                        self.ctx
-                            .log_failure(&format!("queue {queue}: bad available ring"), &e);
-                        return;
-                    }
-                }
-                // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it
-                // too, so its drain sees every request taken before.
-                dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
-                (table, size)
-            };
-            for i in 0..self.heads.len() {
-                let head = self.heads[i];
-                self.start_request(&mem, desc_table, size, slot, queue, head);
-            }
+            self.take_available(dev, &mem, slot, vring);
             let more = {
                 let mut state = vring.get_mut();
                 let q = state.get_queue_mut();
@@ -507,6 +514,111 @@ impl Worker {
                 return;
             }
         }
+    }
+
+    /// Turns guest notifications off and starts every request in the available ring; returns
+    /// how many it took. Notifications stay off: the caller re-enables them (`process_queue`).
+    fn take_available(
+        &mut self,
+        dev: &Device,
+        mem: &Arc<GuestMemoryMmap>,
+        slot: usize,
+        vring: &VringMutex,
+    ) -> usize {
+        let Some(&queue) = self.queues.get(slot) else {
+            return 0;
+        };
+        let (desc_table, size) = {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() {
+                return 0;
+            }
+            let q = state.get_queue_mut();
+            if !q.ready() {
+                return 0;
+            }
+            let _ = q.disable_notification(&**mem);
+            let (table, size) = (GuestAddress(q.desc_table()), q.size());
+            self.heads.clear();
+            match q.iter(&**mem) {
+                Ok(avail) => self.heads.extend(avail.map(|chain| chain.head_index())),
+                Err(e) => {
+                    self.ctx
+                        .log_failure(&format!("queue {queue}: bad available ring"), &e);
+                    return 0;
+                }
+            }
+            // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it
+            // too, so its drain sees every request taken before.
+            dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
+            (table, size)
+        };
+        for i in 0..self.heads.len() {
+            let head = self.heads[i];
+            self.start_request(mem, desc_table, size, slot, queue, head);
+        }
+        self.heads.len()
+    }
+
+    /// Busy-polls the thread's virtqueues and its io_uring completion queue until nothing
+    /// happened for `poll_window` (or for at most MAX_POLL_STINT), then re-enables kicks.
+    ///
+    /// While the worker polls, guest notifications stay off, so the driver does not kick,
+    /// and completions are seen without the eventfd wake-up: at high queue depth requests
+    /// flow in and out continuously instead of in kick-sized batches, and at low depth the
+    /// two cross-CPU wake-ups per request (kick, io_uring completion) are gone.
+    fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex]) {
+        // Only the rings in use (a frontend may set up fewer than the 64 this thread could
+        // serve); one that starts later is seen at its first kick, after this stint.
+        self.active.clear();
+        self.active.extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
+            let state = vring.get_ref();
+            (state.is_enabled() && state.get_queue().ready()).then_some(slot)
+        }));
+        if self.active.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let mut last_work = start;
+        loop {
+            let mut work = false;
+            {
+                let mem = dev.mem.memory().into_inner();
+                for i in 0..self.active.len() {
+                    let slot = self.active[i];
+                    if let Some(vring) = vrings.get(slot) {
+                        work |= self.take_available(dev, &mem, slot, vring) > 0;
+                    }
+                }
+            }
+            if work {
+                self.submit();
+            }
+            match self.exec.poll_completions() {
+                Ok(n) => work |= n > 0,
+                Err(e) => log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id),
+            }
+            work |= self.complete(dev, vrings);
+            let now = Instant::now();
+            if work {
+                last_work = now;
+            } else if now - last_work >= self.poll_window || now - start >= MAX_POLL_STINT {
+                break;
+            } else {
+                // Nothing to do: let another thread pinned to this CPU (another queue's
+                // worker) run instead of spinning against it.
+                std::thread::yield_now();
+            }
+        }
+        // Back to sleeping on the eventfds: kicks on again, then whatever arrived meanwhile.
+        for i in 0..self.active.len() {
+            let slot = self.active[i];
+            if let Some(vring) = vrings.get(slot) {
+                self.process_queue(dev, slot, vring);
+            }
+        }
+        self.submit();
+        self.complete(dev, vrings);
     }
 
     fn start_request(
@@ -539,7 +651,10 @@ impl Worker {
             ctx.finish(slot, head, 0);
             return;
         }
-        let parsed = match request::parse(mem, &self.descs, &ctx.cfg) {
+        let mut spare = ctx.iov_pool.borrow_mut().pop().unwrap_or_default();
+        let parsed = request::parse(mem, &self.descs, &ctx.cfg, &mut spare);
+        ctx.recycle_iov(spare);
+        let parsed = match parsed {
             Outcome::Request(p) => p,
             Outcome::Drop(why) => {
                 ctx.log_failure(
@@ -558,13 +673,8 @@ impl Worker {
             ctx.finish(slot, head, 1);
             return;
         }
-        self.exec.spawn(RequestTask::new(
-            ctx.clone(),
-            mem.clone(),
-            parsed,
-            slot,
-            head,
-        ));
+        self.exec
+            .spawn(request_task(ctx.clone(), mem.clone(), parsed, slot, head));
     }
 
     /// Runs ready tasks and submits their I/O in one system call.
@@ -581,8 +691,12 @@ impl Worker {
         }
     }
 
-    /// Puts finished requests in their used rings, one notification per ring.
-    fn complete(&mut self, dev: &Device, vrings: &[VringMutex]) {
+    /// Puts finished requests in their used rings, one notification per ring. Returns whether
+    /// there were any.
+    fn complete(&mut self, dev: &Device, vrings: &[VringMutex]) -> bool {
+        if !self.ctx.any_done.replace(false) {
+            return false;
+        }
         let mut mem = None;
         for (slot, vring) in vrings.iter().enumerate() {
             {
@@ -623,15 +737,17 @@ impl Worker {
             dev.state.inflight[queue].fetch_sub(self.spare.len(), Ordering::AcqRel);
             self.spare.clear();
         }
+        true
     }
 }
 
 /// A request in flight: its I/O future, then the status write and completion.
 ///
+/// The I/O future is stored inline (the executor boxes the whole task once).
 /// Field order matters: `io` is dropped before `mem`, so an abandoned request waits for the
 /// kernel to finish with the guest buffers while their mapping is still held.
-struct RequestTask {
-    io: Pin<Box<dyn Future<Output = u8>>>,
+struct RequestTask<F> {
+    io: F,
     mem: Arc<GuestMemoryMmap>,
     ctx: Rc<TaskCtx>,
     status: GuestAddress,
@@ -640,40 +756,44 @@ struct RequestTask {
     head: u16,
 }
 
-impl RequestTask {
-    fn new(
-        ctx: Rc<TaskCtx>,
-        mem: Arc<GuestMemoryMmap>,
-        parsed: Parsed,
-        slot: usize,
-        head: u16,
-    ) -> Self {
-        let Parsed {
-            op, status, in_len, ..
-        } = parsed;
-        RequestTask {
-            io: Box::pin(execute(ctx.clone(), op)),
-            mem,
-            ctx,
-            status,
-            in_len,
-            slot,
-            head,
-        }
+fn request_task(
+    ctx: Rc<TaskCtx>,
+    mem: Arc<GuestMemoryMmap>,
+    parsed: Parsed,
+    slot: usize,
+    head: u16,
+) -> RequestTask<impl Future<Output = u8>> {
+    let Parsed {
+        op, status, in_len, ..
+    } = parsed;
+    RequestTask {
+        io: execute(ctx.clone(), op),
+        mem,
+        ctx,
+        status,
+        in_len,
+        slot,
+        head,
     }
 }
 
-impl Future for RequestTask {
+impl<F: Future<Output = u8>> Future for RequestTask<F> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let code = match self.io.as_mut().poll(cx) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: a pin projection: `io` is never moved out of the task nor accessed other
+        // than through this pinned reference, and RequestTask has no Drop impl that could move
+        // it; the other fields are not structurally pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: see above; `this.io` stays where it is until the task is dropped.
+        let io = unsafe { Pin::new_unchecked(&mut this.io) };
+        let code = match io.poll(cx) {
             Poll::Ready(code) => code,
             Poll::Pending => return Poll::Pending,
         };
-        let _ = self.mem.write_obj(code, self.status);
-        let len = if code == S_OK { self.in_len + 1 } else { 1 };
-        self.ctx.finish(self.slot, self.head, len);
+        let _ = this.mem.write_obj(code, this.status);
+        let len = if code == S_OK { this.in_len + 1 } else { 1 };
+        this.ctx.finish(this.slot, this.head, len);
         Poll::Ready(())
     }
 }
@@ -730,6 +850,9 @@ async fn execute(ctx: Rc<TaskCtx>, op: Op) -> u8 {
         }
         Op::Status(code) => return *code,
     };
+    if let Op::Read { iov, .. } | Op::Write { iov, .. } = op {
+        ctx.recycle_iov(iov);
+    }
     match result {
         Ok(()) => S_OK,
         Err(e) => {

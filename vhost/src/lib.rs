@@ -27,4 +27,4 @@ mod request;
 mod server;
 
 pub use error::Error;
-pub use server::{BlkExport, BlkExportConfig, Listen};
+pub use server::{BlkExport, BlkExportConfig, Listen, DEFAULT_POLL_MAX_NS};

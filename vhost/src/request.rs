@@ -56,16 +56,28 @@ pub(crate) fn walk_chain(
     let mut index = u32::from(head);
     let mut indirect = false;
     let mut seen = 0u32;
+    // The table as one slice of guest memory when it lies in one region (it nearly always
+    // does): reading a descriptor from it is a bounds check and a copy, where a read through
+    // the whole memory map looks the region up again each time.
+    let mut slice = table_slice(mem, table, table_len);
     loop {
         if index >= table_len {
             return Err("descriptor index outside the descriptor table");
         }
-        let addr = table
-            .checked_add(u64::from(index) * 16)
-            .ok_or("descriptor address overflows")?;
-        let desc: Descriptor = mem
-            .read_obj(addr)
-            .map_err(|_| "descriptor table outside guest memory")?;
+        let offset = u64::from(index) * 16;
+        let desc: Descriptor = match &slice {
+            // index < table_len, so the 16 bytes lie inside the slice.
+            Some(s) => s
+                .read_obj(offset as usize)
+                .map_err(|_| "descriptor table outside guest memory")?,
+            None => {
+                let addr = table
+                    .checked_add(offset)
+                    .ok_or("descriptor address overflows")?;
+                mem.read_obj(addr)
+                    .map_err(|_| "descriptor table outside guest memory")?
+            }
+        };
         seen += 1;
         if seen > table_len {
             return Err("descriptor chain loops or is longer than its table");
@@ -86,6 +98,7 @@ pub(crate) fn walk_chain(
             }
             table = desc.addr();
             table_len = len / 16;
+            slice = table_slice(mem, table, table_len);
             index = 0;
             seen = 0;
             indirect = true;
@@ -101,6 +114,15 @@ pub(crate) fn walk_chain(
         }
         index = u32::from(desc.next());
     }
+}
+
+/// The descriptor table of `len` entries at `table` as one slice, if it lies in one region.
+fn table_slice(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    len: u32,
+) -> Option<vm_memory::VolatileSlice<'_, ()>> {
+    mem.get_slice(table, len as usize * 16).ok()
 }
 
 /// A byte range of guest memory (guest physical address, length).
@@ -172,7 +194,14 @@ pub(crate) enum Outcome {
 }
 
 /// Turns a descriptor chain into a request, validating layout, sizes, ranges and memory.
-pub(crate) fn parse(mem: &GuestMemoryMmap, descs: &[Desc], cfg: &DeviceConfig) -> Outcome {
+/// A read or write takes `spare` (an empty vector, recycled from an earlier request) for its
+/// buffers.
+pub(crate) fn parse(
+    mem: &GuestMemoryMmap,
+    descs: &[Desc],
+    cfg: &DeviceConfig,
+    spare: &mut Vec<IoVec<'static>>,
+) -> Outcome {
     // Device-readable descriptors first, then device-writable ones.
     let first_w = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
     if descs[first_w..].iter().any(|d| !d.writable) {
@@ -237,7 +266,8 @@ pub(crate) fn parse(mem: &GuestMemoryMmap, descs: &[Desc], cfg: &DeviceConfig) -
             if write && !cfg.writable {
                 return fail(S_IOERR, "write to a read-only export".into());
             }
-            let mut iov = Vec::new();
+            let mut iov = std::mem::take(spare);
+            iov.clear();
             let len = if write {
                 to_iovecs(mem, out_data.iter().copied(), &mut iov)
             } else {
@@ -330,19 +360,33 @@ fn to_iovecs(
     let mut total = 0u64;
     for (addr, len) in pieces {
         let len = usize::try_from(len).ok()?;
+        if len == 0 {
+            continue;
+        }
+        // Fast path: the buffer lies in one region (get_slice checks the whole range).
+        if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
+            out.push(iovec_of(&slice));
+            total += slice.len() as u64;
+            continue;
+        }
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
             let slice = slice.ok()?;
-            let ptr = slice.ptr_guard_mut().as_ptr();
-            // The guest may change these bytes concurrently, as with any DMA buffer; they are
-            // plain bytes with no validity invariant.
-            // SAFETY: the range lies inside one mapped guest region (vm-memory checked it), and
-            // each request task owns an Arc of this GuestMemoryMmap until its I/O (including any
-            // in-flight io_uring operation, which waits for the kernel on drop) has finished.
-            out.push(unsafe { IoVec::from_raw_parts(ptr, slice.len()) });
+            out.push(iovec_of(&slice));
             total += slice.len() as u64;
         }
     }
     Some(total)
+}
+
+/// An IoVec over a slice of guest memory.
+fn iovec_of(slice: &vm_memory::VolatileSlice<'_, ()>) -> IoVec<'static> {
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    // The guest may change these bytes concurrently, as with any DMA buffer; they are plain
+    // bytes with no validity invariant.
+    // SAFETY: the slice lies inside one mapped guest region (vm-memory checked it), and each
+    // request task owns an Arc of this GuestMemoryMmap until its I/O (including any in-flight
+    // io_uring operation, which waits for the kernel on drop) has finished.
+    unsafe { IoVec::from_raw_parts(ptr, slice.len()) }
 }
 
 /// Checks a data request's sector and length against the block size and the capacity, and

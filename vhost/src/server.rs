@@ -47,7 +47,14 @@ pub struct BlkExportConfig {
     /// Start with the guest's write cache off (wce=0): every write is flushed before it
     /// completes. The guest may toggle it through the config space.
     pub writethrough: bool,
+    /// How long a worker keeps polling its virtqueues and io_uring completions after the last
+    /// request or completion before it sleeps until a kick (`poll-max-ns=`, 0: never poll).
+    /// While it polls, the guest need not kick and completions need no eventfd wake-up.
+    pub poll_max_ns: u64,
 }
+
+/// Default of [`BlkExportConfig::poll_max_ns`].
+pub const DEFAULT_POLL_MAX_NS: u64 = 50_000;
 
 impl BlkExportConfig {
     /// QSD's defaults: read-only, one queue, 512-byte blocks, writeback.
@@ -61,6 +68,7 @@ impl BlkExportConfig {
             logical_block_size: 512,
             serial: None,
             writethrough: false,
+            poll_max_ns: DEFAULT_POLL_MAX_NS,
         }
     }
 }

@@ -9,42 +9,80 @@ use std::future::Future;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{self, ThreadId};
-
-use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::reactor::Reactor;
 use crate::error::Result;
 
-/// Wakes a thread's loop: sets a flag, and from another thread also writes the eventfd.
-struct LoopWaker {
+thread_local! {
+    /// Its address identifies the thread (cheaper than `thread::current().id()`, which
+    /// clones an Arc, on every wake).
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+fn thread_mark() -> usize {
+    THREAD_MARK.with(|m| m as *const u8 as usize)
+}
+
+/// What the wakers of one executor share with it.
+struct Shared {
+    /// Slots of the tasks woken since the executor last looked.
+    ready: Mutex<Vec<usize>>,
+    /// Some task was woken (saves taking the lock when none was).
     woken: AtomicBool,
-    owner: ThreadId,
+    /// The executor's thread (see [`thread_mark`]).
+    owner: usize,
     eventfd: i32,
 }
 
-impl Wake for LoopWaker {
+/// The waker of one task slot; made once per slot and reused by every task that occupies it.
+/// A wake meant for an earlier task of the slot polls the current one once for nothing, which
+/// futures allow.
+struct SlotWaker {
+    slot: usize,
+    /// Already in the ready list.
+    queued: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Wake for SlotWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        if thread::current().id() != self.owner {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready.push(self.slot);
+        }
+        self.shared.woken.store(true, Ordering::Release);
+        if thread_mark() != self.shared.owner {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a local u64 to the owner's eventfd, which lives as long
             // as the owner thread's reactor; a write to a closed descriptor fails harmlessly.
-            let _ = unsafe { libc::write(self.eventfd, (&one as *const u64).cast(), 8) };
+            let _ = unsafe { libc::write(self.shared.eventfd, (&one as *const u64).cast(), 8) };
         }
     }
 }
 
+/// One task slot: the task (none when free) and the slot's waker.
+struct Slot<'a> {
+    task: Option<Pin<Box<dyn Future<Output = ()> + 'a>>>,
+    waker: Arc<SlotWaker>,
+}
+
 /// A set of tasks on the current thread.
+///
+/// Tasks live in slots that are reused, each with a waker made once, so running a task costs
+/// one allocation (its box) and no reference-counted task node per spawn.
 pub struct LocalExecutor<'a> {
-    tasks: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + 'a>>>,
-    waker: Arc<LoopWaker>,
+    slots: Vec<Slot<'a>>,
+    free: Vec<usize>,
+    live: usize,
+    /// Slots to poll now (swapped with the shared ready list).
+    run: Vec<usize>,
+    shared: Arc<Shared>,
     reactor: Rc<Reactor>,
 }
 
@@ -53,10 +91,14 @@ impl<'a> LocalExecutor<'a> {
     pub fn new() -> Result<Self> {
         let reactor = Reactor::current()?;
         Ok(Self {
-            tasks: FuturesUnordered::new(),
-            waker: Arc::new(LoopWaker {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            run: Vec::new(),
+            shared: Arc::new(Shared {
+                ready: Mutex::new(Vec::new()),
                 woken: AtomicBool::new(false),
-                owner: thread::current().id(),
+                owner: thread_mark(),
                 eventfd: reactor.eventfd(),
             }),
             reactor,
@@ -70,30 +112,74 @@ impl<'a> LocalExecutor<'a> {
 
     /// Adds a task; it first runs at the next [`poll`](Self::poll).
     pub fn spawn(&mut self, task: impl Future<Output = ()> + 'a) {
-        self.tasks.push(Box::pin(task));
+        let task: Pin<Box<dyn Future<Output = ()> + 'a>> = Box::pin(task);
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = self.slots.len();
+                self.slots.push(Slot {
+                    task: None,
+                    waker: Arc::new(SlotWaker {
+                        slot: i,
+                        queued: AtomicBool::new(false),
+                        shared: self.shared.clone(),
+                    }),
+                });
+                i
+            }
+        };
+        self.slots[slot].task = Some(task);
+        self.live += 1;
+        // A new task is polled once without a wake.
+        self.slots[slot].waker.wake_by_ref();
     }
 
     /// Number of unfinished tasks.
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.live
     }
 
     /// Whether no task is left.
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.live == 0
+    }
+
+    /// Polls the woken tasks until none is left woken; true if any task was polled.
+    fn run_ready(&mut self) -> bool {
+        let mut any = false;
+        while self.shared.woken.swap(false, Ordering::AcqRel) {
+            {
+                let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::swap(&mut *ready, &mut self.run);
+            }
+            for i in 0..self.run.len() {
+                let slot = self.run[i];
+                let Some(s) = self.slots.get_mut(slot) else {
+                    continue;
+                };
+                // Cleared before the poll, so a wake during it queues the slot again.
+                s.waker.queued.store(false, Ordering::Release);
+                let Some(task) = s.task.as_mut() else {
+                    continue;
+                };
+                any = true;
+                let waker = Waker::from(s.waker.clone());
+                if task.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
+                    // Dropped here, outside any borrow of the executor's lists.
+                    let finished = s.task.take();
+                    drop(finished);
+                    self.free.push(slot);
+                    self.live -= 1;
+                }
+            }
+            self.run.clear();
+        }
+        any
     }
 
     /// Runs every task that can make progress, then submits their I/O in one system call.
     pub fn poll(&mut self) -> Result<()> {
-        let waker = Waker::from(self.waker.clone());
-        let mut cx = Context::from_waker(&waker);
-        loop {
-            self.waker.woken.store(false, Ordering::Release);
-            while let Poll::Ready(Some(())) = self.tasks.poll_next_unpin(&mut cx) {}
-            if !self.waker.woken.load(Ordering::Acquire) || self.tasks.is_empty() {
-                break;
-            }
-        }
+        self.run_ready();
         self.reactor.submit()
     }
 
@@ -104,11 +190,21 @@ impl<'a> LocalExecutor<'a> {
         self.poll()
     }
 
+    /// Delivers the completions already in the completion queue, without reading the eventfd
+    /// (for a caller that polls), and runs the woken tasks. Returns how many completions.
+    pub fn poll_completions(&mut self) -> Result<usize> {
+        let n = self.reactor.reap();
+        if n > 0 || self.shared.woken.load(Ordering::Acquire) {
+            self.poll()?;
+        }
+        Ok(n)
+    }
+
     /// Runs until every task finished, blocking the thread while waiting for I/O.
     pub fn run(&mut self) -> Result<()> {
         self.poll()?;
-        while !self.tasks.is_empty() {
-            if self.reactor.reap() == 0 && !self.waker.woken.load(Ordering::Acquire) {
+        while !self.is_empty() {
+            if self.reactor.reap() == 0 && !self.shared.woken.load(Ordering::Acquire) {
                 self.reactor.wait()?;
                 self.reactor.reap();
             }
