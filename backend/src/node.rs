@@ -295,6 +295,13 @@ impl Node {
             self.stats.zero_copy.fetch_add(1, Relaxed);
             return self.driver.read(offset, iov).await;
         }
+        // Boxed (here and on the other slow paths): a request's future is moved into its task
+        // box whole, so rare paths kept inline would make every request bigger to copy.
+        Box::pin(self.read_bounced(offset, iov, len)).await
+    }
+
+    /// Reads through an aligned bounce buffer, widened to the request alignment.
+    async fn read_bounced(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
         self.stats.bounced.fetch_add(1, Relaxed);
         let (start, end) = self.widen(offset, len);
         let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
@@ -315,7 +322,7 @@ impl Node {
         if self.flags.detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
             self.stats.zeroes_detected.fetch_add(1, Relaxed);
             let may_unmap = self.flags.detect_zeroes == DetectZeroes::Unmap;
-            return self.write_zeroes(offset, len, may_unmap).await;
+            return Box::pin(self.write_zeroes(offset, len, may_unmap)).await;
         }
         self.write_data(offset, iov, len).await
     }
@@ -359,6 +366,19 @@ impl Node {
         if aligned {
             return self.write_aligned(offset, iov).await;
         }
+        Box::pin(self.write_rmw(offset, iov, len, start, end)).await
+    }
+
+    /// A write of partial blocks: reads the blocks at its ends, merges, writes them whole.
+    /// The caller holds the serialiser's exclusive range over `start..end`.
+    async fn write_rmw(
+        &self,
+        offset: u64,
+        iov: &[IoVec<'_>],
+        len: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<()> {
         self.stats.read_modify_write.fetch_add(1, Relaxed);
         self.stats.bounced.fetch_add(1, Relaxed);
         let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
@@ -385,6 +405,11 @@ impl Node {
             self.stats.zero_copy.fetch_add(1, Relaxed);
             return self.driver.write(offset, iov).await;
         }
+        Box::pin(self.write_bounced(offset, iov)).await
+    }
+
+    /// Writes through an aligned bounce buffer (the caller's memory is misaligned).
+    async fn write_bounced(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         self.stats.bounced.fetch_add(1, Relaxed);
         let len = to_usize(iovec::total_len(iov))?;
         let mut buf = BounceBuffer::new(len)?;

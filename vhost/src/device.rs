@@ -22,14 +22,16 @@ use std::time::{Duration, Instant};
 
 use strata_backend::io::iovec;
 use strata_backend::IoVec;
-use strata_backend::{BlockError, LocalExecutor};
+use strata_backend::{BlockError, LocalExecutor, Node};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -80,7 +82,19 @@ pub(crate) struct Device {
 
 impl Device {
     pub(crate) fn new(cfg: Arc<DeviceConfig>, mem: Mem) -> io::Result<Self> {
-        let threads = usize::from(cfg.num_queues);
+        // One worker per queue, but no more workers than CPUs this process may run on: two
+        // workers sharing a CPU only take it from each other (a busy-polling one for a whole
+        // scheduler slice), while one worker serving both queues batches them.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = usize::from(cfg.num_queues).min(cpus).max(1);
+        if threads < usize::from(cfg.num_queues) {
+            log::info!(
+                "vhost-user-blk export '{}': {} queues on {threads} worker thread(s), as this \
+                 process may run on {cpus} CPU(s) only",
+                cfg.id,
+                cfg.num_queues
+            );
+        }
         let queues = usize::from(cfg.max_queues);
         let thread_queues = (0..threads)
             .map(|t| (0..queues).filter(|q| q % threads == t).collect())
@@ -452,6 +466,15 @@ struct Worker {
 /// must see exit and control events now and then even under constant load).
 const MAX_POLL_STINT: Duration = Duration::from_millis(2);
 
+/// CPU pause instructions after an idle busy-poll round (tens of ns each).
+const IDLE_PAUSES: u32 = 16;
+
+/// Busy-poll rounds between two looks at the clock.
+const CLOCK_EVERY: u32 = 8;
+
+/// Busy-poll rounds between two yields of the CPU while idle (a multiple of CLOCK_EVERY).
+const YIELD_EVERY: u32 = 32;
+
 impl Worker {
     fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
         let exec = LocalExecutor::new().map_err(|e| e.to_string())?;
@@ -571,15 +594,18 @@ impl Worker {
         // Only the rings in use (a frontend may set up fewer than the 64 this thread could
         // serve); one that starts later is seen at its first kick, after this stint.
         self.active.clear();
-        self.active.extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
-            let state = vring.get_ref();
-            (state.is_enabled() && state.get_queue().ready()).then_some(slot)
-        }));
+        self.active
+            .extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
+                let state = vring.get_ref();
+                (state.is_enabled() && state.get_queue().ready()).then_some(slot)
+            }));
         if self.active.is_empty() {
             return;
         }
         let start = Instant::now();
-        let mut last_work = start;
+        // When the current run of idle rounds began (None while there is work).
+        let mut idle_since: Option<Instant> = None;
+        let mut rounds = 0u32;
         loop {
             let mut work = false;
             {
@@ -599,14 +625,37 @@ impl Worker {
                 Err(e) => log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id),
             }
             work |= self.complete(dev, vrings);
+            rounds = rounds.wrapping_add(1);
+            if !work {
+                // Back off a little before looking again: each look at the rings pulls their
+                // cache lines over from the driver's CPU, slowing its writes.
+                for _ in 0..IDLE_PAUSES {
+                    std::hint::spin_loop();
+                }
+            }
+            // Reading the clock is a good part of an idle round's cost: look at it every
+            // CLOCK_EVERY rounds only (a round takes well under a µs).
+            if rounds % CLOCK_EVERY != 0 {
+                if work {
+                    idle_since = None;
+                }
+                continue;
+            }
             let now = Instant::now();
-            if work {
-                last_work = now;
-            } else if now - last_work >= self.poll_window || now - start >= MAX_POLL_STINT {
+            if now - start >= MAX_POLL_STINT {
                 break;
-            } else {
-                // Nothing to do: let another thread pinned to this CPU (another queue's
-                // worker) run instead of spinning against it.
+            }
+            if work {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert(now);
+            if now - since >= self.poll_window {
+                break;
+            }
+            if rounds % YIELD_EVERY == 0 {
+                // Let another thread on this CPU run now and then instead of spinning against
+                // it for the whole window; a yield is a system call, too slow for every round.
                 std::thread::yield_now();
             }
         }
@@ -751,6 +800,8 @@ struct RequestTask<F> {
     mem: Arc<GuestMemoryMmap>,
     ctx: Rc<TaskCtx>,
     status: GuestAddress,
+    /// The status byte in our mapping of guest memory (looked up once, when the task starts).
+    status_ptr: Option<std::ptr::NonNull<u8>>,
     in_len: u32,
     slot: usize,
     head: u16,
@@ -766,11 +817,16 @@ fn request_task(
     let Parsed {
         op, status, in_len, ..
     } = parsed;
+    let status_ptr = mem
+        .get_slice(status, 1)
+        .ok()
+        .and_then(|s| std::ptr::NonNull::new(s.ptr_guard_mut().as_ptr()));
     RequestTask {
         io: execute(ctx.clone(), op),
         mem,
         ctx,
         status,
+        status_ptr,
         in_len,
         slot,
         head,
@@ -791,7 +847,16 @@ impl<F: Future<Output = u8>> Future for RequestTask<F> {
             Poll::Ready(code) => code,
             Poll::Pending => return Poll::Pending,
         };
-        let _ = this.mem.write_obj(code, this.status);
+        match this.status_ptr {
+            // The guest may look at the byte concurrently, as with any DMA buffer: a volatile
+            // write, like vm-memory's own accessors.
+            // SAFETY: the pointer is inside a mapped guest region (get_slice checked the byte),
+            // and `this.mem` keeps that mapping alive for as long as the task exists.
+            Some(p) => unsafe { std::ptr::write_volatile(p.as_ptr(), code) },
+            None => {
+                let _ = this.mem.write_obj(code, this.status);
+            }
+        }
         let len = if code == S_OK { this.in_len + 1 } else { 1 };
         this.ctx.finish(this.slot, this.head, len);
         Poll::Ready(())
@@ -812,42 +877,27 @@ async fn execute(ctx: Rc<TaskCtx>, op: Op) -> u8 {
             let mut r =
                 request::read_write(node, true, *offset, iov, cfg.max_iov, cfg.max_transfer).await;
             if r.is_ok() && writethrough() {
-                r = node.flush().await;
+                // Boxed, like the other rare operations below: the request task is moved into
+                // its box when it starts, and inline states of these would make every task
+                // (and that copy) bigger.
+                r = Box::pin(node.flush()).await;
             }
             ("write", r)
         }
-        Op::Flush => ("flush", node.flush().await),
+        Op::Flush => ("flush", Box::pin(node.flush()).await),
         Op::GetId { iov } => {
             let n = (iovec::total_len(iov) as usize).min(cfg.serial.len());
             iovec::copy_to_iov(iov, 0, &cfg.serial[..n]);
             ("get-id", Ok(()))
         }
-        Op::Discard(segs) => {
-            let mut r = Ok(());
-            for s in segs {
-                r = node.discard(s.offset, s.len).await;
-                if r.is_err() {
-                    break;
-                }
-            }
-            if r.is_ok() && writethrough() {
-                r = node.flush().await;
-            }
-            ("discard", r)
-        }
-        Op::WriteZeroes(segs) => {
-            let mut r = Ok(());
-            for s in segs {
-                r = node.write_zeroes(s.offset, s.len, s.unmap).await;
-                if r.is_err() {
-                    break;
-                }
-            }
-            if r.is_ok() && writethrough() {
-                r = node.flush().await;
-            }
-            ("write-zeroes", r)
-        }
+        Op::Discard(segs) => (
+            "discard",
+            Box::pin(discard(node, segs, writethrough())).await,
+        ),
+        Op::WriteZeroes(segs) => (
+            "write-zeroes",
+            Box::pin(write_zeroes(node, segs, writethrough())).await,
+        ),
         Op::Status(code) => return *code,
     };
     if let Op::Read { iov, .. } | Op::Write { iov, .. } = op {
@@ -860,4 +910,34 @@ async fn execute(ctx: Rc<TaskCtx>, op: Op) -> u8 {
             S_IOERR
         }
     }
+}
+
+/// Discards the segments, then flushes if the device is writethrough.
+async fn discard(
+    node: &Node,
+    segs: &[request::Segment],
+    writethrough: bool,
+) -> Result<(), BlockError> {
+    for s in segs {
+        node.discard(s.offset, s.len).await?;
+    }
+    if writethrough {
+        node.flush().await?;
+    }
+    Ok(())
+}
+
+/// Zeroes the segments, then flushes if the device is writethrough.
+async fn write_zeroes(
+    node: &Node,
+    segs: &[request::Segment],
+    writethrough: bool,
+) -> Result<(), BlockError> {
+    for s in segs {
+        node.write_zeroes(s.offset, s.len, s.unmap).await?;
+    }
+    if writethrough {
+        node.flush().await?;
+    }
+    Ok(())
 }

@@ -337,8 +337,14 @@ fn read_stream(
     for (addr, len) in pieces {
         if filled < header.len() {
             let n = (header.len() - filled).min(usize::try_from(len).ok()?);
-            mem.read_slice(&mut header[filled..filled + n], GuestAddress(addr))
-                .ok()?;
+            let dst = &mut header[filled..filled + n];
+            // One region (the usual case): a plain copy; else the general, splitting read.
+            match mem.get_slice(GuestAddress(addr), n) {
+                Ok(slice) => {
+                    slice.copy_to(dst);
+                }
+                Err(_) => mem.read_slice(dst, GuestAddress(addr)).ok()?,
+            }
             filled += n;
             if (n as u64) < len {
                 rest.push((addr.checked_add(n as u64)?, len - n as u64));
@@ -497,6 +503,28 @@ pub(crate) async fn read_write(
             node.read(offset, iov).await
         };
     }
+    // Boxed: rare, and kept out of the size of every request's future.
+    Box::pin(read_write_split(
+        node,
+        write,
+        offset,
+        iov,
+        max_iov,
+        max_transfer,
+    ))
+    .await
+}
+
+/// The part of [`read_write`] for requests the node cannot take at once.
+async fn read_write_split(
+    node: &Arc<Node>,
+    write: bool,
+    offset: u64,
+    iov: &[IoVec<'_>],
+    max_iov: usize,
+    max_transfer: u64,
+) -> Result<(), BlockError> {
+    let total = iovec::total_len(iov);
     let chunk = if max_transfer == 0 {
         total
     } else {

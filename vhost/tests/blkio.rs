@@ -414,3 +414,53 @@ fn stopper_join(export: std::sync::Arc<strata_vhost::BlkExport>) {
     };
     export.join().expect("join");
 }
+
+/// Writes and reads back through an export with the given busy-poll window and queue count,
+/// every queue in turn, many times (so requests arrive both while the worker polls and after
+/// it went back to sleep).
+fn read_back_with_polling(poll_max_ns: u64, queues: u16) {
+    let disk = Disk::new(DISK, "");
+    let _export = disk.export(|c| {
+        c.poll_max_ns = poll_max_ns;
+        c.num_queues = queues;
+    });
+    let mut c = Client::connect(&disk.socket(), i32::from(queues), MIB).expect("connect");
+    let len = 4096;
+    for round in 0..50u64 {
+        for q in 0..usize::from(queues) {
+            let offset = (round * u64::from(queues) + q as u64) * 8192;
+            let data = pattern(round, offset, len);
+            c.buf()[..len].copy_from_slice(&data);
+            let p = c.ptr(0);
+            assert_eq!(
+                write(&mut c.queues[q], offset, p, len),
+                0,
+                "write at {offset}"
+            );
+            c.buf()[..len].fill(0);
+            let p = c.ptr(0);
+            assert_eq!(
+                read(&mut c.queues[q], offset, p, len),
+                0,
+                "read at {offset}"
+            );
+            assert!(c.buf()[..len] == data[..], "data read back at {offset}");
+        }
+        if round % 10 == 0 {
+            // Let a polling worker time out and sleep before the next request.
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+#[test]
+fn sleeping_workers_without_polling() {
+    read_back_with_polling(0, 1);
+    read_back_with_polling(0, 4);
+}
+
+#[test]
+fn busy_polling_workers() {
+    read_back_with_polling(20_000, 1);
+    read_back_with_polling(1_000_000, 4);
+}

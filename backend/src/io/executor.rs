@@ -17,7 +17,9 @@ use crate::error::Result;
 
 thread_local! {
     /// Its address identifies the thread (cheaper than `thread::current().id()`, which
-    /// clones an Arc, on every wake).
+    /// clones an Arc, on every wake). A later thread may get the address of one that ended,
+    /// but an executor never outlives its thread (it is not Send), so no live executor is
+    /// mistaken for another thread's.
     static THREAD_MARK: u8 = const { 0 };
 }
 
@@ -164,7 +166,11 @@ impl<'a> LocalExecutor<'a> {
                 };
                 any = true;
                 let waker = Waker::from(s.waker.clone());
-                if task.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
+                if task
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_ready()
+                {
                     // Dropped here, outside any borrow of the executor's lists.
                     let finished = s.task.take();
                     drop(finished);
