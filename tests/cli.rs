@@ -75,6 +75,7 @@ fn export_errors_name_the_option() {
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,logical-block-size=1000", "logical-block-size"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,writable=maybe", "'writable'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=tcp", "addr.type 'tcp'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,poll-max-ns=-1", "'poll-max-ns'"),
     ];
     for (export, expected) in cases {
         let o = strata(&[
