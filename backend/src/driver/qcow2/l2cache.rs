@@ -9,6 +9,7 @@
 //! evicted (the cache may then grow past its size until the metadata code writes back).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -86,8 +87,29 @@ impl Slice {
     }
 }
 
+/// Hashes the slice offsets (distinct u64 keys, no adversary) with one multiply instead of
+/// SipHash: lookups are on every request's path.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 struct Shard {
-    map: HashMap<u64, Arc<Slice>>,
+    map: HashMap<u64, Arc<Slice>, BuildHasherDefault<OffsetHasher>>,
 }
 
 /// The cache.
@@ -134,7 +156,7 @@ impl L2Cache {
             shards: (0..nshards)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::new(),
+                        map: HashMap::default(),
                     })
                 })
                 .collect(),
@@ -185,6 +207,18 @@ impl L2Cache {
         if let Some(k) = victim {
             shard.map.remove(&k);
         }
+    }
+
+    /// Word `i` of the slice at `offset` if that slice is cached and loaded, without
+    /// waiting or taking a reference to the slice (the fast path of reads).
+    pub fn peek(&self, offset: u64, i: usize) -> Option<u64> {
+        let shard = self.shard(offset);
+        let s = shard.map.get(&offset)?;
+        if s.state.load(Ordering::Acquire) != READY {
+            return None;
+        }
+        self.touch(s);
+        s.words.get(i).map(|w| w.load(Ordering::Acquire))
     }
 
     /// The slice at `offset`, read from `file` if it is not cached.

@@ -621,6 +621,44 @@ impl Qcow2 {
         Ok(out)
     }
 
+    /// A read of data this image holds in one cluster whose L2 slice is cached: the whole
+    /// request goes to the file child with no further lookup or allocation. `None` for
+    /// everything else (the general path handles it).
+    fn read_fast<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> Option<IoFuture<'a, ()>> {
+        if self.ext_l2() {
+            return None;
+        }
+        let cs = self.cluster_size;
+        let intra = offset & (cs - 1);
+        let len = iovec::total_len(iov);
+        if len == 0 || intra + len > cs {
+            return None;
+        }
+        // Entered before the lookup, as in `read_impl`: the host cluster cannot be freed
+        // until the read finished.
+        let guard = self.epoch.enter();
+        let cluster = offset >> self.cluster_bits;
+        let l1e = self.l1.get((cluster >> self.l2_bits) as usize)?;
+        let l2_off = l1e.load(Ordering::Acquire) & L1E_OFFSET_MASK;
+        if l2_off == 0 || l2_off & (cs - 1) != 0 {
+            return None;
+        }
+        let in_table = cluster & ((1 << self.l2_bits) - 1);
+        let slice_off = l2_off + (in_table / self.slice_entries) * self.l2.slice_bytes();
+        let entry = self
+            .l2
+            .peek(slice_off, (in_table % self.slice_entries) as usize)?;
+        let host = entry & L2E_OFFSET_MASK;
+        if entry & (OFLAG_COMPRESSED | OFLAG_ZERO) != 0 || host == 0 || host & (cs - 1) != 0 {
+            return None;
+        }
+        let file = &self.file;
+        Some(Box::pin(async move {
+            let _guard = guard;
+            file.read(host + intra, iov).await
+        }))
+    }
+
     async fn read_impl(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         let len = iovec::total_len(iov);
         let _guard = self.epoch.enter();
@@ -1185,6 +1223,9 @@ impl BlockDriver for Qcow2 {
     }
 
     fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
+        if let Some(f) = self.read_fast(offset, iov) {
+            return f;
+        }
         Box::pin(self.read_impl(offset, iov))
     }
 
