@@ -269,12 +269,16 @@ impl Node {
         offset % a == 0 && len % a == 0
     }
 
+    /// Whether the kernel takes these buffers as they are with O_DIRECT: every address a
+    /// multiple of the memory alignment and, as block-device direct I/O requires of each segment
+    /// on many kernels, every length a multiple of the request alignment (logical block size).
     fn mem_aligned(&self, iov: &[IoVec<'_>]) -> bool {
         let m = self.limits.min_mem_alignment;
+        let len_align = (self.limits.request_alignment as usize).max(m);
         m == 1
             || iov
                 .iter()
-                .all(|v| (v.as_ptr() as usize) % m == 0 && v.len() % m == 0)
+                .all(|v| (v.as_ptr() as usize) % m == 0 && v.len() % len_align == 0)
     }
 
     fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
