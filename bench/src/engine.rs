@@ -556,6 +556,20 @@ fn worker(
 
 /// Submits all `reqs` (offset, buffer slot) as reads or writes of `bs` bytes and waits for
 /// them all.
+/// Writes a pattern (seeded by `seed`, keyed by offset) at `offsets`, poisons the buffers so a
+/// read that transfers nothing cannot pass, and reads the same offsets back into them.
+fn write_then_read_back(dev: &mut Device, seed: u64, offsets: &[u64], bs: usize) -> Result<()> {
+    {
+        let buf = dev.buf_slice();
+        for (i, &off) in offsets.iter().enumerate() {
+            fill_pattern(&mut buf[i * bs..(i + 1) * bs], seed, off);
+        }
+    }
+    io_batch(dev, true, offsets, bs)?;
+    dev.buf_slice().fill(0xA5);
+    io_batch(dev, false, offsets, bs)
+}
+
 fn io_batch(dev: &mut Device, write: bool, reqs: &[u64], bs: usize) -> Result<()> {
     let buf = dev.buf();
     let q = &mut dev.queues[0];
@@ -652,16 +666,7 @@ pub fn verify(
             .map(|i| (i * stride + rng.next() % stride) * bs as u64)
             .collect();
         let pseed = seed.wrapping_add(pass.wrapping_mul(0x5151));
-        {
-            let buf = dev.buf_slice();
-            for (i, &off) in offsets.iter().enumerate() {
-                fill_pattern(&mut buf[i * bs..(i + 1) * bs], pseed, off);
-            }
-        }
-        io_batch(&mut dev, true, &offsets, bs)?;
-        // Poison the buffers so a read that does not transfer data cannot pass.
-        dev.buf_slice().fill(0xA5);
-        io_batch(&mut dev, false, &offsets, bs)?;
+        write_then_read_back(&mut dev, pseed, &offsets, bs)?;
         if check_data {
             check_buffers(
                 dev.buf_slice(),
@@ -859,15 +864,7 @@ pub fn verify_source(
 
         if write_check {
             let pseed = seed.wrapping_add(pass.wrapping_mul(0x5151));
-            {
-                let buf = dev.buf_slice();
-                for (i, &off) in offsets.iter().enumerate() {
-                    fill_pattern(&mut buf[i * bs..(i + 1) * bs], pseed, off);
-                }
-            }
-            io_batch(&mut dev, true, &offsets, bs)?;
-            dev.buf_slice().fill(0xA5);
-            io_batch(&mut dev, false, &offsets, bs)?;
+            write_then_read_back(&mut dev, pseed, &offsets, bs)?;
             check_buffers(
                 dev.buf_slice(),
                 &offsets,

@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 use strata_backend::{block_on, Graph, IoVec, Node, Options};
 
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::pattern;
+
 /// A temporary directory for one test's images.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -144,19 +148,6 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
             got[i], want[i]
         );
     }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// A path inside `dir`.
