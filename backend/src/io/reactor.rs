@@ -57,7 +57,16 @@ impl Reactor {
     }
 
     fn new() -> Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)
+        // Cooperative task running: a completion does not interrupt this thread with an IPI
+        // (costly in a VM, and a busy-polling worker is always running); the kernel sets
+        // IORING_SQ_TASKRUN instead, and the completion is posted at the thread's next system
+        // call, which `reap` makes when the flag is set. A sleeping thread is still woken.
+        // Kernels before 5.19 lack it: plain ring then.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))
             .map_err(|e| BlockError::io(&e, "Could not create an io_uring"))?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -107,6 +116,14 @@ impl Reactor {
         {
             let mut ring = self.ring.borrow_mut();
             let mut ops = self.ops.borrow_mut();
+            if ring.submission().taskrun() {
+                // Completions wait as task work (cooperative task running): enter the kernel
+                // to have them posted. submit() adds GETEVENTS when the flag is set.
+                self.queued.set(0);
+                if let Err(e) = ring.submit() {
+                    log::error!("io_uring enter to run completion task work failed: {e}");
+                }
+            }
             loop {
                 for cqe in ring.completion() {
                     let key = cqe.user_data() as usize;
