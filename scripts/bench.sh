@@ -229,6 +229,9 @@ if has_backend qcow2 && { has_target strata || has_target qsd; }; then
     QCOW2_ACTIVE=1
 fi
 
+# Images just written must not be written back during the first measured rounds.
+sync
+
 # ---------------------------------------------------------------------------------------------
 # Daemons.
 DPID=""
