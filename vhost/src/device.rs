@@ -589,11 +589,19 @@ impl Worker {
             // to the used ring now, not after the whole batch: the driver, about to sleep
             // when it finds no completion, finds one instead and keeps submitting. null-co
             // randread QD32: 1.5M -> 2.0M IOPS.
-            published |= self.complete_slot(dev, mem, slot, vring, Signal::Later);
+            // The first one notifies the driver at once (if it asked), so a driver that went
+            // to sleep starts on it while the rest are parsed; the others notify once, after
+            // the batch: a driver that polls its used ring has seen them already. Notifying
+            // per request cost an eventfd write for every second request at null QD32 (client
+            // CPU 0.45 -> 0.23 us per I/O with this); notifying only after the batch halved
+            // 128k QD8 reads, where the driver sleeps while a whole batch is parsed.
+            let signal = if published {
+                Signal::Later
+            } else {
+                Signal::Now
+            };
+            published |= self.complete_slot(dev, mem, slot, vring, signal);
         }
-        // One notification for the batch: a driver that polls its used ring has seen the
-        // entries already, and one that sleeps waits only for the rest of this batch. Per
-        // request this was an eventfd write for every second request.
         if published {
             self.signal_slot(dev, mem, slot, vring);
         }
