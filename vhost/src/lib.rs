@@ -22,6 +22,7 @@
 mod config;
 mod device;
 mod error;
+mod regions;
 mod relay;
 mod request;
 mod server;

@@ -10,6 +10,7 @@
 //! device-readable part starts with the 16-byte header, the device-writable part ends with the
 //! status byte, and the data is what lies between.
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use strata_backend::io::iovec;
@@ -19,6 +20,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::config::{DeviceConfig, MAX_INDIRECT_DESCS, MAX_ZERO_DISCARD_SEG};
+use crate::regions::RegionCache;
 
 /// Status values of the last byte of a request.
 pub(crate) const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -43,7 +45,7 @@ pub(crate) struct Desc {
 /// refuses indices outside the table, tables outside guest memory, nested or empty indirect
 /// tables, and chains longer than their table (which is how a loop shows).
 pub(crate) fn walk_chain(
-    mem: &GuestMemoryMmap,
+    regions: &mut RegionCache<'_>,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
@@ -59,7 +61,7 @@ pub(crate) fn walk_chain(
     // The table as one slice of guest memory when it lies in one region (it nearly always
     // does): reading a descriptor from it is a bounds check and a copy, where a read through
     // the whole memory map looks the region up again each time.
-    let mut slice = table_slice(mem, table, table_len);
+    let mut slice = regions.slice(table, table_len as usize * 16);
     loop {
         if index >= table_len {
             return Err("descriptor index outside the descriptor table");
@@ -74,7 +76,9 @@ pub(crate) fn walk_chain(
                 let addr = table
                     .checked_add(offset)
                     .ok_or("descriptor address overflows")?;
-                mem.read_obj(addr)
+                regions
+                    .mem()
+                    .read_obj(addr)
                     .map_err(|_| "descriptor table outside guest memory")?
             }
         };
@@ -98,7 +102,7 @@ pub(crate) fn walk_chain(
             }
             table = desc.addr();
             table_len = len / 16;
-            slice = table_slice(mem, table, table_len);
+            slice = regions.slice(table, table_len as usize * 16);
             index = 0;
             seen = 0;
             indirect = true;
@@ -114,15 +118,6 @@ pub(crate) fn walk_chain(
         }
         index = u32::from(desc.next());
     }
-}
-
-/// The descriptor table of `len` entries at `table` as one slice, if it lies in one region.
-fn table_slice(
-    mem: &GuestMemoryMmap,
-    table: GuestAddress,
-    len: u32,
-) -> Option<vm_memory::VolatileSlice<'_, ()>> {
-    mem.get_slice(table, len as usize * 16).ok()
 }
 
 /// A byte range of guest memory (guest physical address, length).
@@ -178,11 +173,30 @@ impl std::fmt::Debug for Op {
 pub(crate) struct Parsed {
     pub op: Op,
     /// Where the status byte goes.
-    pub status: GuestAddress,
+    pub status: StatusByte,
     /// Bytes of device-writable data the request fills on success (not counting the status).
     pub in_len: u32,
     /// Why the request is refused (for the log), when `op` is `Status` with an error.
     pub problem: Option<String>,
+}
+
+/// A request's status byte, in our mapping of guest memory (found and checked by `parse`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatusByte(NonNull<u8>);
+
+impl StatusByte {
+    /// Writes the request's status.
+    ///
+    /// # Safety
+    /// The caller holds the guest memory map `parse` found the byte in (its mappings stay
+    /// valid while any reference to the map lives).
+    pub(crate) unsafe fn write(self, code: u8) {
+        // The guest may look at the byte concurrently, as with any DMA buffer: a volatile
+        // write, like vm-memory's own accessors.
+        // SAFETY: the byte lies in a mapped guest region (vm-memory checked it) that the
+        // caller keeps mapped.
+        unsafe { std::ptr::write_volatile(self.0.as_ptr(), code) }
+    }
 }
 
 /// The outcome of parsing a chain.
@@ -197,7 +211,7 @@ pub(crate) enum Outcome {
 /// A read or write takes `spare` (an empty vector, recycled from an earlier request) for its
 /// buffers.
 pub(crate) fn parse(
-    mem: &GuestMemoryMmap,
+    regions: &mut RegionCache<'_>,
     descs: &[Desc],
     cfg: &DeviceConfig,
     spare: &mut Vec<IoVec<'static>>,
@@ -215,8 +229,9 @@ pub(crate) fn parse(
     let Some(status) = status_desc
         .addr
         .checked_add(u64::from(status_desc.len) - 1)
-        .map(GuestAddress)
-        .filter(|a| mem.check_range(*a, 1))
+        .and_then(|a| regions.slice(GuestAddress(a), 1))
+        .and_then(|byte| NonNull::new(byte.ptr_guard_mut().as_ptr()))
+        .map(StatusByte)
     else {
         return Outcome::Drop("status byte outside guest memory");
     };
@@ -232,7 +247,7 @@ pub(crate) fn parse(
     // The readable stream: header, then data.
     let readable = descs[..first_w].iter().map(|d| (d.addr, u64::from(d.len)));
     let mut header = [0u8; HEADER_LEN];
-    let Some(out_data) = read_stream(mem, readable, &mut header) else {
+    let Some(out_data) = read_stream(regions, readable, &mut header) else {
         return fail(
             S_IOERR,
             "request header shorter than 16 bytes or outside guest memory".into(),
@@ -269,9 +284,9 @@ pub(crate) fn parse(
             let mut iov = std::mem::take(spare);
             iov.clear();
             let len = if write {
-                to_iovecs(mem, out_data.iter().copied(), &mut iov)
+                to_iovecs(regions, out_data.iter().copied(), &mut iov)
             } else {
-                to_iovecs(mem, in_data, &mut iov)
+                to_iovecs(regions, in_data, &mut iov)
             };
             let Some(len) = len else {
                 return fail(S_IOERR, "data buffer outside guest memory".into());
@@ -294,7 +309,7 @@ pub(crate) fn parse(
         VIRTIO_BLK_T_FLUSH => request(Op::Flush, 0),
         VIRTIO_BLK_T_GET_ID => {
             let mut iov = Vec::new();
-            let Some(len) = to_iovecs(mem, in_data, &mut iov) else {
+            let Some(len) = to_iovecs(regions, in_data, &mut iov) else {
                 return fail(S_IOERR, "GET_ID buffer outside guest memory".into());
             };
             let n = len.min(VIRTIO_BLK_ID_BYTES.into());
@@ -315,7 +330,7 @@ pub(crate) fn parse(
             if !offered {
                 return fail(S_UNSUPP, format!("{what} is not offered by this export"));
             }
-            match parse_segments(mem, &out_data, cfg, discard, max_sectors) {
+            match parse_segments(regions.mem(), &out_data, cfg, discard, max_sectors) {
                 Ok(segs) if discard => request(Op::Discard(segs), 0),
                 Ok(segs) => request(Op::WriteZeroes(segs), 0),
                 Err((code, problem)) => fail(code, format!("{what}: {problem}")),
@@ -328,7 +343,7 @@ pub(crate) fn parse(
 /// Copies the first `header.len()` bytes of the readable stream into `header` and returns the
 /// rest of the stream as pieces, or None when the stream is too short or not in guest memory.
 fn read_stream(
-    mem: &GuestMemoryMmap,
+    regions: &mut RegionCache<'_>,
     pieces: impl Iterator<Item = Piece>,
     header: &mut [u8],
 ) -> Option<Vec<Piece>> {
@@ -339,11 +354,11 @@ fn read_stream(
             let n = (header.len() - filled).min(usize::try_from(len).ok()?);
             let dst = &mut header[filled..filled + n];
             // One region (the usual case): a plain copy; else the general, splitting read.
-            match mem.get_slice(GuestAddress(addr), n) {
-                Ok(slice) => {
+            match regions.slice(GuestAddress(addr), n) {
+                Some(slice) => {
                     slice.copy_to(dst);
                 }
-                Err(_) => mem.read_slice(dst, GuestAddress(addr)).ok()?,
+                None => regions.mem().read_slice(dst, GuestAddress(addr)).ok()?,
             }
             filled += n;
             if (n as u64) < len {
@@ -359,7 +374,7 @@ fn read_stream(
 /// Appends IoVecs covering the pieces (split at guest memory region boundaries) and returns
 /// the total length, or None if any byte lies outside guest memory.
 fn to_iovecs(
-    mem: &GuestMemoryMmap,
+    regions: &mut RegionCache<'_>,
     pieces: impl Iterator<Item = Piece>,
     out: &mut Vec<IoVec<'static>>,
 ) -> Option<u64> {
@@ -370,12 +385,12 @@ fn to_iovecs(
             continue;
         }
         // Fast path: the buffer lies in one region (get_slice checks the whole range).
-        if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
+        if let Some(slice) = regions.slice(GuestAddress(addr), len) {
             out.push(iovec_of(&slice));
             total += slice.len() as u64;
             continue;
         }
-        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
+        for slice in GuestMemoryBackend::get_slices(regions.mem(), GuestAddress(addr), len) {
             let slice = slice.ok()?;
             out.push(iovec_of(&slice));
             total += slice.len() as u64;
