@@ -39,6 +39,13 @@ pub(crate) struct Desc {
     pub writable: bool,
 }
 
+/// A virtqueue's descriptor table: its guest address and number of entries (the queue size).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DescTable {
+    pub addr: GuestAddress,
+    pub size: u16,
+}
+
 /// Reads the chain starting at descriptor `head` into `out`.
 ///
 /// Follows NEXT links and one indirect table (as the first descriptor, when `indirect_ok`);
@@ -46,15 +53,14 @@ pub(crate) struct Desc {
 /// tables, and chains longer than their table (which is how a loop shows).
 pub(crate) fn walk_chain(
     regions: &mut RegionCache<'_>,
-    desc_table: GuestAddress,
-    queue_size: u16,
+    desc_table: DescTable,
     head: u16,
     indirect_ok: bool,
     out: &mut Vec<Desc>,
 ) -> Result<(), &'static str> {
     out.clear();
-    let mut table = desc_table;
-    let mut table_len = u32::from(queue_size);
+    let mut table = desc_table.addr;
+    let mut table_len = u32::from(desc_table.size);
     let mut index = u32::from(head);
     let mut indirect = false;
     let mut seen = 0u32;
