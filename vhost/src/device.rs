@@ -580,6 +580,7 @@ impl Worker {
         };
         let mut published = false;
         let mut regions = RegionCache::new(mem);
+        request::prefetch_chains(&mut regions, desc_table, &self.heads);
         for i in 0..self.heads.len() {
             let head = self.heads[i];
             self.start_request(mem, &mut regions, desc_table, slot, queue, head);
