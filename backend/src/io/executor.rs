@@ -72,6 +72,8 @@ impl Wake for SlotWaker {
 struct Slot<'a> {
     task: Option<Pin<Box<dyn Future<Output = ()> + 'a>>>,
     waker: Arc<SlotWaker>,
+    /// `waker` as a Waker, made once: polling with it touches no reference count.
+    handle: Waker,
 }
 
 /// A set of tasks on the current thread.
@@ -84,6 +86,8 @@ pub struct LocalExecutor<'a> {
     live: usize,
     /// Slots to poll now (swapped with the shared ready list).
     run: Vec<usize>,
+    /// Slots of tasks spawned since the last poll: queued without the shared list's lock.
+    spawned: Vec<usize>,
     shared: Arc<Shared>,
     reactor: Rc<Reactor>,
 }
@@ -97,6 +101,7 @@ impl<'a> LocalExecutor<'a> {
             free: Vec::new(),
             live: 0,
             run: Vec::new(),
+            spawned: Vec::new(),
             shared: Arc::new(Shared {
                 ready: Mutex::new(Vec::new()),
                 woken: AtomicBool::new(false),
@@ -119,21 +124,27 @@ impl<'a> LocalExecutor<'a> {
             Some(i) => i,
             None => {
                 let i = self.slots.len();
+                let waker = Arc::new(SlotWaker {
+                    slot: i,
+                    queued: AtomicBool::new(false),
+                    shared: self.shared.clone(),
+                });
                 self.slots.push(Slot {
                     task: None,
-                    waker: Arc::new(SlotWaker {
-                        slot: i,
-                        queued: AtomicBool::new(false),
-                        shared: self.shared.clone(),
-                    }),
+                    handle: Waker::from(waker.clone()),
+                    waker,
                 });
                 i
             }
         };
-        self.slots[slot].task = Some(task);
+        let s = &mut self.slots[slot];
+        s.task = Some(task);
         self.live += 1;
-        // A new task is polled once without a wake.
-        self.slots[slot].waker.wake_by_ref();
+        // A new task is polled once without a wake. It goes on the executor's own list: the
+        // shared one's lock and atomics would each wait for the caller's pending stores (on the
+        // hot path, used-ring entries still on their way to the driver's CPU).
+        s.waker.queued.store(true, Ordering::Release);
+        self.spawned.push(slot);
     }
 
     /// Number of unfinished tasks.
@@ -149,10 +160,17 @@ impl<'a> LocalExecutor<'a> {
     /// Polls the woken tasks until none is left woken; true if any task was polled.
     fn run_ready(&mut self) -> bool {
         let mut any = false;
-        while self.shared.woken.swap(false, Ordering::AcqRel) {
+        loop {
+            std::mem::swap(&mut self.spawned, &mut self.run);
+            // Looked at before the swap, which is an atomic write, when nothing was woken.
+            if self.shared.woken.load(Ordering::Acquire)
+                && self.shared.woken.swap(false, Ordering::AcqRel)
             {
                 let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
-                std::mem::swap(&mut *ready, &mut self.run);
+                self.run.append(&mut ready);
+            }
+            if self.run.is_empty() {
+                break;
             }
             for i in 0..self.run.len() {
                 let slot = self.run[i];
@@ -165,10 +183,9 @@ impl<'a> LocalExecutor<'a> {
                     continue;
                 };
                 any = true;
-                let waker = Waker::from(s.waker.clone());
                 if task
                     .as_mut()
-                    .poll(&mut Context::from_waker(&waker))
+                    .poll(&mut Context::from_waker(&s.handle))
                     .is_ready()
                 {
                     // Dropped here, outside any borrow of the executor's lists.
