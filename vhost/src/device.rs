@@ -574,6 +574,10 @@ impl Worker {
                 return 0;
             }
         }
+        if self.heads.is_empty() {
+            // The common busy-poll round: no region lookup, no prefetch, no counting.
+            return 0;
+        }
         // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it too, so
         // its drain sees every request taken before.
         dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
