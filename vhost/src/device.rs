@@ -28,7 +28,7 @@ use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -38,6 +38,7 @@ use vmm_sys_util::event::{
 use crate::config::{DeviceConfig, WCE_OFFSET};
 use crate::regions::RegionCache;
 use crate::request::{self, Desc, DescTable, Op, Outcome, Parsed, StatusByte, S_IOERR, S_OK};
+use crate::split_ring::SplitRing;
 
 /// Guest memory as vhost-user-backend shares it.
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -561,28 +562,37 @@ impl Worker {
             return 0;
         }
         let _ = q.disable_notification(&**mem);
-        let desc_table = DescTable {
-            addr: GuestAddress(q.desc_table()),
-            size: q.size(),
-        };
-        self.heads.clear();
-        match q.iter(&**mem) {
-            Ok(avail) => self.heads.extend(avail.map(|chain| chain.head_index())),
+        // The common busy-poll round finds nothing new: one load, no region lookups.
+        match q.avail_idx(&**mem, Ordering::Acquire) {
+            Ok(idx) if idx.0 == q.next_avail() => return 0,
+            Ok(_) => {}
             Err(e) => {
                 self.ctx
                     .log_failure(&format!("queue {queue}: bad available ring"), &e);
                 return 0;
             }
         }
+        let desc_table = DescTable {
+            addr: GuestAddress(q.desc_table()),
+            size: q.size(),
+        };
+        let mut regions = RegionCache::new(mem);
+        let ring = SplitRing::new(&mut regions, q);
+        // Entries published before this batch were all checked for a notification.
+        let mut since = q.next_used();
+        self.heads.clear();
+        if let Err(e) = ring.take_available(q, &mut self.heads) {
+            self.ctx
+                .log_failure(&format!("queue {queue}: bad available ring"), &e);
+            return 0;
+        }
         if self.heads.is_empty() {
-            // The common busy-poll round: no region lookup, no prefetch, no counting.
             return 0;
         }
         // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it too, so
         // its drain sees every request taken before.
         dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
         let mut published = 0;
-        let mut regions = RegionCache::new(mem);
         request::prefetch_chains(&mut regions, desc_table, &self.heads);
         for i in 0..self.heads.len() {
             let head = self.heads[i];
@@ -602,15 +612,13 @@ impl Worker {
             // per request cost an eventfd write for every second request at null QD32 (client
             // CPU 0.45 -> 0.23 us per I/O with this); notifying only after the batch halved
             // 128k QD8 reads, where the driver sleeps while a whole batch is parsed.
-            let n = self.publish(mem, slot, queue, &mut state);
+            let n = self.publish(&ring, queue, slot, &mut state);
             if n > 0 && published == 0 {
-                notify_if_asked(dev, mem, queue, &mut state);
+                notify_if_asked(dev, &ring, queue, &mut state, &mut since);
             }
             published += n;
         }
-        if published > 0 {
-            notify_if_asked(dev, mem, queue, &mut state);
-        }
+        notify_if_asked(dev, &ring, queue, &mut state, &mut since);
         drop(state);
         dev.state.inflight[queue].fetch_sub(published, Ordering::AcqRel);
         self.heads.len()
@@ -790,8 +798,11 @@ impl Worker {
                 continue;
             }
             let mut state = vring.get_mut();
-            let n = self.publish(&mem, slot, queue, &mut state);
-            notify_if_asked(dev, &mem, queue, &mut state);
+            let mut regions = RegionCache::new(&mem);
+            let ring = SplitRing::new(&mut regions, state.get_queue());
+            let mut since = state.get_queue().next_used();
+            let n = self.publish(&ring, queue, slot, &mut state);
+            notify_if_asked(dev, &ring, queue, &mut state, &mut since);
             drop(state);
             dev.state.inflight[queue].fetch_sub(n, Ordering::AcqRel);
         }
@@ -799,13 +810,13 @@ impl Worker {
     }
 
     /// Puts the finished requests of the virtqueue in `slot` (queue `queue`, whose vring the
-    /// caller has locked) in its used ring; returns how many. The caller notifies the driver
-    /// and takes them off the in-flight count.
+    /// caller has locked and whose rings are `ring`) in its used ring; returns how many. The
+    /// caller notifies the driver and takes them off the in-flight count.
     fn publish(
         &mut self,
-        mem: &GuestMemoryMmap,
-        slot: usize,
+        ring: &SplitRing<'_>,
         queue: usize,
+        slot: usize,
         state: &mut VringState,
     ) -> usize {
         {
@@ -815,14 +826,15 @@ impl Worker {
                 _ => return 0,
             }
         }
-        let q = state.get_queue_mut();
-        for d in &self.spare {
-            if let Err(e) = q.add_used(mem, d.head, d.len) {
-                self.ctx.log_failure(
-                    &format!("queue {queue}: could not complete request {}", d.head),
-                    &e,
-                );
-            }
+        let entries = self.spare.iter().map(|d| (d.head, d.len));
+        if let Err(e) = ring.add_used(state.get_queue_mut(), entries) {
+            self.ctx.log_failure(
+                &format!(
+                    "queue {queue}: could not complete {} requests",
+                    self.spare.len()
+                ),
+                &e,
+            );
         }
         let n = self.spare.len();
         self.spare.clear();
@@ -830,14 +842,18 @@ impl Worker {
     }
 }
 
-/// Writes the call eventfd of `queue` if the driver asked for a notification (EVENT_IDX:
-/// its used_event lies among the entries added since the last one).
-fn notify_if_asked(dev: &Device, mem: &GuestMemoryMmap, queue: usize, state: &mut VringState) {
-    if state
-        .get_queue_mut()
-        .needs_notification(mem)
-        .unwrap_or(true)
-    {
+/// Writes the call eventfd of `queue` if the driver asked to hear of the used entries added
+/// since `since` (the used index at the previous check), which moves to the current one.
+fn notify_if_asked(
+    dev: &Device,
+    ring: &SplitRing<'_>,
+    queue: usize,
+    state: &mut VringState,
+    since: &mut u16,
+) {
+    let asked = ring.needs_notification(state.get_queue(), *since);
+    *since = state.get_queue().next_used();
+    if asked {
         if let Err(e) = state.signal_used_queue() {
             log::error!(
                 "vhost-user-blk export '{}': queue {queue}: could not notify the guest: {e}",

@@ -26,6 +26,7 @@ mod regions;
 mod relay;
 mod request;
 mod server;
+mod split_ring;
 
 pub use error::Error;
 pub use server::{BlkExport, BlkExportConfig, Listen, DEFAULT_POLL_MAX_NS};

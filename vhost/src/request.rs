@@ -113,8 +113,10 @@ pub(crate) fn walk_chain(
         let offset = u64::from(index) * 16;
         let desc: Descriptor = match &slice {
             // index < table_len, so the 16 bytes lie inside the slice.
+            // A volatile load of the 16 bytes (two moves); `read_obj` copies byte-generically.
             Some(s) => s
-                .read_obj(offset as usize)
+                .get_ref::<Descriptor>(offset as usize)
+                .map(|d| d.load())
                 .map_err(|_| "descriptor table outside guest memory")?,
             None => {
                 let addr = table
