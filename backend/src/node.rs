@@ -6,9 +6,9 @@
 //! point, after which the driver closes (and flushes) its storage.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::counter::Counter;
 use crate::driver::{BlockDriver, BlockStatus, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
@@ -36,17 +36,17 @@ impl ChildRole {
     }
 }
 
-/// Counters of a node, for tests and metrics.
+/// Counters of a node, for tests and metrics (sharded: the workers of every queue bump them).
 #[derive(Debug, Default)]
 pub struct NodeStats {
     /// Requests served straight from the caller's memory.
-    pub zero_copy: AtomicU64,
+    pub zero_copy: Counter,
     /// Requests copied through an aligned bounce buffer.
-    pub bounced: AtomicU64,
+    pub bounced: Counter,
     /// Writes done as read-modify-write (sub-block).
-    pub read_modify_write: AtomicU64,
+    pub read_modify_write: Counter,
     /// Writes of zeroes turned into write_zeroes by detect-zeroes.
-    pub zeroes_detected: AtomicU64,
+    pub zeroes_detected: Counter,
 }
 
 /// A child link.
@@ -296,7 +296,7 @@ impl Node {
             return Ok(());
         }
         if self.is_aligned(offset, len) && self.mem_aligned(iov) {
-            self.stats.zero_copy.fetch_add(1, Relaxed);
+            self.stats.zero_copy.add(1);
             return self.driver.read(offset, iov).await;
         }
         // Boxed (here and on the other slow paths): a request's future is moved into its task
@@ -306,7 +306,7 @@ impl Node {
 
     /// Reads through an aligned bounce buffer, widened to the request alignment.
     async fn read_bounced(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
-        self.stats.bounced.fetch_add(1, Relaxed);
+        self.stats.bounced.add(1);
         let (start, end) = self.widen(offset, len);
         let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
         self.driver.read(start, &[buf.iovec()]).await?;
@@ -324,7 +324,7 @@ impl Node {
             return Ok(());
         }
         if self.flags.detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
-            self.stats.zeroes_detected.fetch_add(1, Relaxed);
+            self.stats.zeroes_detected.add(1);
             let may_unmap = self.flags.detect_zeroes == DetectZeroes::Unmap;
             return Box::pin(self.write_zeroes(offset, len, may_unmap)).await;
         }
@@ -383,8 +383,8 @@ impl Node {
         start: u64,
         end: u64,
     ) -> Result<()> {
-        self.stats.read_modify_write.fetch_add(1, Relaxed);
-        self.stats.bounced.fetch_add(1, Relaxed);
+        self.stats.read_modify_write.add(1);
+        self.stats.bounced.add(1);
         let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
         let a = u64::from(self.limits.request_alignment);
         let size = to_usize(end - start)?;
@@ -406,7 +406,7 @@ impl Node {
 
     async fn write_aligned(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         if self.mem_aligned(iov) {
-            self.stats.zero_copy.fetch_add(1, Relaxed);
+            self.stats.zero_copy.add(1);
             return self.driver.write(offset, iov).await;
         }
         Box::pin(self.write_bounced(offset, iov)).await
@@ -414,7 +414,7 @@ impl Node {
 
     /// Writes through an aligned bounce buffer (the caller's memory is misaligned).
     async fn write_bounced(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
-        self.stats.bounced.fetch_add(1, Relaxed);
+        self.stats.bounced.add(1);
         let len = to_usize(iovec::total_len(iov))?;
         let mut buf = BounceBuffer::new(len)?;
         iovec::copy_from_iov(iov, 0, buf.as_mut_slice());

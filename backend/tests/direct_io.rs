@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use common::{
     assert_bytes_eq, file_bytes, image_with, open, open_flags_of, path_str, run, AlignedBuf,
 };
@@ -22,9 +20,9 @@ struct Counters {
 fn counters(n: &Node) -> Counters {
     let s = n.stats();
     Counters {
-        zero_copy: s.zero_copy.load(Relaxed),
-        bounced: s.bounced.load(Relaxed),
-        rmw: s.read_modify_write.load(Relaxed),
+        zero_copy: s.zero_copy.get(),
+        bounced: s.bounced.get(),
+        rmw: s.read_modify_write.get(),
     }
 }
 

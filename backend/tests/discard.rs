@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use common::{
     assert_bytes_eq, file_bytes, image_with, open, path_str, read, run, st_blocks, write,
 };
@@ -194,7 +192,7 @@ fn detect_zeroes_turns_zero_writes_into_write_zeroes() {
     let blocks = st_blocks(&img);
     write(&n, MIB as u64, &vec![0u8; 2 * MIB]).unwrap();
     expected[MIB..3 * MIB].fill(0);
-    assert_eq!(n.stats().zeroes_detected.load(Relaxed), 1);
+    assert_eq!(n.stats().zeroes_detected.get(), 1);
     assert_bytes_eq(&read(&n, 0, 4 * MIB).unwrap(), &expected, "node");
     assert!(
         st_blocks(&img) <= blocks - (2 * MIB / 512) as u64,
@@ -203,7 +201,7 @@ fn detect_zeroes_turns_zero_writes_into_write_zeroes() {
     // Non-zero data is written as data.
     write(&n, 10, &[0, 0, 1]).unwrap();
     expected[10..13].copy_from_slice(&[0, 0, 1]);
-    assert_eq!(n.stats().zeroes_detected.load(Relaxed), 1);
+    assert_eq!(n.stats().zeroes_detected.get(), 1);
     drop(n);
     assert_bytes_eq(&file_bytes(&img), &expected, "file");
 }

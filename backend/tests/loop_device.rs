@@ -7,7 +7,6 @@
 mod common;
 
 use std::cell::Cell;
-use std::sync::atomic::Ordering::Relaxed;
 
 use common::{
     assert_bytes_eq, err, image, open, read, run, try_open, write, AlignedBuf, LoopDevice,
@@ -62,12 +61,12 @@ fn host_device_is_selected_and_aligned_to_4k() {
     let mut buf = AlignedBuf::new(8192, 0);
     run(n.read(4096, &[buf.iovec()])).unwrap();
     assert_eq!(buf.as_slice(), &data[4096..12288]);
-    assert_eq!(n.stats().bounced.load(Relaxed), 0);
+    assert_eq!(n.stats().bounced.get(), 0);
     assert_eq!(read(&n, 512, 512).unwrap(), data[512..1024]);
     assert_eq!(read(&n, 4095, 2).unwrap(), data[4095..4097]);
-    assert_eq!(n.stats().bounced.load(Relaxed), 2);
+    assert_eq!(n.stats().bounced.get(), 2);
     write(&n, 1536, &[0xCD; 512]).unwrap();
-    assert_eq!(n.stats().read_modify_write.load(Relaxed), 1);
+    assert_eq!(n.stats().read_modify_write.get(), 1);
     let mut expected = data.clone();
     expected[1536..2048].fill(0xCD);
     assert_bytes_eq(
@@ -195,7 +194,7 @@ fn concurrent_512_byte_writers_on_4k_sectors() {
         }
     });
     assert_eq!(
-        n.stats().read_modify_write.load(Relaxed),
+        n.stats().read_modify_write.get(),
         (SIZE / SECTOR * ROUNDS) as u64
     );
 

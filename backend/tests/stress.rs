@@ -10,7 +10,6 @@
 mod common;
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -309,18 +308,18 @@ fn concurrent_random_io_matches_the_model() {
         results[1].1,
         results[0].2,
         results[1].2,
-        stats.zero_copy.load(Relaxed),
-        stats.bounced.load(Relaxed),
-        stats.read_modify_write.load(Relaxed),
+        stats.zero_copy.get(),
+        stats.bounced.get(),
+        stats.read_modify_write.get(),
     );
     for (t, r) in results.iter().enumerate() {
         assert_eq!(r.1.iter().sum::<usize>(), OPS_PER_THREAD, "thread {t}");
         assert!(r.2 >= IN_FLIGHT / 2, "thread {t}: peak in flight {}", r.2);
     }
     // Every path was taken.
-    assert!(stats.zero_copy.load(Relaxed) > 100);
-    assert!(stats.bounced.load(Relaxed) > 100);
-    assert!(stats.read_modify_write.load(Relaxed) > 100);
+    assert!(stats.zero_copy.get() > 100);
+    assert!(stats.bounced.get() > 100);
+    assert!(stats.read_modify_write.get() > 100);
 
     let mut whole = AlignedBuf::new(SIZE, 0);
     run(node.read(0, &[whole.iovec()])).unwrap();

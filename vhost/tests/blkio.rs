@@ -197,7 +197,7 @@ fn misaligned_buffers_and_many_segments() {
             .child(strata_backend::ChildRole::File)
             .expect("file child")
             .stats();
-        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let count = |c: &strata_backend::counter::Counter| c.get();
         if extra.is_empty() {
             assert!(count(&storage.zero_copy) > 0, "zero-copy requests");
             assert_eq!(count(&storage.bounced), 0, "buffered I/O never bounces");
