@@ -33,7 +33,8 @@ pub struct DaemonArgs {
     /// An export: type=vhost-user-blk,id=...,node-name=...,addr.type=unix,addr.path=... (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub export: Vec<String>,
-    /// An object: `iothread,id=...` is accepted (strata runs one thread per queue anyway).
+    /// An object: `iothread,id=...[,poll-max-ns=...]`; an export with `iothread=ID` polls as it
+    /// says (strata runs a worker per queue whatever the iothread).
     #[arg(long, value_name = "OPTIONS")]
     pub object: Vec<String>,
     /// A QMP monitor (not available yet; strata refuses it rather than ignoring it).

@@ -5,13 +5,19 @@ use std::path::PathBuf;
 use strata_backend::{Graph, Options};
 use strata_vhost::{BlkExportConfig, Listen};
 
+use crate::iothreads::IoThreads;
+
 /// Default number of descriptors per virtqueue.
 const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Most virtqueues an export may have (one worker thread each).
 const MAX_QUEUES: u16 = 64;
 
-/// Parses one `--export` and resolves its node in the graph.
-pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), String> {
+/// Parses one `--export` and resolves its node in the graph (and its iothread in `iothreads`).
+pub fn parse(
+    text: &str,
+    graph: &Graph,
+    iothreads: &IoThreads,
+) -> Result<(BlkExportConfig, Listen), String> {
     let mut o = Options::parse(text, Some("type")).map_err(|e| e.to_string())?;
     let err = |e: strata_backend::BlockError| e.to_string();
     match o.take("type").as_deref() {
@@ -37,9 +43,13 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
             "export '{id}': writable=on, but node '{node_name}' is read-only"
         ));
     }
-    if let Some(iothread) = o.take("iothread") {
-        log::info!("export '{id}': iothread={iothread} ignored: strata runs one thread per queue");
-    }
+    // strata runs a worker per queue whatever the iothread; its polling setting carries over.
+    let iothread_poll_max_ns = match o.take("iothread") {
+        Some(name) => iothreads
+            .poll_max_ns(&name)
+            .map_err(|e| format!("export '{id}': {e}"))?,
+        None => None,
+    };
     let listen = match o.take("addr.type").as_deref() {
         Some("unix") => {
             Listen::UnixPath(PathBuf::from(o.take("addr.path").ok_or_else(|| {
@@ -78,10 +88,11 @@ pub fn parse(text: &str, graph: &Graph) -> Result<(BlkExportConfig, Listen), Str
     }
     let serial = o.take("serial");
     // QSD sets polling on its iothread object (poll-max-ns); strata's workers belong to the
-    // export, so the export takes it.
+    // export, so the export takes it too, and its own setting wins.
     let poll_max_ns = o
         .take_u64("poll-max-ns")
         .map_err(err)?
+        .or(iothread_poll_max_ns)
         .unwrap_or(strata_vhost::DEFAULT_POLL_MAX_NS);
     if let Some(key) = o.first_key() {
         return Err(format!("export '{id}': Invalid parameter '{key}'"));

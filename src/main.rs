@@ -3,6 +3,7 @@
 mod cli;
 mod export_options;
 mod img;
+mod iothreads;
 mod serve;
 
 use std::process::ExitCode;

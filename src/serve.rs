@@ -9,6 +9,7 @@ use strata_vhost::{BlkExport, BlkExportConfig, Listen};
 
 use crate::cli::{DaemonArgs, ServeArgs};
 use crate::export_options;
+use crate::iothreads::IoThreads;
 
 /// Size of the image `strata serve` creates when none exists.
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
@@ -21,20 +22,11 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
     if args.export.is_empty() {
         return Err("nothing to serve: give --export (with --blockdev), or use 'strata serve IMAGE'; see --help".into());
     }
+    let mut iothreads = IoThreads::default();
     for text in &args.object {
-        let mut o =
-            Options::parse(text, Some("qom-type")).map_err(|e| format!("--object {text}: {e}"))?;
-        match o.take("qom-type").as_deref() {
-            Some("iothread") => log::info!(
-                "--object {text}: strata runs one I/O thread per queue; iothread objects are not needed"
-            ),
-            other => {
-                return Err(format!(
-                    "--object {text}: object type '{}' is not supported",
-                    other.unwrap_or("")
-                ))
-            }
-        }
+        iothreads
+            .add(text)
+            .map_err(|e| format!("--object {text}: {e}"))?;
     }
     let graph = Graph::new();
     for text in &args.blockdev {
@@ -47,7 +39,8 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
     let mut exports = Vec::new();
     for text in &args.export {
         exports.push(
-            export_options::parse(text, &graph).map_err(|e| format!("--export {text}: {e}"))?,
+            export_options::parse(text, &graph, &iothreads)
+                .map_err(|e| format!("--export {text}: {e}"))?,
         );
     }
     if let Some(pidfile) = &args.pidfile {

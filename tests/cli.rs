@@ -105,3 +105,82 @@ fn img_create_raw_makes_a_sparse_file() {
     assert!(stderr(&o).contains("12Q"), "{}", stderr(&o));
     assert!(Path::new(&path).exists());
 }
+
+/// Starts the daemon with `args`, returns its log up to the line saying `n` exports serve.
+fn startup_log(args: &[&str], n: usize) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut log = String::new();
+    let mut serving = 0;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("log line");
+        serving += usize::from(line.contains("serving node"));
+        log.push_str(&line);
+        log.push('\n');
+        if serving == n {
+            break;
+        }
+    }
+    child.kill().expect("stop strata");
+    child.wait().expect("reap strata");
+    log
+}
+
+#[test]
+fn exports_poll_as_their_iothread_says() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = |name: &str| dir.path().join(name).display().to_string();
+    let export = |id: &str, extra: &str| {
+        format!(
+            "type=vhost-user-blk,id={id},node-name=n0,addr.type=unix,addr.path={}{extra}",
+            sock(id)
+        )
+    };
+    let log = startup_log(
+        &[
+            "--object",
+            "iothread,id=quiet,poll-max-ns=0,poll-grow=2",
+            "--object",
+            "iothread,id=plain",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            &export("a", ",iothread=quiet"),
+            "--export",
+            &export("b", ",iothread=quiet,poll-max-ns=7000"),
+            "--export",
+            &export("c", ",iothread=plain"),
+            "--export",
+            &export("d", ""),
+        ],
+        4,
+    );
+    for (id, ns) in [("a", 0), ("b", 7000), ("c", 50000), ("d", 50000)] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("export '{id}': serving")))
+            .unwrap_or_else(|| panic!("no start line for {id}: {log}"));
+        assert!(line.ends_with(&format!("poll-max-ns={ns}")), "{line}");
+    }
+}
+
+#[test]
+fn an_unknown_iothread_is_an_error() {
+    let o = strata(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0",
+        "--export",
+        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/z.sock,iothread=iot9",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("iothread \"iot9\" not found"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -145,7 +145,7 @@ impl BlkExport {
             conn: Mutex::new(None),
         });
         log::info!(
-            "vhost-user-blk export '{id}': serving node '{}' ({} bytes, {}) on {}",
+            "vhost-user-blk export '{id}': serving node '{}' ({} bytes, {}) on {}, poll-max-ns={}",
             shared.cfg.node.name(),
             shared.cfg.node.size(),
             if shared.cfg.writable {
@@ -156,7 +156,8 @@ impl BlkExport {
             socket_path.as_ref().map_or_else(
                 || "an inherited socket".to_string(),
                 |p| p.display().to_string()
-            )
+            ),
+            shared.cfg.poll_max_ns
         );
         let serving = Serving {
             shared: shared.clone(),
