@@ -231,6 +231,13 @@ pub fn report(opts: &Options) -> Result<()> {
         (Some(a), Some(d)) => Some(a - d),
         _ => None,
     };
+    // How busy strata's client kept its CPU (%): when it is near 100 on both numbers of
+    // queues, the 2-queue ratio measures the client, not the daemon.
+    let client_busy = |w: &str| {
+        let iops = get("null", w, "strata", "iops")?;
+        let cpu = get("null", w, "strata", "client_cpu_s_per_io")?;
+        Some(iops * cpu * 100.0)
+    };
     let ratios = vec![
         Ratio {
             name: "file randread-4k-qd32 IOPS, strata / io_uring direct",
@@ -277,7 +284,11 @@ pub fn report(opts: &Options) -> Result<()> {
                 get("null", rr32, "strata", "iops"),
             ),
             goal: Some((">=", 1.6)),
-            inputs: "median IOPS".into(),
+            inputs: format!(
+                "median IOPS; strata's client CPU busy: {}% on 1 queue, {}% on 2",
+                fmt_opt(client_busy(rr32)),
+                fmt_opt(client_busy(rr32q2))
+            ),
         },
         Ratio {
             name: "qcow2 randread-4k-qd32 IOPS, strata / QSD",
