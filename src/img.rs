@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use strata_backend::driver::qcow2::check::{self, CheckResult, Repair};
 use strata_backend::driver::qcow2::create::{self, CreateOptions};
 use strata_backend::driver::qcow2::header::{self, Header};
-use strata_backend::graph::full_backing_filename;
+use strata_backend::filename::full_backing_filename;
 use strata_backend::options::{parse_bool, parse_size};
 use strata_backend::{block_on, probe, ChildRole, Graph, Node, Options};
 

@@ -9,6 +9,7 @@
 pub mod counter;
 pub mod driver;
 pub mod error;
+pub mod filename;
 pub mod flags;
 pub mod graph;
 pub mod io;
@@ -16,6 +17,7 @@ pub mod node;
 pub mod node_name;
 pub mod options;
 pub mod probe;
+pub mod registry;
 
 pub use driver::{BlockStatus, Limits};
 pub use error::{BlockError, Result};

@@ -13,6 +13,7 @@ use crate::driver::{BlockDriver, BlockStatus, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
 use crate::io::bounce::BounceBuffer;
+use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::io::serialise::WriteSerialiser;
 use crate::options::Options;
@@ -490,6 +491,18 @@ impl Node {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.check_range(offset, len, "block_status")?;
         self.driver.block_status(offset, len).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The last holder let go, so no request is in flight: the driver writes back and
+        // flushes. Nodes are closed by control threads (exports and the graph hold them), which
+        // may wait for that I/O.
+        let result = block_on(self.driver.close());
+        if let Err(e) = result.and_then(|r| r) {
+            log::error!("node '{}': could not close cleanly: {e}", self.name);
+        }
     }
 }
 

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 
-use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, Limits, OpenContext};
+use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, Limits, OpenContext, OpenFuture};
 use crate::error::{BlockError, Result};
+use crate::io::blocking::run_blocking;
 use crate::io::bounce::BounceBuffer;
 use crate::io::iovec::{self, IoVec};
 use crate::io::reactor::{check, Reactor};
@@ -25,6 +26,7 @@ pub const FILE_DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: Some("file"),
     probe_device: None,
     open: open_file,
+    create: None,
 };
 
 /// The `host_device` protocol driver.
@@ -34,12 +36,12 @@ pub const HOST_DEVICE_DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: Some("host_device"),
     probe_device: Some(probe_device),
     open: open_host_device,
+    create: None,
 };
 
 // Linux block-device ioctls (linux/fs.h) that libc does not define.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 /// Largest chunk written at once when zeroes must be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -51,12 +53,12 @@ fn probe_device(filename: &str) -> u32 {
     }
 }
 
-fn open_file(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
-    open_common(ctx, "file", false)
+fn open_file<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
+    Box::pin(std::future::ready(open_common(ctx, "file", false)))
 }
 
-fn open_host_device(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
-    open_common(ctx, "host_device", true)
+fn open_host_device<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
+    Box::pin(std::future::ready(open_common(ctx, "host_device", true)))
 }
 
 /// An open file or block device.
@@ -347,21 +349,34 @@ impl FileDriver {
         Ok(())
     }
 
-    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> Result<()> {
-        let range: [u64; 2] = [offset, len];
-        // SAFETY: BLKDISCARD and BLKZEROOUT read a [u64; 2] range from a valid local.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) } < 0 {
-            return Err(BlockError::last_os_error(format!(
-                "{} of {len} bytes at {offset} on '{}' failed",
-                if request == BLKDISCARD {
-                    "discard"
-                } else {
-                    "zeroing"
-                },
-                self.filename
-            )));
-        }
-        Ok(())
+    /// BLKDISCARD on a block device. io_uring has no discard for block devices before
+    /// Linux 6.12 (and fallocate on one zeroes instead), and the ioctl blocks until the device
+    /// is done, so it runs on a helper thread, never on the queue's worker.
+    async fn discard_device(&self, offset: u64, len: u64) -> Result<()> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| BlockError::io(&e, format!("Could not discard on '{}'", self.filename)))?;
+        let res = run_blocking(move || {
+            let range: [u64; 2] = [offset, len];
+            // SAFETY: BLKDISCARD reads a [u64; 2] range from a valid local; `file` is an owned
+            // duplicate of the descriptor, open for the whole call.
+            if unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) } < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
+        .await?;
+        res.map_err(|e| {
+            BlockError::io(
+                &e,
+                format!(
+                    "discard of {len} bytes at {offset} on '{}' failed",
+                    self.filename
+                ),
+            )
+        })
     }
 
     async fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
@@ -375,17 +390,6 @@ impl FileDriver {
             at += n as u64;
         }
         Ok(())
-    }
-}
-
-impl Drop for FileDriver {
-    fn drop(&mut self) {
-        // The node is gone, so no request is in flight: make what was written durable.
-        if self.flush_on_close {
-            if let Err(e) = self.file.sync_data() {
-                log::error!("flush of '{}' at close failed: {e}", self.filename);
-            }
-        }
     }
 }
 
@@ -435,10 +439,20 @@ impl BlockDriver for FileDriver {
         })
     }
 
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            // The node is gone, so no request is in flight: make what was written durable.
+            if self.flush_on_close {
+                self.flush().await?;
+            }
+            Ok(())
+        })
+    }
+
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let r = if self.block_device {
-                self.range_ioctl(BLKDISCARD, offset, len)
+                self.discard_device(offset, len).await
             } else {
                 self.fallocate(
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -457,15 +471,19 @@ impl BlockDriver for FileDriver {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let r = if self.block_device {
-                self.range_ioctl(BLKZEROOUT, offset, len)
+            // On a block device, fallocate zeroes (blkdev_fallocate): ZERO_RANGE is BLKZEROOUT,
+            // PUNCH_HOLE zeroes by unmapping where the device guarantees zeroes after it.
+            let mode = if may_unmap {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
-                let mode = if may_unmap {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                self.fallocate(mode, offset, len).await
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            let r = match self.fallocate(mode, offset, len).await {
+                Err(e) if may_unmap && unsupported(&e) => {
+                    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                    self.fallocate(mode, offset, len).await
+                }
+                r => r,
             };
             match r {
                 Err(e) if unsupported(&e) => self.write_zero_data(offset, len).await,

@@ -1,6 +1,6 @@
 //! The `null-co` protocol driver: no storage, for benchmarks (QEMU's names and options).
 
-use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, OpenContext};
+use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, OpenContext, OpenFuture};
 use crate::error::Result;
 use crate::io::iovec::{self, IoVec};
 
@@ -11,6 +11,7 @@ pub const DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: Some("null-co"),
     probe_device: None,
     open,
+    create: None,
 };
 
 /// A future that is done at once with `Ok(())`. It has no fields, so boxing it as an
@@ -37,7 +38,11 @@ pub struct NullDriver {
     read_zeroes: bool,
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
+    Box::pin(std::future::ready(open_null(ctx)))
+}
+
+fn open_null(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
     // QEMU accepts a filename such as "null-co://" and ignores it.
     ctx.options.take("filename");
     Ok(Box::new(NullDriver {

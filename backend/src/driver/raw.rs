@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{BlockDriver, BlockStatus, DriverInfo, DriverKind, IoFuture, Limits, OpenContext};
+use super::{
+    BlockDriver, BlockStatus, CreateRequest, DriverInfo, DriverKind, IoFuture, Limits, OpenContext,
+    OpenFuture,
+};
 use crate::error::{BlockError, Result};
 use crate::io::iovec::{self, IoVec};
 use crate::node::{ChildRole, Node};
@@ -19,7 +22,34 @@ pub const DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: None,
     probe_device: None,
     open,
+    create: Some(create),
 };
+
+/// Creates a sparse raw image: the file, truncated to `size` bytes. Takes no options.
+fn create(req: CreateRequest<'_>) -> Result<Vec<(&'static str, String)>> {
+    if let Some(key) = req.options.first_key() {
+        return Err(BlockError::invalid(format!(
+            "Invalid parameter '{key}' for file format 'raw'"
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(req.path)
+        .map_err(|e| BlockError::io(&e, format!("Could not create '{}'", req.path.display())))?;
+    file.set_len(req.size).map_err(|e| {
+        BlockError::io(
+            &e,
+            format!(
+                "Could not resize '{}' to {} bytes",
+                req.path.display(),
+                req.size
+            ),
+        )
+    })?;
+    Ok(vec![("size", req.size.to_string())])
+}
 
 /// Bytes of sector 0 checked against the format probes.
 const SECTOR: u64 = 512;
@@ -32,10 +62,14 @@ pub struct RawDriver {
     guard_sector0: bool,
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
+    Box::pin(open_raw(ctx))
+}
+
+async fn open_raw(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
     let offset = ctx.options.take_size("offset")?.unwrap_or(0);
     let size = ctx.options.take_size("size")?;
-    let file = ctx.open_child(ChildRole::File)?;
+    let file = ctx.open_child(ChildRole::File).await?;
     let file_size = file.size();
     if offset > file_size {
         return Err(BlockError::invalid(format!(

@@ -22,6 +22,7 @@
 pub mod check;
 pub mod compress;
 pub mod create;
+mod create_hook;
 pub mod header;
 pub mod l2cache;
 pub mod refcount;
@@ -37,9 +38,10 @@ use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY}
 use self::l2cache::{L2Cache, Slice};
 use self::refcount::{read_bytes, write_bytes, Refcounts};
 use self::sync::{InFlight, ReadEpoch};
-use super::{BlockDriver, BlockStatus, DriverInfo, DriverKind, IoFuture, Limits, OpenContext};
+use super::{
+    BlockDriver, BlockStatus, DriverInfo, DriverKind, IoFuture, Limits, OpenContext, OpenFuture,
+};
 use crate::error::{BlockError, Result};
-use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::node::{ChildRole, Node};
 
@@ -50,6 +52,7 @@ pub const DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: None,
     probe_device: None,
     open,
+    create: Some(create_hook::create_image),
 };
 
 /// Bits of an L1 entry holding the L2 table offset.
@@ -194,7 +197,11 @@ fn cache_sizes(ctx: &mut OpenContext<'_>, h: &Header) -> Result<CacheSizes> {
     })
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
+fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
+    Box::pin(open_qcow2(ctx))
+}
+
+async fn open_qcow2(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
     // Options QEMU has that need no action here: refcounts are always kept exact, and the
     // overlap checks guard against bugs strata's ordering rules avoid by construction.
     ctx.options.take_bool("lazy-refcounts")?;
@@ -226,8 +233,8 @@ fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
             "qcow2: encryption ('encrypt.*') is not supported",
         ));
     }
-    let file = ctx.open_child(ChildRole::File)?;
-    let header = block_on(read_header(&file))??;
+    let file = ctx.open_child(ChildRole::File).await?;
+    let header = read_header(&file).await?;
     let read_only = ctx.flags.read_only;
     check_features(&header, read_only, &file.filename())?;
     let sizes = cache_sizes(ctx, &header)?;
@@ -236,15 +243,9 @@ fn open(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
             header.backing_file.as_deref(),
             header.backing_format().as_deref(),
         )
+        .await
         .map_err(|e| e.context("Could not open backing file"))?;
-    let image = block_on(Qcow2::open_image(
-        file,
-        backing,
-        header,
-        read_only,
-        pass_discard,
-        sizes,
-    ))??;
+    let image = Qcow2::open_image(file, backing, header, read_only, pass_discard, sizes).await?;
     Ok(Box::new(image))
 }
 
@@ -1183,28 +1184,6 @@ impl Qcow2 {
     }
 }
 
-impl Drop for Qcow2 {
-    fn drop(&mut self) {
-        if self.read_only {
-            return;
-        }
-        // No request is in flight (the node is gone): write the cached metadata back.
-        let result = block_on(async {
-            let mut meta = self.meta.lock().await;
-            self.apply_frees(&mut meta).await?;
-            self.write_back(&mut meta).await?;
-            self.file.flush().await
-        });
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => log::error!(
-                "qcow2: could not write metadata of '{}' at close: {e}",
-                self.file.filename()
-            ),
-        }
-    }
-}
-
 impl BlockDriver for Qcow2 {
     fn size(&self) -> u64 {
         self.size()
@@ -1231,6 +1210,19 @@ impl BlockDriver for Qcow2 {
 
     fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
         Box::pin(self.write_impl(offset, iov))
+    }
+
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            // No request is in flight (the node is gone): write the cached metadata back.
+            let mut meta = self.meta.lock().await;
+            self.apply_frees(&mut meta).await?;
+            self.write_back(&mut meta).await?;
+            self.file.flush().await
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

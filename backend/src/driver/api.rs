@@ -1,0 +1,109 @@
+//! The driver API: what an open driver instance does for its node (`BlockDriver`), and the
+//! limits and status types it reports. Nothing here knows about nodes or the graph.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::Result;
+use crate::io::iovec::IoVec;
+
+/// A boxed future of a driver operation, borrowing the driver and the request's buffers.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
+
+/// Alignment and size limits of a node's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths must be multiples of this (O_DIRECT's logical block size), else the
+    /// node widens the request (and read-modify-writes).
+    pub request_alignment: u32,
+    /// Every buffer's address and length must be a multiple of this, else the node bounces.
+    pub min_mem_alignment: usize,
+    /// Preferred buffer alignment.
+    pub opt_mem_alignment: usize,
+    /// Largest request in bytes the driver takes at once (0: no limit).
+    pub max_transfer: u64,
+    /// Most buffers in one request.
+    pub max_iov: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_alignment: 1,
+            min_mem_alignment: 1,
+            opt_mem_alignment: 1,
+            max_transfer: 0,
+            max_iov: libc::UIO_MAXIOV as usize,
+        }
+    }
+}
+
+/// Whether a range holds data, reads as zeroes, or is not allocated in this layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Data is present (in this node or below).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// Length of the range this status applies to, from the queried offset.
+    pub len: u64,
+}
+
+/// The operations of an open driver instance. The node around it checks bounds, read-only,
+/// alignment and the discard policy before calling these, so drivers see only valid requests.
+pub trait BlockDriver: Send + Sync {
+    /// Size of the node in bytes.
+    fn size(&self) -> u64;
+
+    /// Request limits.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// The filename shown in queries.
+    fn filename(&self) -> String {
+        String::new()
+    }
+
+    /// Whether discard reaches storage (else the node completes discards itself).
+    fn supports_discard(&self) -> bool {
+        false
+    }
+
+    /// Whether writes past the end extend the node (a regular file under a format driver).
+    fn can_grow(&self) -> bool {
+        false
+    }
+
+    /// Reads into `iov` from `offset`.
+    fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()>;
+
+    /// Writes `iov` at `offset`.
+    fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()>;
+
+    /// Makes completed writes durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+
+    /// Frees a range; afterwards it reads as zeroes or as before (the caller may not rely).
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+
+    /// Makes a range read as zeroes; with `may_unmap` it may free the space.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()>;
+
+    /// Allocation status at `offset` (up to `len` bytes).
+    fn block_status(&self, _offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(async move {
+            Ok(BlockStatus {
+                data: true,
+                zero: false,
+                len,
+            })
+        })
+    }
+
+    /// Called once when the node closes, after its last request: write back what the driver
+    /// caches and make it durable. Errors are logged by the node.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
