@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
+use crate::error::Result;
 use crate::procstat;
 
 /// How long one `do_io` call may wait for a completion before the run is declared hung.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a refused vhost-user connection is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub type Result<T> = std::result::Result<T, String>;
 
 /// Which libblkio driver talks to the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

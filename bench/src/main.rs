@@ -11,6 +11,7 @@
 //! - `report`: medians over rounds, the tracked ratios, a table and a JSON summary.
 
 mod engine;
+mod error;
 mod procstat;
 mod report;
 

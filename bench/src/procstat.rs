@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use crate::engine::Result;
+use crate::error::Result;
 
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.

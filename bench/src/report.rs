@@ -7,7 +7,7 @@ use std::fs;
 
 use serde_json::{json, Map, Value};
 
-use crate::engine::Result;
+use crate::error::Result;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
