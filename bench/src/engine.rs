@@ -6,7 +6,6 @@
 //! completion-queue loop (`do_io`) and the same seeded request stream.
 
 use std::ffi::CStr;
-use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -16,6 +15,7 @@ use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
 use crate::error::Result;
 use crate::procstat;
+use crate::workload::Workload;
 
 /// How long one `do_io` call may wait for a completion before the run is declared hung.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -38,112 +38,6 @@ impl Driver {
             Driver::IoUring => "io_uring",
         }
     }
-}
-
-/// The I/O pattern of a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pattern {
-    RandRead,
-    RandWrite,
-    SeqRead,
-    SeqWrite,
-}
-
-impl Pattern {
-    pub fn is_write(self) -> bool {
-        matches!(self, Pattern::RandWrite | Pattern::SeqWrite)
-    }
-    fn is_random(self) -> bool {
-        matches!(self, Pattern::RandRead | Pattern::RandWrite)
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Pattern::RandRead => "randread",
-            Pattern::RandWrite => "randwrite",
-            Pattern::SeqRead => "read",
-            Pattern::SeqWrite => "write",
-        }
-    }
-}
-
-/// A workload, named like `randread-4k-qd32` or `randread-4k-qd32-2q`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Workload {
-    pub pattern: Pattern,
-    pub block_size: usize,
-    /// Requests in flight per queue.
-    pub queue_depth: usize,
-    /// Queues, one client thread each.
-    pub queues: usize,
-}
-
-impl Workload {
-    pub fn parse(s: &str) -> Result<Workload> {
-        let err = || {
-            format!(
-                "bad workload {s:?}: expected PATTERN-BS-qdN[-Mq], PATTERN one of \
-                 randread, randwrite, read, write (e.g. randread-4k-qd32-2q)"
-            )
-        };
-        let parts: Vec<&str> = s.split('-').collect();
-        if parts.len() < 3 || parts.len() > 4 {
-            return Err(err());
-        }
-        let pattern = match parts[0] {
-            "randread" => Pattern::RandRead,
-            "randwrite" => Pattern::RandWrite,
-            "read" => Pattern::SeqRead,
-            "write" => Pattern::SeqWrite,
-            _ => return Err(err()),
-        };
-        let block_size = parse_size(parts[1]).ok_or_else(err)?;
-        let queue_depth: usize = parts[2]
-            .strip_prefix("qd")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(err)?;
-        let queues: usize = match parts.get(3) {
-            None => 1,
-            Some(q) => q
-                .strip_suffix('q')
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(err)?,
-        };
-        if block_size == 0 || block_size % 512 != 0 || queue_depth == 0 || queues == 0 {
-            return Err(err());
-        }
-        Ok(Workload {
-            pattern,
-            block_size,
-            queue_depth,
-            queues,
-        })
-    }
-}
-
-impl fmt::Display for Workload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let bs = if self.block_size % (1024 * 1024) == 0 {
-            format!("{}m", self.block_size / (1024 * 1024))
-        } else if self.block_size % 1024 == 0 {
-            format!("{}k", self.block_size / 1024)
-        } else {
-            self.block_size.to_string()
-        };
-        write!(f, "{}-{}-qd{}", self.pattern.name(), bs, self.queue_depth)?;
-        if self.queues != 1 {
-            write!(f, "-{}q", self.queues)?;
-        }
-        Ok(())
-    }
-}
-
-fn parse_size(s: &str) -> Option<usize> {
-    let (num, mult) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 1024),
-        b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
-        _ => (s, 1),
-    };
-    num.parse::<usize>().ok()?.checked_mul(mult)
 }
 
 /// A connected, started libblkio instance with one mapped memory region.
@@ -903,26 +797,6 @@ pub fn verify_source(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn workload_names_round_trip() {
-        for s in [
-            "randread-4k-qd1",
-            "randwrite-4k-qd32",
-            "read-128k-qd8",
-            "write-128k-qd8",
-            "randread-4k-qd32-2q",
-        ] {
-            assert_eq!(Workload::parse(s).unwrap().to_string(), s);
-        }
-        let w = Workload::parse("randread-4k-qd32-2q").unwrap();
-        assert_eq!(w.block_size, 4096);
-        assert_eq!(w.queue_depth, 32);
-        assert_eq!(w.queues, 2);
-        assert!(Workload::parse("randread-4k").is_err());
-        assert!(Workload::parse("trim-4k-qd1").is_err());
-        assert!(Workload::parse("randread-100-qd1").is_err());
-    }
 
     #[test]
     fn pattern_is_offset_dependent() {

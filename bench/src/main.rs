@@ -14,6 +14,7 @@ mod engine;
 mod error;
 mod procstat;
 mod report;
+mod workload;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -23,7 +24,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use engine::{Driver, Workload};
+use engine::Driver;
+use workload::Workload;
 
 #[derive(Parser)]
 #[command(name = "strata-bench", version, about)]
