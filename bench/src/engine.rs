@@ -15,6 +15,7 @@ use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
 use crate::error::Result;
 use crate::procstat;
+use crate::rng::Rng;
 use crate::workload::Workload;
 
 /// How long one `do_io` call may wait for a completion before the run is declared hung.
@@ -146,23 +147,6 @@ fn completion_error(c: &Completion) -> String {
         std::io::Error::from_raw_os_error(-c.ret),
         msg
     )
-}
-
-/// xorshift64*: small, fast, deterministic per seed, so every target sees the same offsets.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
 }
 
 /// What one client thread measured.
@@ -847,14 +831,5 @@ mod tests {
             "must not overwrite an existing file"
         );
         std::fs::remove_file(p).unwrap();
-    }
-
-    #[test]
-    fn rng_is_deterministic() {
-        let mut a = Rng::new(7);
-        let mut b = Rng::new(7);
-        for _ in 0..100 {
-            assert_eq!(a.next(), b.next());
-        }
     }
 }

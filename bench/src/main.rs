@@ -14,6 +14,7 @@ mod engine;
 mod error;
 mod procstat;
 mod report;
+mod rng;
 mod workload;
 
 use std::fs::OpenOptions;
