@@ -10,6 +10,7 @@
 //! - `fill`: writes the source pattern to a new raw file (the qcow2 image is converted from it).
 //! - `report`: medians over rounds, the tracked ratios, a table and a JSON summary.
 
+mod data_pattern;
 mod engine;
 mod error;
 mod procstat;
@@ -327,7 +328,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Fill { path, size } => {
             let t0 = std::time::Instant::now();
-            engine::fill_file(&path, size)?;
+            data_pattern::fill_file(&path, size)?;
             println!(
                 "fill: wrote {size} bytes of the source pattern to {path} in {:.1} s",
                 t0.elapsed().as_secs_f64()
