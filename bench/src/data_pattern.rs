@@ -19,7 +19,7 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64, offset: u64) {
 
 /// Checks that `buf` holds, request after request, the seeded pattern of `seed` at each of
 /// `offsets` (`bs` bytes each); the error says `how` the data was read and the first wrong byte.
-pub fn check_buffers(buf: &[u8], offsets: &[u64], bs: usize, seed: u64, how: &str) -> Result<()> {
+pub fn check_pattern(buf: &[u8], offsets: &[u64], bs: usize, seed: u64, how: &str) -> Result<()> {
     let mut want = vec![0u8; bs];
     for (i, &off) in offsets.iter().enumerate() {
         fill_pattern(&mut want, seed, off);
@@ -55,7 +55,7 @@ pub fn fill_source(buf: &mut [u8], offset: u64) {
     }
 }
 
-/// Like [`check_buffers`], against the source pattern.
+/// Like [`check_pattern`], against the source pattern.
 pub fn check_source(buf: &[u8], offsets: &[u64], bs: usize, how: &str) -> Result<()> {
     let mut want = vec![0u8; bs];
     for (i, &off) in offsets.iter().enumerate() {
@@ -63,7 +63,12 @@ pub fn check_source(buf: &[u8], offsets: &[u64], bs: usize, how: &str) -> Result
         let got = &buf[i * bs..(i + 1) * bs];
         if let Some(first) = got.iter().zip(want.iter()).position(|(a, b)| a != b) {
             let word = first & !7;
-            let got_word = u64::from_le_bytes(got[word..word + 8].try_into().unwrap());
+            // The (little-endian) word holding the first wrong byte.
+            let got_word = got[word..]
+                .iter()
+                .take(8)
+                .rev()
+                .fold(0u64, |w, &b| w << 8 | u64::from(b));
             let hint = if got_word == 0 {
                 "zeroes".to_string()
             } else {

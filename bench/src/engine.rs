@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
-use crate::data_pattern::{check_buffers, check_source, fill_pattern, fill_source};
+use crate::data_pattern::{check_pattern, check_source, fill_pattern, fill_source};
 use crate::error::Result;
 use crate::procstat;
 use crate::rng::Rng;
@@ -536,7 +536,7 @@ pub fn verify(
         let pseed = seed.wrapping_add(pass.wrapping_mul(0x5151));
         write_then_read_back(&mut dev, pseed, &offsets, bs)?;
         if check_data {
-            check_buffers(
+            check_pattern(
                 dev.buf_slice(),
                 &offsets,
                 bs,
@@ -552,7 +552,7 @@ pub fn verify(
             let mut fdev = Device::open(Driver::IoUring, file, 1, COUNT * bs)?;
             fdev.buf_slice().fill(0x5A);
             io_batch(&mut fdev, false, &offsets, bs)?;
-            check_buffers(
+            check_pattern(
                 fdev.buf_slice(),
                 &offsets,
                 bs,
@@ -643,7 +643,7 @@ pub fn verify_source(
         if write_check {
             let pseed = seed.wrapping_add(pass.wrapping_mul(0x5151));
             write_then_read_back(&mut dev, pseed, &offsets, bs)?;
-            check_buffers(
+            check_pattern(
                 dev.buf_slice(),
                 &offsets,
                 bs,
