@@ -11,6 +11,7 @@
 //! - `report`: medians over rounds, the tracked ratios, a table and a JSON summary.
 
 mod data_pattern;
+mod device;
 mod engine;
 mod error;
 mod procstat;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use engine::Driver;
+use device::Driver;
 use workload::Workload;
 
 #[derive(Parser)]
