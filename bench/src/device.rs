@@ -162,10 +162,18 @@ pub fn completion_error(c: &Completion) -> String {
 /// Submits all `reqs` (offset, buffer slot) as reads or writes of `bs` bytes and waits for
 /// them all.
 pub fn io_batch(dev: &mut Device, write: bool, reqs: &[u64], bs: usize) -> Result<()> {
+    if reqs.len().saturating_mul(bs) > dev.region.len {
+        return Err(format!(
+            "{} requests of {bs} bytes do not fit the {}-byte buffer",
+            reqs.len(),
+            dev.region.len
+        ));
+    }
     let buf = dev.buf();
     let q = &mut dev.queues[0];
     for (i, &off) in reqs.iter().enumerate() {
-        // SAFETY: the region holds reqs.len() * bs bytes (see verify).
+        // SAFETY: i < reqs.len() and reqs.len() * bs fits the region (checked above), so
+        // request i's bytes lie inside it.
         let p = unsafe { buf.add(i * bs) };
         if write {
             q.write(off, p, bs, i, ReqFlags::empty());
