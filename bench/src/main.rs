@@ -12,11 +12,12 @@
 
 mod data_pattern;
 mod device;
-mod engine;
 mod error;
 mod procstat;
 mod report;
 mod rng;
+mod run;
+mod verify;
 mod workload;
 
 use std::fs::OpenOptions;
@@ -216,7 +217,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let pinning = pinning_note(daemon_pid);
             let daemon_comm = daemon_pid.map(procstat::comm);
             for w in workloads {
-                let r = engine::run_workload(&engine::RunSpec {
+                let r = run::run_workload(&run::RunSpec {
                     driver: t.driver(),
                     path: &t.path,
                     workload: w,
@@ -292,9 +293,9 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let r = match &source {
                 Some(src) => {
-                    engine::verify_source(t.driver(), &t.path, src, seed, expect_size, !read_only)
+                    verify::verify_source(t.driver(), &t.path, src, seed, expect_size, !read_only)
                 }
-                None => engine::verify(
+                None => verify::verify(
                     t.driver(),
                     &t.path,
                     seed,

@@ -1,0 +1,317 @@
+//! One workload run on one target: a client thread per queue, each keeping the queue depth
+//! in flight on its own slice of the device's buffer with the same seeded request stream on
+//! every target; latency percentiles and CPU time over the measured window.
+
+use std::mem::MaybeUninit;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkioq, Completion, ReqFlags};
+
+use crate::data_pattern::fill_source;
+use crate::device::{completion_error, Device, Driver, IO_TIMEOUT};
+use crate::error::Result;
+use crate::procstat;
+use crate::rng::Rng;
+use crate::workload::Workload;
+
+/// How to run one workload.
+#[derive(Clone, Copy)]
+pub struct RunSpec<'a> {
+    /// How the target is reached.
+    pub driver: Driver,
+    /// Socket (vhost-user) or file (io_uring).
+    pub path: &'a str,
+    /// What to run.
+    pub workload: Workload,
+    /// Unmeasured warm-up.
+    pub ramp: Duration,
+    /// Measured window.
+    pub duration: Duration,
+    /// Seed of the offset stream.
+    pub seed: u64,
+    /// Daemon whose CPU time is sampled at the window edges.
+    pub daemon_pid: Option<u32>,
+    /// Limit offsets to the first `span` bytes.
+    pub span: Option<u64>,
+    /// Writes carry the source pattern of their offset (see [`fill_source`]) instead of
+    /// random data, so they leave an image made from that pattern unchanged.
+    pub write_source: bool,
+}
+
+/// Result of one workload run on one target.
+pub struct RunResult {
+    /// Requests completed in the measured window.
+    pub ios: u64,
+    /// Bytes transferred by those requests.
+    pub bytes: u64,
+    /// Length of the measured window.
+    pub seconds: f64,
+    /// Median latency (µs).
+    pub p50_us: f64,
+    /// 99th percentile latency (µs).
+    pub p99_us: f64,
+    /// 99.9th percentile latency (µs).
+    pub p999_us: f64,
+    /// Mean latency (µs).
+    pub mean_us: f64,
+    /// CPU seconds the daemon used in the window, when its pid was given.
+    pub daemon_cpu_s: Option<f64>,
+    /// CPU seconds this client used in the window.
+    pub client_cpu_s: f64,
+    /// Busy CPU seconds of everything else on the machine in the window (other processes,
+    /// interrupts, kernel threads): a measure of interference.
+    pub other_cpu_s: f64,
+    /// Size of the target in bytes.
+    pub capacity: u64,
+}
+
+/// Runs a workload for `ramp + duration`, measuring only the last `duration`.
+pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
+    let RunSpec {
+        driver,
+        path,
+        workload,
+        ramp,
+        duration,
+        seed,
+        daemon_pid,
+        span,
+        write_source,
+    } = *spec;
+    let per_queue = workload.block_size * workload.queue_depth;
+    let mut dev = Device::open(driver, path, workload.queues, per_queue * workload.queues)?;
+    let capacity = dev.capacity;
+    let span = span.unwrap_or(capacity).min(capacity);
+    if span < (workload.block_size * workload.queue_depth * workload.queues) as u64 {
+        return Err(format!(
+            "target too small: {span} bytes for {workload} (capacity {capacity})"
+        ));
+    }
+    // Non-zero, non-repeating data for writes (reads overwrite it).
+    let mut rng = Rng::new(seed ^ 0xB10C);
+    for chunk in dev.buf_slice().chunks_mut(8) {
+        let v = rng.next().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+
+    let nq = workload.queues;
+    // Start barrier: all workers and the main thread (which samples CPU times).
+    let barrier = Arc::new(Barrier::new(nq + 1));
+    let start_holder: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
+    let base = dev.buf();
+    let mut handles = Vec::with_capacity(nq);
+    let queues = dev.take_queues();
+    for (idx, q) in queues.into_iter().enumerate() {
+        let barrier = Arc::clone(&barrier);
+        let start_holder = Arc::clone(&start_holder);
+        // SAFETY: the buffer holds per_queue bytes for each of the nq queues and idx < nq, so
+        // idx * per_queue + per_queue <= region length.
+        let buf = SendPtr(unsafe { base.add(idx * per_queue) });
+        let wseed = seed.wrapping_add(idx as u64 * 0x1000_0001);
+        let first_seq = span / nq as u64 * idx as u64;
+        handles.push(
+            thread::Builder::new()
+                .name(format!("bench-q{idx}"))
+                .spawn(move || {
+                    let buf = buf;
+                    barrier.wait();
+                    let t0 = *start_holder.get().expect("start time set before barrier");
+                    worker(
+                        q,
+                        buf.0,
+                        workload,
+                        span,
+                        wseed,
+                        first_seq,
+                        write_source,
+                        t0 + ramp,
+                        t0 + ramp + duration,
+                    )
+                })
+                .map_err(|e| format!("spawn worker: {e}"))?,
+        );
+    }
+    let t0 = Instant::now();
+    start_holder.set(t0).expect("start time set once");
+    barrier.wait();
+
+    // Sample CPU times at the window edges.
+    sleep_until(t0 + ramp);
+    let d0 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
+    let c0 = procstat::self_cpu_seconds()?;
+    let m0 = procstat::machine_busy_seconds()?;
+    sleep_until(t0 + ramp + duration);
+    let d1 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
+    let c1 = procstat::self_cpu_seconds()?;
+    let m1 = procstat::machine_busy_seconds()?;
+
+    let mut lat: Vec<u32> = Vec::new();
+    let mut ios = 0;
+    let mut bytes = 0;
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(s)) => {
+                if lat.is_empty() {
+                    lat = s.lat_ns;
+                } else {
+                    lat.extend_from_slice(&s.lat_ns);
+                }
+                ios += s.ios;
+                bytes += s.bytes;
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("worker thread panicked".to_string()),
+        }
+    }
+    drop(dev);
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    if ios == 0 {
+        return Err(format!("no I/O completed in the window for {workload}"));
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i] as f64 / 1000.0
+    };
+    let mean_us = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1000.0;
+    Ok(RunResult {
+        ios,
+        bytes,
+        seconds: duration.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        mean_us,
+        daemon_cpu_s: match (d0, d1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        client_cpu_s: c1 - c0,
+        other_cpu_s: ((m1 - m0) - (c1 - c0) - d1.unwrap_or(0.0) + d0.unwrap_or(0.0)).max(0.0),
+        capacity,
+    })
+}
+
+/// Sleeps until `t` (returns at once if it has passed).
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        thread::sleep(t - now);
+    }
+}
+
+/// Sends a raw pointer to a worker thread. The region outlives the workers (they are joined
+/// before the `Device` is dropped) and each worker uses a disjoint slice of it.
+struct SendPtr(*mut u8);
+// SAFETY: see the type's comment; the pointer is only used by the one worker it is sent to,
+// for requests and their data in that worker's own slice of the region.
+unsafe impl Send for SendPtr {}
+
+/// What one client thread measured.
+struct WorkerStats {
+    /// Latencies (ns) of requests completed inside the measurement window.
+    lat_ns: Vec<u32>,
+    ios: u64,
+    bytes: u64,
+}
+
+/// One client thread: keeps `w.queue_depth` requests in flight on `q`, each in its own slot
+/// of `buf`, until `t_end`, and records the requests that complete between `t_ramp` and
+/// `t_end`.
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    mut q: Blkioq,
+    buf: *mut u8,
+    w: Workload,
+    span: u64,
+    seed: u64,
+    first_seq: u64,
+    write_source: bool,
+    t_ramp: Instant,
+    t_end: Instant,
+) -> Result<WorkerStats> {
+    let bs = w.block_size;
+    let qd = w.queue_depth;
+    let blocks = span / bs as u64;
+    let mut rng = Rng::new(seed);
+    let mut seq = first_seq / bs as u64;
+    let mut next_offset = move || -> u64 {
+        if w.pattern.is_random() {
+            (rng.next() % blocks) * bs as u64
+        } else {
+            let off = (seq % blocks) * bs as u64;
+            seq += 1;
+            off
+        }
+    };
+    let submit = |q: &mut Blkioq, slot: usize, off: u64| {
+        // SAFETY: slot < qd, so the slice lies inside this worker's part of the region.
+        let p = unsafe { buf.add(slot * bs) };
+        if w.pattern.is_write() {
+            if write_source {
+                // SAFETY: as above; the slot's previous request has completed, so nothing
+                // else reads or writes these bytes until this request is submitted.
+                fill_source(unsafe { std::slice::from_raw_parts_mut(p, bs) }, off);
+            }
+            q.write(off, p, bs, slot, ReqFlags::empty());
+        } else {
+            q.read(off, p, bs, slot, ReqFlags::empty());
+        }
+    };
+
+    let mut stats = WorkerStats {
+        lat_ns: Vec::with_capacity(1 << 16),
+        ios: 0,
+        bytes: 0,
+    };
+    let mut submitted_at = vec![Instant::now(); qd];
+    let mut completions: Vec<MaybeUninit<Completion>> = Vec::with_capacity(qd);
+    completions.resize_with(qd, MaybeUninit::uninit);
+
+    let now = Instant::now();
+    for (slot, at) in submitted_at.iter_mut().enumerate() {
+        *at = now;
+        submit(&mut q, slot, next_offset());
+    }
+    let mut in_flight = qd;
+    let mut error: Option<String> = None;
+    while in_flight > 0 {
+        let mut timeout = IO_TIMEOUT;
+        let n = match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
+            Ok(n) => n,
+            Err(e) => return Err(format!("do_io: {e} ({} requests in flight)", in_flight)),
+        };
+        let now = Instant::now();
+        let in_window = now >= t_ramp && now < t_end;
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first n entries.
+            let c = unsafe { c.assume_init_ref() };
+            let slot = c.user_data;
+            in_flight -= 1;
+            if c.ret != 0 {
+                error.get_or_insert_with(|| completion_error(c));
+                continue;
+            }
+            if in_window {
+                let ns = now.duration_since(submitted_at[slot]).as_nanos();
+                stats.lat_ns.push(ns.min(u32::MAX as u128) as u32);
+                stats.ios += 1;
+                stats.bytes += bs as u64;
+            }
+            if now < t_end && error.is_none() {
+                submitted_at[slot] = now;
+                submit(&mut q, slot, next_offset());
+                in_flight += 1;
+            }
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
+}
