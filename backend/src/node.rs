@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::counter::Counter;
-use crate::driver::{BlockDriver, BlockStatus, Limits};
+use crate::driver::{BlockDriver, BlockStatus, FileId, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
 use crate::io::bounce::BounceBuffer;
@@ -222,6 +222,13 @@ impl Node {
             }
         }
         own
+    }
+
+    /// The file or device below this node (its own, or for formats its file child's).
+    pub fn file_id(&self) -> Option<FileId> {
+        self.driver
+            .file_id()
+            .or_else(|| self.child(ChildRole::File)?.file_id())
     }
 
     /// A summary for queries.

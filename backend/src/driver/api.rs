@@ -38,6 +38,15 @@ impl Default for Limits {
     }
 }
 
+/// The identity of a file or device (`st_dev`, `st_ino`): two names of one file have the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device of the file system holding the file.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
 /// Whether a range holds data, reads as zeroes, or is not allocated in this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockStatus {
@@ -63,6 +72,11 @@ pub trait BlockDriver: Send + Sync {
     /// The filename shown in queries.
     fn filename(&self) -> String {
         String::new()
+    }
+
+    /// The file or device a protocol driver opened, if any.
+    fn file_id(&self) -> Option<FileId> {
+        None
     }
 
     /// Whether discard reaches storage (else the node completes discards itself).

@@ -7,12 +7,14 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 
-use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, Limits, OpenContext, OpenFuture};
+use super::{
+    BlockDriver, DriverInfo, DriverKind, FileId, IoFuture, Limits, OpenContext, OpenFuture,
+};
 use crate::error::{BlockError, Result};
 use crate::io::blocking::run_blocking;
 use crate::io::bounce::BounceBuffer;
@@ -64,6 +66,7 @@ fn open_host_device<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
 /// An open file or block device.
 pub struct FileDriver {
     file: File,
+    id: FileId,
     filename: String,
     block_device: bool,
     /// Grows when a format driver writes past the end (`Node::write_growing`).
@@ -138,6 +141,10 @@ fn open_common(
         log::debug!("{filename}: O_DIRECT alignment: requests {request}, memory {memory}");
     }
     Ok(Box::new(FileDriver {
+        id: FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
         file,
         filename,
         block_device,
@@ -404,6 +411,10 @@ impl BlockDriver for FileDriver {
 
     fn can_grow(&self) -> bool {
         !self.block_device
+    }
+
+    fn file_id(&self) -> Option<FileId> {
+        Some(self.id)
     }
 
     fn limits(&self) -> Limits {

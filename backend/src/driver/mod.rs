@@ -10,8 +10,8 @@ pub(crate) mod null;
 pub mod qcow2;
 pub(crate) mod raw;
 
-pub use api::{BlockDriver, BlockStatus, IoFuture, Limits};
+pub use api::{BlockDriver, BlockStatus, FileId, IoFuture, Limits};
 pub use open::{
     ChildOpener, CreateFn, CreateRequest, DriverInfo, DriverKind, NodeFuture, OpenContext,
-    OpenFuture, ParentOptions,
+    OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
 };

@@ -7,12 +7,15 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use super::api::BlockDriver;
+use super::api::{BlockDriver, FileId};
 use crate::error::{BlockError, Result};
 use crate::filename::full_backing_filename;
 use crate::flags::{keys, NodeFlags};
 use crate::node::{ChildRole, Node};
 use crate::options::Options;
+
+/// Most images in one backing chain, the top included.
+pub const MAX_BACKING_CHAIN: usize = 128;
 
 /// The future of a driver's open.
 pub type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn BlockDriver>>> + 'a>>;
@@ -69,6 +72,8 @@ pub struct ParentOptions {
     pub flags: NodeFlags,
     /// The role the child plays for the parent.
     pub role: ChildRole,
+    /// For a backing child: the files of the images above it, top first.
+    pub backing_chain: Vec<FileId>,
 }
 
 /// What a driver's open may ask of the graph: existing nodes, and new child nodes.
@@ -93,6 +98,8 @@ pub struct OpenContext<'g> {
     pub(crate) children: Vec<(ChildRole, Arc<Node>)>,
     /// The node's effective options, which its children inherit from.
     pub(crate) all_options: Options,
+    /// The files of the images above this one in a backing chain, top first.
+    pub(crate) backing_chain: Vec<FileId>,
 }
 
 impl OpenContext<'_> {
@@ -113,7 +120,33 @@ impl OpenContext<'_> {
             options: self.all_options.clone(),
             flags: self.flags,
             role,
+            backing_chain: Vec::new(),
         }
+    }
+
+    /// The backing chain a backing child of this image continues: refuses a file that is
+    /// already in it (a loop, which would open images without end) and chains deeper than
+    /// [`MAX_BACKING_CHAIN`].
+    fn backing_chain_below(&self) -> Result<Vec<FileId>> {
+        let image = self.existing_child(ChildRole::File);
+        let mut chain = self.backing_chain.clone();
+        if let Some(id) = image.as_ref().and_then(|f| f.file_id()) {
+            if chain.contains(&id) {
+                return Err(BlockError::invalid(format!(
+                    "Backing chain loop: image '{}' is its own backing file (directly or \
+                     through other images)",
+                    image.map(|f| f.filename()).unwrap_or_default()
+                )));
+            }
+            chain.push(id);
+        }
+        if chain.len() >= MAX_BACKING_CHAIN {
+            return Err(BlockError::invalid(format!(
+                "Backing chain of '{}' is deeper than {MAX_BACKING_CHAIN} images",
+                image.map(|f| f.filename()).unwrap_or_default()
+            )));
+        }
+        Ok(chain)
     }
 
     /// Opens (or references) the child in `role`, from the `role` / `role.*` options.
@@ -213,7 +246,8 @@ impl OpenContext<'_> {
         if let Some(format) = backing_format {
             child.set_default(keys::DRIVER, format);
         }
-        let parent = self.inherited(role);
+        let mut parent = self.inherited(role);
+        parent.backing_chain = self.backing_chain_below()?;
         let node = self.opener.open_child_node(child, parent).await?;
         if probed && backing_file.is_some() {
             log::warn!(

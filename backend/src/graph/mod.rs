@@ -14,6 +14,10 @@ mod open;
 
 pub use open::SNAPSHOT;
 
+/// Stack of the thread that opens a node: enough for a backing chain of
+/// [`MAX_BACKING_CHAIN`](crate::driver::MAX_BACKING_CHAIN) images in an unoptimised build.
+const OPENER_STACK: usize = 64 << 20;
+
 /// The set of nodes of one daemon.
 #[derive(Default)]
 pub struct Graph {
@@ -55,10 +59,20 @@ impl Graph {
 
     /// Opens a node the caller holds; it is closed when the last reference goes.
     ///
-    /// Opening runs on the calling thread (a control thread, never a queue's worker), which
-    /// waits for the I/O that opening needs (headers, probing).
+    /// The caller (a control thread, never a queue's worker) waits while an opener thread
+    /// does the I/O that opening needs (headers, probing). Opening recurses once per image
+    /// of a backing chain, so that thread gets a stack for the deepest chain allowed, whatever
+    /// the caller's own stack.
     pub fn open(&self, options: Options) -> Result<Arc<Node>> {
-        block_on(self.open_node(options, None))?
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("strata-open".into())
+                .stack_size(OPENER_STACK)
+                .spawn_scoped(scope, || block_on(self.open_node(options, None))?)
+                .map_err(|e| BlockError::io(&e, "Could not start a thread to open the node"))?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// Opens an image file: the format is given, or probed (with a warning for raw).

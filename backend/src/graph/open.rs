@@ -60,6 +60,7 @@ impl Graph {
             inherit(&mut options, parent);
         }
         let protocol_expected = parent.as_ref().is_some_and(|p| p.role == ChildRole::File);
+        let backing_chain = parent.map(|p| p.backing_chain).unwrap_or_default();
 
         let mut driver_info = match options.get(keys::DRIVER) {
             Some(name) => Some(registry::find(name)?),
@@ -109,6 +110,7 @@ impl Graph {
             node_name: name.clone(),
             children: Vec::new(),
             all_options: effective.clone(),
+            backing_chain,
         };
         if driver_info.is_none() {
             // No format given: open the file child and guess from its first bytes.
