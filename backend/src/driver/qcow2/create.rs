@@ -5,9 +5,10 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
+use super::feature_names::default_feature_table;
 use super::header::{
-    default_feature_table, Extension, Header, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB,
-    EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+    Extension, Header, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, EXT_BACKING_FORMAT,
+    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
 };
 use super::refcount::set_entry;
 use crate::error::{BlockError, Result};

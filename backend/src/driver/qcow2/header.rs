@@ -1,6 +1,7 @@
 //! The qcow2 header: parsing and validating it (every error names the field), its extensions
 //! (backing format, feature names, external data file, bitmaps, unknown ones kept as bytes),
-//! and writing a new one for image creation.
+//! and writing a new one for image creation. The feature name table is read and built in
+//! [`feature_names`](super::feature_names).
 //!
 //! All numbers are big-endian. Version 2 (compat 0.10) has a 72-byte header; version 3
 //! (compat 1.1) at least 104 bytes, with feature bitmaps, the refcount width and, from 112
@@ -81,17 +82,6 @@ pub struct Extension {
     pub kind: u32,
     /// Its data (without padding).
     pub data: Vec<u8>,
-}
-
-/// One entry of the feature name table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FeatureName {
-    /// 0 incompatible, 1 compatible, 2 autoclear.
-    pub kind: u8,
-    /// Bit number.
-    pub bit: u8,
-    /// Name.
-    pub name: String,
 }
 
 /// The persistent bitmaps extension.
@@ -555,53 +545,6 @@ impl Header {
             .map(|e| String::from_utf8_lossy(trim_nul(&e.data)).into_owned())
     }
 
-    /// The feature name table.
-    pub fn feature_names(&self) -> Vec<FeatureName> {
-        let Some(ext) = self.extension(EXT_FEATURE_TABLE) else {
-            return Vec::new();
-        };
-        ext.data
-            .chunks_exact(48)
-            .map(|c| FeatureName {
-                kind: c[0],
-                bit: c[1],
-                name: String::from_utf8_lossy(trim_nul(&c[2..])).into_owned(),
-            })
-            .collect()
-    }
-
-    /// Names the bits of a feature bitmap of one kind, from the table or as "bit N".
-    pub fn describe_features(&self, kind: u8, bits: u64) -> String {
-        let table = self.feature_names();
-        let mut names = Vec::new();
-        for bit in 0..64u8 {
-            if bits & (1 << bit) == 0 {
-                continue;
-            }
-            let name = table
-                .iter()
-                .find(|f| f.kind == kind && f.bit == bit)
-                .map(|f| format!("{} (bit {bit})", f.name))
-                .or_else(|| {
-                    let known = match (kind, bit) {
-                        (0, 0) => Some("dirty bit"),
-                        (0, 1) => Some("corrupt bit"),
-                        (0, 2) => Some("external data file"),
-                        (0, 3) => Some("compression type"),
-                        (0, 4) => Some("extended L2 entries"),
-                        (1, 0) => Some("lazy refcounts"),
-                        (2, 0) => Some("bitmaps"),
-                        (2, 1) => Some("raw external data"),
-                        _ => None,
-                    };
-                    known.map(|n| format!("{n} (bit {bit})"))
-                })
-                .unwrap_or_else(|| format!("unknown feature bit {bit}"));
-            names.push(name);
-        }
-        names.join(", ")
-    }
-
     /// The persistent bitmaps extension, if valid.
     pub fn bitmaps(&self) -> Option<BitmapsExt> {
         let e = self.extension(EXT_BITMAPS)?;
@@ -687,37 +630,16 @@ impl Header {
     }
 }
 
-fn trim_nul(b: &[u8]) -> &[u8] {
+/// `b` up to its first NUL byte.
+pub(super) fn trim_nul(b: &[u8]) -> &[u8] {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     &b[..end]
-}
-
-/// The feature name table QEMU writes into new version 3 images.
-pub fn default_feature_table() -> Vec<u8> {
-    let names: &[(u8, u8, &str)] = &[
-        (0, 0, "dirty bit"),
-        (0, 1, "corrupt bit"),
-        (0, 2, "external data file"),
-        (0, 3, "compression type"),
-        (0, 4, "extended L2 entries"),
-        (1, 0, "lazy refcounts"),
-        (2, 0, "bitmaps"),
-        (2, 1, "raw external data"),
-    ];
-    let mut out = Vec::with_capacity(names.len() * 48);
-    for &(kind, bit, name) in names {
-        let mut entry = [0u8; 48];
-        entry[0] = kind;
-        entry[1] = bit;
-        entry[2..2 + name.len()].copy_from_slice(name.as_bytes());
-        out.extend_from_slice(&entry);
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::qcow2::feature_names::default_feature_table;
 
     fn sample() -> Header {
         Header {

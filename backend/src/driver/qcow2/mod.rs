@@ -24,6 +24,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 mod create_hook;
+pub mod feature_names;
 pub mod header;
 pub mod l2cache;
 mod mapping;
