@@ -31,8 +31,6 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 /// Autoclear feature: the bitmaps extension is consistent.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// Autoclear feature: the external data file is a valid raw image.
-pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 /// Header extension types.
 pub const EXT_END: u32 = 0;
@@ -40,8 +38,6 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-/// Full disk encryption header pointer.
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Persistent bitmaps.
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// External data file name.
@@ -520,11 +516,6 @@ impl Header {
     /// Refcount width in bits.
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
-    }
-
-    /// Whether the image names a backing file.
-    pub fn has_backing(&self) -> bool {
-        self.backing_file.is_some()
     }
 
     /// The first extension of a type.

@@ -54,16 +54,6 @@ impl Slice {
         self.words[i].store(v, Ordering::Release);
     }
 
-    /// Number of words.
-    pub fn len(&self) -> usize {
-        self.words.len()
-    }
-
-    /// Whether the slice has no words (never, for a real slice).
-    pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
-    }
-
     /// Whether the slice has changes not yet written.
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
@@ -313,16 +303,6 @@ impl L2Cache {
         }
         out.sort_by_key(|s| s.offset);
         out
-    }
-
-    /// Drops every clean slice nobody holds (after metadata was rewritten behind the cache).
-    pub fn drop_clean(&self) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard
-                .map
-                .retain(|_, s| s.is_dirty() || Arc::strong_count(s) > 1);
-        }
     }
 }
 

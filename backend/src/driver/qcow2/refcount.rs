@@ -167,11 +167,6 @@ impl Refcounts {
         (self.cluster_size() * 8) >> self.order
     }
 
-    /// Refcount width order.
-    pub fn order(&self) -> u32 {
-        self.order
-    }
-
     fn block_offset(&self, rt: u64) -> Result<Option<u64>> {
         let Some(&entry) = self.table.get(rt as usize) else {
             return Ok(None);
@@ -232,17 +227,6 @@ impl Refcounts {
             self.cache.remove(&off);
         }
         Ok(())
-    }
-
-    /// The refcount of a cluster (0 where no block covers it).
-    pub async fn get(&mut self, cluster: u64) -> Result<u64> {
-        let per = self.per_block();
-        let Some(off) = self.block_offset(cluster / per)? else {
-            return Ok(0);
-        };
-        let order = self.order;
-        let b = self.block(off).await?;
-        Ok(get_entry(&b.data, order, cluster % per))
     }
 
     /// Adds `delta` to a cluster's refcount; returns the new value.
@@ -502,19 +486,6 @@ impl Refcounts {
             }
         }
         Ok(dirty.len())
-    }
-
-    /// Whether any block has unwritten changes.
-    pub fn has_dirty(&self) -> bool {
-        self.cache.values().any(|b| b.dirty)
-    }
-
-    /// Forgets every cached block (after the refcount structures were rebuilt on disk).
-    pub fn reset(&mut self, table: Vec<u64>, table_offset: u64) {
-        self.cache.clear();
-        self.table = table;
-        self.table_offset = table_offset;
-        self.free_hint = 0;
     }
 }
 
