@@ -8,9 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use strata_backend::driver::qcow2::check::{self, CheckResult, Repair};
-use strata_backend::driver::qcow2::create::{self, CreateOptions};
-use strata_backend::driver::qcow2::header::{self, Header};
+use strata_backend::driver::qcow2::{self, CheckResult, CreateOptions, Repair};
 use strata_backend::filename::full_backing_filename;
 use strata_backend::options::{parse_bool, parse_size};
 use strata_backend::{block_on, probe, ChildRole, Graph, Node, Options};
@@ -186,7 +184,7 @@ fn create_qcow2(args: &ImgCreateArgs, size: Option<u64>) -> Result<(), String> {
         );
         println!("{line}");
     }
-    create::create_file(&args.file, &opts).map_err(|e| e.to_string())
+    qcow2::create_file(&args.file, &opts).map_err(|e| e.to_string())
 }
 
 /// Whether a backing name resolves to the new file itself.
@@ -201,22 +199,6 @@ fn same_file(filename: &str, backing: &str) -> bool {
         dir.ok().zip(p.file_name()).map(|(d, n)| d.join(n))
     };
     matches!((canon(filename), canon(&full)), (Some(a), Some(b)) if a == b)
-}
-
-/// The first cluster of a qcow2 file, parsed.
-fn read_qcow2_header(path: &str) -> Result<Header, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("Could not open '{path}': {e}"))?;
-    let mut buf = vec![0u8; 2 << 20];
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => return Err(format!("Could not read '{path}': {e}")),
-        }
-    }
-    buf.truncate(n);
-    Header::parse(&buf).map_err(|e| format!("{path}: {e}"))
 }
 
 fn probe_path(path: &str) -> Result<&'static str, String> {
@@ -270,35 +252,35 @@ fn image_info(node: &Node) -> Result<Value, String> {
         "dirty-flag": false,
     });
     if node.driver_name() == "qcow2" {
-        let h = read_qcow2_header(&filename)?;
-        v["cluster-size"] = json!(h.cluster_size());
-        v["dirty-flag"] = json!(h.incompatible_features & header::INCOMPAT_DIRTY != 0);
+        let q = qcow2::read_info(Path::new(&filename)).map_err(|e| e.to_string())?;
+        v["cluster-size"] = json!(q.cluster_size);
+        v["dirty-flag"] = json!(q.dirty);
         let mut data = json!({
-            "compat": if h.version >= 3 { "1.1" } else { "0.10" },
-            "compression-type": if h.compression_type == 0 { "zlib" } else { "zstd" },
-            "lazy-refcounts": h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
-            "refcount-bits": h.refcount_bits(),
-            "corrupt": h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
-            "extended-l2": h.extended_l2(),
+            "compat": q.compat,
+            "compression-type": q.compression_type,
+            "refcount-bits": q.refcount_bits,
         });
-        if h.version < 3 {
-            data = json!({
-                "compat": "0.10",
-                "compression-type": "zlib",
-                "refcount-bits": 16,
-            });
+        // Version 2 images have no feature bits: qemu-img leaves these out.
+        for (key, value) in [
+            ("lazy-refcounts", q.lazy_refcounts),
+            ("corrupt", q.corrupt),
+            ("extended-l2", q.extended_l2),
+        ] {
+            if let Some(set) = value {
+                data[key] = json!(set);
+            }
         }
         v["format-specific"] = json!({"type": "qcow2", "data": data});
-        if let Some(b) = &h.backing_file {
+        if let Some(b) = &q.backing_file {
             v["backing-filename"] = json!(b);
             v["full-backing-filename"] =
                 json!(full_backing_filename(&filename, b).unwrap_or_else(|_| b.clone()));
-            if let Some(f) = h.backing_format() {
+            if let Some(f) = &q.backing_format {
                 v["backing-filename-format"] = json!(f);
             }
         }
-        if h.nb_snapshots > 0 {
-            v["snapshots"] = json!(h.nb_snapshots);
+        if q.snapshots > 0 {
+            v["snapshots"] = json!(q.snapshots);
         }
     }
     Ok(v)
@@ -477,7 +459,7 @@ fn check(args: &ImgCheckArgs) -> Result<(), String> {
         if repair == Repair::None { "on" } else { "off" },
     );
     let node = graph.open(o).map_err(|e| e.to_string())?;
-    let result = block_on(check::check(&node, repair))
+    let result = block_on(qcow2::check(&node, repair))
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("Check failed: {e}"))?;
     drop(node);

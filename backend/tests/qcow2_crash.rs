@@ -299,7 +299,7 @@ fn crash_rounds(opts: &str, l: Layout, rounds: u64) {
     }
     // strata's check counts the leaks qemu-img counts, and repairs them.
     {
-        use strata_backend::driver::qcow2::check::{check, Repair};
+        use strata_backend::driver::qcow2::{check, Repair};
         let (code, out) = qemu_check(&img);
         let g = Graph::new();
         let file = open(&g, &format!("driver=file,filename={}", s(&img)));

@@ -194,7 +194,7 @@ fn dirty_image_is_repaired_on_open() {
 
 #[test]
 fn check_agrees_with_qemu_img_and_repairs() {
-    use strata_backend::driver::qcow2::check::{check, Repair};
+    use strata_backend::driver::qcow2::{check, Repair};
     let dir = tempdir();
     let img = path(&dir, "leaky.qcow2");
     qemu_img(&[

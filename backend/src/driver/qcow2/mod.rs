@@ -1,9 +1,9 @@
 //! The `qcow2` format: QEMU's copy-on-write image format, versions 2 and 3.
 //!
 //! Layout: guest offsets map through a two-level table (the L1 table in memory, L2 tables
-//! cached by [`l2cache`]) to host clusters of the `file` child; clusters not allocated in this
+//! cached by `l2cache`) to host clusters of the `file` child; clusters not allocated in this
 //! image come from the `backing` node, or read as zeroes. Reference counts
-//! ([`refcount`]) record which host clusters are in use.
+//! (`refcount`) record which host clusters are in use.
 //!
 //! Concurrency: one instance serves every queue thread. Reads and writes into clusters this
 //! image owns go straight to the file child from the caller's buffers after a lock-free L2
@@ -20,20 +20,26 @@
 //! entries, with a flush of the file between each step.
 
 mod cache_sizes;
-pub mod check;
-pub mod compress;
-pub mod create;
+mod check;
+mod compress;
+mod create;
 mod create_hook;
-pub mod feature_names;
-pub mod header;
-pub mod l2cache;
+mod feature_names;
+mod header;
+mod info;
+mod l2cache;
 mod mapping;
 mod read;
-pub mod refcount;
-pub mod sync;
+mod refcount;
+mod sync;
 mod write;
 mod writeback;
 mod zero;
+
+// The interface of the image tools (`strata img`): create, check and describe an image.
+pub use self::check::{check, CheckResult, Repair};
+pub use self::create::{create_file, CreateOptions};
+pub use self::info::{read_info, ImageInfo};
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
@@ -66,18 +72,18 @@ pub const DRIVER: DriverInfo = DriverInfo {
 };
 
 /// Bits of an L1 entry holding the L2 table offset.
-pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits of a standard L2 entry holding the cluster offset.
-pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// The cluster (or L2 table) has refcount 1 and may be written in place.
-pub const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COPIED: u64 = 1 << 63;
 /// The cluster is compressed.
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// The cluster reads as zeroes (version 3).
-pub const OFLAG_ZERO: u64 = 1;
+const OFLAG_ZERO: u64 = 1;
 
 /// An open qcow2 image.
-pub struct Qcow2 {
+struct Qcow2 {
     file: Arc<Node>,
     backing: Option<Arc<Node>>,
     header: Header,
@@ -297,11 +303,6 @@ impl Qcow2 {
             epoch: ReadEpoch::default(),
             header,
         })
-    }
-
-    /// The parsed header.
-    pub fn header(&self) -> &Header {
-        &self.header
     }
 
     /// Virtual disk size in bytes.
