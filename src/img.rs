@@ -1,17 +1,17 @@
 //! `strata img`: image creation (raw, qcow2), information and consistency checks, with
 //! qemu-img's syntax, messages and exit codes.
 
-use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use strata_backend::driver::qcow2::{self, CheckResult, CreateOptions, Repair};
+use strata_backend::driver::qcow2::{self, CheckResult, Repair};
+use strata_backend::driver::CreateRequest;
 use strata_backend::filename::full_backing_filename;
-use strata_backend::options::{parse_bool, parse_size};
-use strata_backend::{block_on, probe, ChildRole, Graph, Node, Options};
+use strata_backend::options::parse_size;
+use strata_backend::{block_on, probe, registry, ChildRole, Graph, Node, Options};
 
 use crate::cli::{ImgCheckArgs, ImgCommand, ImgCreateArgs, ImgInfoArgs, OutputFormat, RepairMode};
 
@@ -24,80 +24,75 @@ pub fn run(cmd: ImgCommand) -> Result<(), String> {
     }
 }
 
+/// qemu-img create: the format's create hook (through the registry) makes the image from the
+/// `-o` options, `-b`/`-F` and the size; the backing image is checked first unless `-u`.
 fn create(args: &ImgCreateArgs) -> Result<(), String> {
-    let size = args
-        .size
-        .as_deref()
-        .map(|s| parse_size(s).map_err(|e| format!("Invalid image size specified: {e}")))
-        .transpose()?;
-    match args.format.as_str() {
-        "raw" => {
-            if args.backing.is_some() {
-                return Err("Backing file not supported for file format 'raw'".into());
-            }
-            if !args.options.is_empty() {
-                return Err("Invalid options for file format 'raw'".into());
-            }
-            let size = size.ok_or("Image creation needs a size parameter")?;
-            if !args.quiet {
-                println!("Formatting '{}', fmt=raw size={size}", args.file.display());
-            }
-            create_raw_file(&args.file, size)
-        }
-        "qcow2" => create_qcow2(args, size),
-        other => Err(format!(
-            "Unknown file format '{other}' (strata img create supports: raw, qcow2)"
-        )),
-    }
-}
-
-/// Creates (or truncates) a sparse raw image of `size` bytes.
-pub fn create_raw_file(path: &std::path::Path, size: u64) -> Result<(), String> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{}': {e}", path.display()))?;
-    file.set_len(size)
-        .map_err(|e| format!("Could not resize '{}' to {size} bytes: {e}", path.display()))
-}
-
-/// Parses qemu-img's `-o` options for qcow2.
-fn qcow2_options(args: &ImgCreateArgs, opts: &mut CreateOptions) -> Result<Option<u64>, String> {
-    let mut size = None;
+    let mut options = Options::new();
     for text in &args.options {
         let parsed = Options::parse(text, None).map_err(|e| e.to_string())?;
         for (key, value) in parsed.iter() {
-            let bad = |e: strata_backend::BlockError| format!("Invalid option '{key}': {e}");
-            match key {
-                "cluster_size" => opts.cluster_size = parse_size(value).map_err(bad)?,
-                "compat" => opts.version = CreateOptions::parse_compat(value).map_err(bad)?,
-                "lazy_refcounts" => opts.lazy_refcounts = parse_bool(key, value).map_err(bad)?,
-                "extended_l2" => opts.extended_l2 = parse_bool(key, value).map_err(bad)?,
-                "compression_type" => {
-                    opts.compression_type = CreateOptions::parse_compression(value).map_err(bad)?
-                }
-                "refcount_bits" => {
-                    opts.refcount_bits = value
-                        .parse()
-                        .map_err(|_| format!("Invalid refcount_bits '{value}'"))?
-                }
-                "backing_file" => opts.backing_file = Some(value.to_string()),
-                "backing_fmt" => opts.backing_format = Some(value.to_string()),
-                "size" => size = Some(parse_size(value).map_err(bad)?),
-                "preallocation" if value == "off" => {}
-                other => {
-                    return Err(format!(
-                        "Invalid parameter '{other}' (qcow2 takes cluster_size, compat, \
-                         lazy_refcounts, compression_type, refcount_bits, extended_l2, \
-                         backing_file, backing_fmt, size, preallocation=off)"
-                    ))
-                }
-            }
+            options.set(key, value);
         }
     }
-    Ok(size)
+    let mut size = args
+        .size
+        .as_deref()
+        .or(options.get("size"))
+        .map(|s| parse_size(s).map_err(|e| format!("Invalid image size specified: {e}")))
+        .transpose()?;
+    options.take("size");
+    match options.take("preallocation").as_deref() {
+        None | Some("off") => {}
+        Some(other) => return Err(format!(
+            "Invalid parameter 'preallocation={other}' (strata creates preallocation=off images)"
+        )),
+    }
+    if let Some(b) = &args.backing {
+        options.set("backing_file", b.as_str());
+    }
+    if let Some(f) = &args.backing_format {
+        options.set("backing_fmt", f.as_str());
+    }
+    let filename = args.file.to_string_lossy().into_owned();
+    if let Some(backing) = options.get("backing_file").map(str::to_string) {
+        if backing == filename || same_file(&filename, &backing) {
+            return Err(
+                "Error: Trying to create an image with the same filename as the backing file"
+                    .into(),
+            );
+        }
+        if !args.unsafe_backing {
+            let full = full_backing_filename(&filename, &backing).map_err(|e| e.to_string())?;
+            let graph = Graph::new();
+            let node = open_image(&graph, &full, options.get("backing_fmt"), false)
+                .map_err(|e| format!("Could not open backing image '{full}': {e}"))?;
+            if !options.contains("backing_fmt") {
+                return Err(format!(
+                    "Backing file specified without backing format\nDetected format of {}. \
+                     (give it with -F {})",
+                    node.driver_name(),
+                    node.driver_name()
+                ));
+            }
+            size = size.or(Some(node.size()));
+        }
+    }
+    let size = size.ok_or("Image creation needs a size parameter")?;
+    let request = CreateRequest {
+        path: &args.file,
+        size,
+        options,
+    };
+    let effective = registry::create(&args.format, request).map_err(|e| e.to_string())?;
+    if !args.quiet {
+        let list: Vec<String> = effective.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "Formatting '{filename}', fmt={} {}",
+            args.format,
+            list.join(" ")
+        );
+    }
+    Ok(())
 }
 
 /// Opens an image read-only through the block layer, with its backing chain.
@@ -117,74 +112,6 @@ fn open_image(
         o.set("backing", "null");
     }
     graph.open(o).map_err(|e| e.to_string())
-}
-
-fn create_qcow2(args: &ImgCreateArgs, size: Option<u64>) -> Result<(), String> {
-    let mut opts = CreateOptions::default();
-    let opt_size = qcow2_options(args, &mut opts)?;
-    if args.backing.is_some() {
-        opts.backing_file = args.backing.clone();
-    }
-    if args.backing_format.is_some() {
-        opts.backing_format = args.backing_format.clone();
-    }
-    let filename = args.file.to_string_lossy().into_owned();
-    let mut size = size.or(opt_size);
-    if let Some(backing) = &opts.backing_file {
-        if *backing == filename || same_file(&filename, backing) {
-            return Err(
-                "Error: Trying to create an image with the same filename as the backing file"
-                    .into(),
-            );
-        }
-        if !args.unsafe_backing {
-            let full = full_backing_filename(&filename, backing).map_err(|e| e.to_string())?;
-            let graph = Graph::new();
-            let node = open_image(&graph, &full, opts.backing_format.as_deref(), false)
-                .map_err(|e| format!("Could not open backing image '{full}': {e}"))?;
-            if opts.backing_format.is_none() {
-                return Err(format!(
-                    "Backing file specified without backing format\nDetected format of {}. \
-                     (give it with -F {})",
-                    node.driver_name(),
-                    node.driver_name()
-                ));
-            }
-            size = size.or(Some(node.size()));
-        }
-    }
-    let size = size.ok_or("Image creation needs a size parameter")?;
-    opts.size = size;
-    if !args.quiet {
-        let mut line = format!(
-            "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2={} \
-             compression_type={}",
-            opts.cluster_size,
-            if opts.extended_l2 { "on" } else { "off" },
-            if opts.compression_type == 0 {
-                "zlib"
-            } else {
-                "zstd"
-            }
-        );
-        line += &format!(" size={}", size.div_ceil(512) * 512);
-        if opts.version < 3 {
-            line += " compat=0.10";
-        }
-        if let Some(b) = &opts.backing_file {
-            line += &format!(" backing_file={b}");
-        }
-        if let Some(f) = &opts.backing_format {
-            line += &format!(" backing_fmt={f}");
-        }
-        line += &format!(
-            " lazy_refcounts={} refcount_bits={}",
-            if opts.lazy_refcounts { "on" } else { "off" },
-            opts.refcount_bits
-        );
-        println!("{line}");
-    }
-    qcow2::create_file(&args.file, &opts).map_err(|e| e.to_string())
 }
 
 /// Whether a backing name resolves to the new file itself.

@@ -54,7 +54,7 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
 pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     let mut format = args.format.clone();
     if !args.image.exists() {
-        crate::img::create_raw_file(&args.image, DEFAULT_IMAGE_SIZE)?;
+        create_default_image(&args.image)?;
         format.get_or_insert_with(|| "raw".to_string());
         log::info!("created {} (1 GiB sparse raw image)", args.image.display());
     }
@@ -86,6 +86,18 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     };
     print_qemu_hint(&args.socket, args.queues);
     run(vec![(config, Listen::UnixPath(args.socket.clone()))])
+}
+
+/// Creates the sparse raw image `serve` uses when none exists; never replaces a file that
+/// appeared meanwhile (create-new).
+fn create_default_image(path: &Path) -> Result<(), String> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("Could not create '{}': {e}", path.display()))?;
+    file.set_len(DEFAULT_IMAGE_SIZE)
+        .map_err(|e| format!("Could not resize '{}': {e}", path.display()))
 }
 
 fn print_qemu_hint(socket: &Path, queues: u16) {
