@@ -71,3 +71,125 @@ fn backing_chains_are_bounded_in_depth() {
     let e = err(open_qcow2(&dir.path().join(name(depth))));
     assert!(e.to_string().contains("deeper than"), "{e}");
 }
+
+/// Sector 0 contents that QEMU's probes take for another format, each naming a host file.
+fn disguised_sector0s() -> Vec<(&'static str, Vec<u8>)> {
+    let sector = |head: &[u8]| {
+        let mut s = head.to_vec();
+        s.resize(512, 0);
+        s
+    };
+    let mut qcow2_v4 = b"QFI\xfb\x00\x00\x00\x04".to_vec();
+    // backing_file_offset 512, size 11: "/etc/passwd" (not read: probing decides first).
+    qcow2_v4.extend_from_slice(&512u64.to_be_bytes());
+    qcow2_v4.extend_from_slice(&11u32.to_be_bytes());
+    vec![
+        ("qcow2 version 4", sector(&qcow2_v4)),
+        ("vmdk3 (COWD)", sector(b"COWD\x00\x00\x00\x01")),
+        (
+            "vmdk descriptor",
+            sector(
+                b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                  createType=\"monolithicFlat\"\nRW 2048 FLAT \"/etc/passwd\" 0\n",
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn qemu_probes_agree_that_the_disguises_are_not_raw() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (what, sector) in disguised_sector0s() {
+        let path = dir.path().join("disguised.img");
+        let mut content = sector.clone();
+        content.resize(1 << 20, 0);
+        std::fs::write(&path, &content).expect("write image");
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&path)
+            .output()
+            .expect("qemu-img");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains("\"format\": \"raw\""),
+            "{what}: qemu-img says raw, so the guard need not refuse it: {text}"
+        );
+        assert!(
+            strata_backend::probe::probe_format(&sector).is_some(),
+            "{what}: strata's probe does not recognise what QEMU's does"
+        );
+    }
+}
+
+#[test]
+fn a_probed_raw_image_refuses_every_disguise_in_sector0() {
+    for (what, sector) in disguised_sector0s() {
+        let img = image(1 << 20, 7);
+        let node = open(&Graph::new(), &format!("file.filename={}", path_str(&img)));
+        assert_eq!(node.driver_name(), "raw");
+        let e = err(write(&node, 0, &sector));
+        assert_eq!(e.errno(), libc::EPERM, "{what}: {e}");
+        assert_eq!(
+            file_bytes(&img)[..512],
+            pattern(7, 1 << 20)[..512],
+            "{what}"
+        );
+    }
+}
+
+/// A buffer that another thread keeps changing, as a guest's second vCPU can.
+struct Flipping(*mut u8);
+
+// SAFETY: the pointer is only used for volatile byte writes to a buffer that outlives the
+// thread (joined before the buffer is dropped); racing with the block layer's reads of plain
+// bytes is the situation under test, like DMA from guest memory.
+unsafe impl Send for Flipping {}
+
+#[test]
+fn sector0_is_written_as_it_was_checked() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    let img = image(1 << 20, 3);
+    let node = open(&Graph::new(), &format!("file.filename={}", path_str(&img)));
+    let mut buf = vec![0u8; 512];
+    let magic = *b"QFI\xfb\x00\x00\x00\x03";
+    let stop = AtomicBool::new(false);
+    let flipper = Flipping(buf.as_mut_ptr());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = flipper;
+            let mut on = false;
+            while !stop.load(Ordering::Relaxed) {
+                on = !on;
+                for (i, b) in magic.iter().enumerate() {
+                    // SAFETY: see `Flipping`; i < 8 <= the buffer's 512 bytes.
+                    unsafe { std::ptr::write_volatile(f.0.add(i), if on { *b } else { 0 }) };
+                }
+            }
+        });
+        // Stops the flipper however this thread leaves the scope (a failed assertion too).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let start = Instant::now();
+        let mut writes = 0;
+        while writes < 20_000 && start.elapsed() < Duration::from_secs(3) {
+            let iov = [strata_backend::IoVec::new(&mut buf[..])];
+            // Refused or written: both are fine, as long as what lands is what was checked.
+            let _ = run(node.write(0, &iov));
+            writes += 1;
+            let on_disk = file_bytes(&img);
+            assert_eq!(
+                strata_backend::probe::probe_format(&on_disk[..512]),
+                None,
+                "after {writes} writes, sector 0 of a probed raw image looks like another format"
+            );
+        }
+    });
+}

@@ -104,10 +104,12 @@ async fn open_raw(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
 }
 
 impl RawDriver {
-    /// Refuses a write whose first sector would probe as another format.
-    fn check_sector0(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+    /// For a write into sector 0 of a guarded image: a copy of the bytes written there,
+    /// refused if they would probe as another format. The caller writes this copy, not the
+    /// caller's buffer, which the guest may change between the check and the write.
+    fn checked_sector0(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<Option<Vec<u8>>> {
         if !self.guard_sector0 || offset >= SECTOR {
-            return Ok(());
+            return Ok(None);
         }
         // Only the written part of sector 0 is known here; checking it alone is what QEMU does
         // too, since every image magic sits in the first bytes.
@@ -123,7 +125,19 @@ impl RawDriver {
                 ),
             ));
         }
-        Ok(())
+        head.drain(..offset as usize);
+        Ok(Some(head))
+    }
+
+    /// Writes `iov` at `offset` of the window, dropping what lies past its end.
+    async fn write_window(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        let len = iovec::total_len(iov);
+        let keep = self.size.saturating_sub(offset).min(len);
+        if keep == len {
+            return self.file.write(self.offset + offset, iov).await;
+        }
+        let part = iovec::sub_iov(iov, 0, keep as usize);
+        self.file.write(self.offset + offset, &part).await
     }
 }
 
@@ -166,15 +180,18 @@ impl BlockDriver for RawDriver {
 
     fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            self.check_sector0(offset, iov)?;
-            // As in read, what lies past the end of a widened request is dropped.
+            let Some(mut head) = self.checked_sector0(offset, iov)? else {
+                return self.write_window(offset, iov).await;
+            };
+            // The checked copy of sector 0 first, then the rest from the caller's buffers.
+            let n = head.len();
+            self.write_window(offset, &[IoVec::new(&mut head)]).await?;
             let len = iovec::total_len(iov);
-            let keep = self.size.saturating_sub(offset).min(len);
-            if keep == len {
-                return self.file.write(self.offset + offset, iov).await;
+            if len > n as u64 {
+                let rest = iovec::sub_iov(iov, n, (len - n as u64) as usize);
+                self.write_window(offset + n as u64, &rest).await?;
             }
-            let part = iovec::sub_iov(iov, 0, keep as usize);
-            self.file.write(self.offset + offset, &part).await
+            Ok(())
         })
     }
 
