@@ -7,12 +7,8 @@ use strata_vhost::{BlkExportConfig, Listen};
 
 use crate::iothreads::IoThreads;
 
-/// Default number of descriptors per virtqueue.
-const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// Most virtqueues an export may have (one worker thread each).
-const MAX_QUEUES: u16 = 64;
-
-/// Parses one `--export` and resolves its node in the graph (and its iothread in `iothreads`).
+/// Parses one `--export`, resolves its node in the graph (and its iothread in `iothreads`), and
+/// checks the settings ([`BlkExportConfig::validate`]).
 pub fn parse(
     text: &str,
     graph: &Graph,
@@ -36,12 +32,12 @@ pub fn parse(
     let node = graph
         .find(&node_name)
         .ok_or_else(|| format!("export '{id}': Cannot find node '{node_name}'"))?;
-    let writable = o.take_bool("writable").map_err(err)?.unwrap_or(false);
-    let writethrough = o.take_bool("writethrough").map_err(err)?.unwrap_or(false);
-    if writable && node.is_read_only() {
-        return Err(format!(
-            "export '{id}': writable=on, but node '{node_name}' is read-only"
-        ));
+    let mut config = BlkExportConfig::new(id.clone(), node);
+    if let Some(writable) = o.take_bool("writable").map_err(err)? {
+        config.writable = writable;
+    }
+    if let Some(writethrough) = o.take_bool("writethrough").map_err(err)? {
+        config.writethrough = writethrough;
     }
     // strata runs a worker per queue whatever the iothread; its polling setting carries over.
     let iothread_poll_max_ns = match o.take("iothread") {
@@ -71,44 +67,32 @@ pub fn parse(
         }
         None => return Err(format!("export '{id}': needs 'addr.type' (unix or fd)")),
     };
-    let num_queues = o.take_u64("num-queues").map_err(err)?.unwrap_or(1);
-    if num_queues == 0 || num_queues > u64::from(MAX_QUEUES) {
-        return Err(format!(
-            "export '{id}': num-queues must be between 1 and {MAX_QUEUES}, got {num_queues}"
-        ));
+    if let Some(n) = o.take_u64("num-queues").map_err(err)? {
+        config.num_queues = narrow(&id, "num-queues", n)?;
     }
-    let logical_block_size = o
-        .take_size("logical-block-size")
-        .map_err(err)?
-        .unwrap_or(512);
-    if !(512..=65536).contains(&logical_block_size) || !logical_block_size.is_power_of_two() {
-        return Err(format!(
-            "export '{id}': logical-block-size must be a power of two from 512 to 65536, got {logical_block_size}"
-        ));
+    if let Some(n) = o.take_size("logical-block-size").map_err(err)? {
+        config.logical_block_size = narrow(&id, "logical-block-size", n)?;
     }
-    let serial = o.take("serial");
+    config.serial = o.take("serial");
     // QSD sets polling on its iothread object (poll-max-ns); strata's workers belong to the
     // export, so the export takes it too, and its own setting wins.
-    let poll_max_ns = o
+    if let Some(ns) = o
         .take_u64("poll-max-ns")
         .map_err(err)?
         .or(iothread_poll_max_ns)
-        .unwrap_or(strata_vhost::DEFAULT_POLL_MAX_NS);
+    {
+        config.poll_max_ns = ns;
+    }
     if let Some(key) = o.first_key() {
         return Err(format!("export '{id}': Invalid parameter '{key}'"));
     }
-    Ok((
-        BlkExportConfig {
-            id,
-            node,
-            writable,
-            num_queues: num_queues as u16,
-            queue_size: DEFAULT_QUEUE_SIZE,
-            logical_block_size: logical_block_size as u32,
-            serial,
-            writethrough,
-            poll_max_ns,
-        },
-        listen,
-    ))
+    config.validate().map_err(|e| e.to_string())?;
+    Ok((config, listen))
+}
+
+/// `value` of option `key` in the setting's integer type. Only a value the type cannot hold is
+/// refused here; the setting's range is [`BlkExportConfig::validate`]'s to check.
+fn narrow<T: TryFrom<u64>>(id: &str, key: &str, value: u64) -> Result<T, String> {
+    T::try_from(value)
+        .map_err(|_| format!("export '{id}': Parameter '{key}' is too large, got '{value}'"))
 }

@@ -73,17 +73,10 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     let node = graph
         .blockdev_add(options)
         .map_err(|e| format!("{image}: {e}"))?;
-    let config = BlkExportConfig {
-        id: "disk".into(),
-        node,
-        writable: !args.read_only,
-        num_queues: args.queues,
-        queue_size: 256,
-        logical_block_size: args.logical_block_size,
-        serial: None,
-        writethrough: false,
-        poll_max_ns: strata_vhost::DEFAULT_POLL_MAX_NS,
-    };
+    let mut config = BlkExportConfig::new("disk", node);
+    config.writable = !args.read_only;
+    config.num_queues = args.queues;
+    config.logical_block_size = args.logical_block_size;
     print_qemu_hint(&args.socket, args.queues);
     run(vec![(config, Listen::UnixPath(args.socket.clone()))])
 }

@@ -72,6 +72,8 @@ fn export_errors_name_the_option() {
         ("type=vhost-user-blk,id=e0,node-name=zz,addr.type=unix,addr.path=/tmp/y.sock", "'zz'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,colour=red", "'colour'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,num-queues=0", "num-queues"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,num-queues=70000", "num-queues"),
+        ("type=vhost-user-blk,id=e0,node-name=ro,addr.type=unix,addr.path=/tmp/y.sock,writable=on", "writable"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,logical-block-size=1000", "logical-block-size"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,writable=maybe", "'writable'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=tcp", "addr.type 'tcp'"),
@@ -81,6 +83,8 @@ fn export_errors_name_the_option() {
         let o = strata(&[
             "--blockdev",
             "driver=null-co,node-name=n0",
+            "--blockdev",
+            "driver=null-co,node-name=ro,read-only=on",
             "--export",
             export,
         ]);

@@ -35,7 +35,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::config::{DeviceConfig, WCE_OFFSET};
+use crate::device_config::{DeviceConfig, WCE_OFFSET};
 use crate::regions::RegionCache;
 use crate::request::{self, Desc, DescTable, Op, Outcome, Parsed, StatusByte, S_IOERR, S_OK};
 use crate::split_ring::SplitRing;

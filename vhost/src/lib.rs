@@ -19,9 +19,10 @@
 //! # Ok(()) }
 //! ```
 
-mod config;
 mod device;
+mod device_config;
 mod error;
+mod export_config;
 mod regions;
 mod relay;
 mod request;
@@ -29,4 +30,5 @@ mod server;
 mod split_ring;
 
 pub use error::Error;
-pub use server::{BlkExport, BlkExportConfig, Listen, DEFAULT_POLL_MAX_NS};
+pub use export_config::{BlkExportConfig, DEFAULT_POLL_MAX_NS, DEFAULT_QUEUE_SIZE, MAX_QUEUES};
+pub use server::{BlkExport, Listen};

@@ -21,7 +21,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
 };
 
-use crate::config::{DeviceConfig, MAX_INDIRECT_DESCS, MAX_ZERO_DISCARD_SEG};
+use crate::device_config::{DeviceConfig, MAX_INDIRECT_DESCS, MAX_ZERO_DISCARD_SEG};
 use crate::regions::RegionCache;
 
 /// Status values of the last byte of a request.

@@ -12,66 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use strata_backend::{block_on, Node};
+use strata_backend::block_on;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::DeviceConfig;
 use crate::device::Device;
+use crate::device_config::DeviceConfig;
 use crate::error::Error;
+use crate::export_config::BlkExportConfig;
 use crate::relay::{self, Connection};
-
-/// Settings of a vhost-user-blk export (QSD's `--export type=vhost-user-blk,...`).
-#[derive(Debug, Clone)]
-pub struct BlkExportConfig {
-    /// Export id (`id=`), used in messages.
-    pub id: String,
-    /// The node to export (`node-name=`).
-    pub node: Arc<Node>,
-    /// Whether the guest may write (`writable=`, off by default as in QSD). A read-only export
-    /// offers VIRTIO_BLK_F_RO and fails writes with IOERR.
-    pub writable: bool,
-    /// Queues in the config space and worker threads (`num-queues=`, 1..=64). A frontend may
-    /// still set up as many as 64 queues (QEMU defaults to one per vCPU); the extra ones are
-    /// shared round-robin by the workers.
-    pub num_queues: u16,
-    /// Largest virtqueue size a frontend may use (power of two, default 256); `seg_max` is
-    /// this minus 2.
-    pub queue_size: u16,
-    /// Logical block size (`logical-block-size=`, power of two, 512..=65536, default 512).
-    /// Smaller than the storage's block size works, through read-modify-write.
-    pub logical_block_size: u32,
-    /// GET_ID answer, at most 20 bytes (none: 20 zero bytes).
-    pub serial: Option<String>,
-    /// Start with the guest's write cache off (wce=0): every write is flushed before it
-    /// completes. The guest may toggle it through the config space.
-    pub writethrough: bool,
-    /// How long a worker keeps polling its virtqueues and io_uring completions after the last
-    /// request or completion before it sleeps until a kick (`poll-max-ns=`, 0: never poll).
-    /// While it polls, the guest need not kick and completions need no eventfd wake-up.
-    pub poll_max_ns: u64,
-}
-
-/// Default of [`BlkExportConfig::poll_max_ns`].
-pub const DEFAULT_POLL_MAX_NS: u64 = 50_000;
-
-impl BlkExportConfig {
-    /// QSD's defaults: read-only, one queue, 512-byte blocks, writeback.
-    pub fn new(id: impl Into<String>, node: Arc<Node>) -> Self {
-        BlkExportConfig {
-            id: id.into(),
-            node,
-            writable: false,
-            num_queues: 1,
-            queue_size: 256,
-            logical_block_size: 512,
-            serial: None,
-            writethrough: false,
-            poll_max_ns: DEFAULT_POLL_MAX_NS,
-        }
-    }
-}
 
 /// Where the export listens for its frontend.
 #[derive(Debug, Clone)]

@@ -10,11 +10,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::error::Error;
-use crate::BlkExportConfig;
-
-/// Most virtqueues a frontend may use: vhost-user-backend maps queues to worker threads with
-/// 64-bit masks.
-pub(crate) const MAX_QUEUES: u16 = 64;
+use crate::export_config::{BlkExportConfig, MAX_QUEUES};
 
 /// Size of `struct virtio_blk_config` (through the zoned characteristics).
 pub(crate) const CONFIG_LEN: usize = std::mem::size_of::<virtio_blk_config>();
@@ -80,42 +76,17 @@ pub(crate) fn storage_alignment(node: &Node) -> u32 {
 }
 
 impl DeviceConfig {
+    /// Derives the device from the export's settings, after checking them with
+    /// [`BlkExportConfig::validate`].
     pub(crate) fn new(c: &BlkExportConfig) -> Result<Self, Error> {
+        c.validate()?;
         let id = &c.id;
-        let bad = |m: String| Err(Error::config(id, m));
-        if c.num_queues == 0 || c.num_queues > MAX_QUEUES {
-            return bad(format!(
-                "num-queues must be between 1 and {MAX_QUEUES}, not {}",
-                c.num_queues
-            ));
-        }
-        if c.queue_size < 2 || !c.queue_size.is_power_of_two() {
-            return bad(format!(
-                "queue-size must be a power of two between 2 and 32768, not {}",
-                c.queue_size
-            ));
-        }
         let lbs = c.logical_block_size;
-        if !(512..=65536).contains(&lbs) || !lbs.is_power_of_two() {
-            return bad(format!(
-                "logical-block-size must be a power of two between 512 and 65536, not {lbs}"
-            ));
-        }
-        if c.writable && c.node.is_read_only() {
-            return bad(format!(
-                "cannot export read-only node '{}' as writable",
-                c.node.name()
-            ));
-        }
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         if let Some(s) = &c.serial {
-            if s.len() > serial.len() {
-                return bad(format!(
-                    "serial '{s}' is longer than {} bytes",
-                    VIRTIO_BLK_ID_BYTES
-                ));
+            for (to, from) in serial.iter_mut().zip(s.as_bytes()) {
+                *to = *from;
             }
-            serial[..s.len()].copy_from_slice(s.as_bytes());
         }
         let storage = storage_alignment(&c.node);
         if storage > lbs {
@@ -322,29 +293,5 @@ mod tests {
         ] {
             assert_ne!(rw & 1 << bit, 0);
         }
-    }
-
-    #[test]
-    fn bad_settings_are_refused() {
-        let opts = strata_backend::Options::parse("driver=null-co,size=1048576,read-only=on", None)
-            .expect("options");
-        let node = strata_backend::Graph::new().open(opts).expect("node");
-        let base = crate::BlkExportConfig::new("t", node);
-        let check = |f: &dyn Fn(&mut crate::BlkExportConfig)| {
-            let mut c = base.clone();
-            f(&mut c);
-            DeviceConfig::new(&c).map(|_| ()).map_err(|e| e.to_string())
-        };
-        assert!(check(&|_| {}).is_ok());
-        assert!(check(&|c| c.writable = true)
-            .unwrap_err()
-            .contains("read-only"));
-        assert!(check(&|c| c.num_queues = 0).is_err());
-        assert!(check(&|c| c.num_queues = 65).is_err());
-        assert!(check(&|c| c.queue_size = 100).is_err());
-        assert!(check(&|c| c.logical_block_size = 1000).is_err());
-        assert!(check(&|c| c.logical_block_size = 256).is_err());
-        assert!(check(&|c| c.serial = Some("x".repeat(21))).is_err());
-        assert!(check(&|c| c.serial = Some("x".repeat(20))).is_ok());
     }
 }
