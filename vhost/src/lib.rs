@@ -26,8 +26,11 @@ mod export_config;
 mod regions;
 mod relay;
 mod request;
+mod request_task;
 mod server;
 mod split_ring;
+mod task_ctx;
+mod worker;
 
 pub use error::Error;
 pub use export_config::{BlkExportConfig, DEFAULT_POLL_MAX_NS, DEFAULT_QUEUE_SIZE, MAX_QUEUES};

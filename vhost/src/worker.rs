@@ -1,0 +1,555 @@
+//! The event loop of one vhost-user-backend worker thread: the virtqueues it runs, its
+//! executor on the thread's own io_uring, batches of requests, used-ring entries and guest
+//! notifications, and busy polling.
+//!
+//! A kick drains the available ring, spawns one task per request, submits their I/O as it
+//! goes, and completes whatever finished at once; the io_uring's completion eventfd, an extra
+//! listener of the thread's epoll, delivers the rest. Used entries are pushed in batches with
+//! one notification. No lock is shared between queues: each virtqueue has its own vring lock,
+//! taken only by its worker (and briefly by control messages).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use strata_backend::LocalExecutor;
+use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::Device;
+use crate::regions::RegionCache;
+use crate::request::{self, Desc, DescTable, Outcome};
+use crate::request_task::request_task;
+use crate::split_ring::SplitRing;
+use crate::task_ctx::{Done, HeldMem, TaskCtx};
+
+/// Longest a worker stays in one busy-poll stint before it goes back to its epoll loop (which
+/// must see exit and control events now and then even under constant load).
+const MAX_POLL_STINT: Duration = Duration::from_millis(2);
+
+/// CPU pause instructions after an idle busy-poll round (tens of ns each).
+const IDLE_PAUSES: u32 = 16;
+
+/// Busy-poll rounds between two looks at the clock.
+const CLOCK_EVERY: u32 = 8;
+
+/// Busy-poll rounds between two yields of the CPU while idle (a multiple of CLOCK_EVERY).
+const YIELD_EVERY: u32 = 32;
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's worker for `dev`, creating it on first use; None (logged once
+/// per device) when the worker cannot be set up.
+pub(crate) fn with_worker<R>(
+    dev: &Device,
+    thread_id: usize,
+    f: impl FnOnce(&mut Worker) -> R,
+) -> Option<R> {
+    WORKER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|w| w.device != dev.instance()) {
+            *slot = None;
+            match Worker::new(dev, thread_id) {
+                Ok(w) => *slot = Some(w),
+                Err(e) => {
+                    if dev.first_worker_failure() {
+                        log::error!(
+                            "vhost-user-blk export '{}': could not start worker \
+                             {thread_id}, its queues are not served: {e}",
+                            dev.cfg.id
+                        );
+                    }
+                    return None;
+                }
+            }
+        }
+        slot.as_mut().map(f)
+    })
+}
+
+/// The state of one vhost-user-backend worker thread.
+pub(crate) struct Worker {
+    /// The device ([`Device::instance`]) this worker serves.
+    device: u64,
+    exec: LocalExecutor<'static>,
+    ctx: Rc<TaskCtx>,
+    /// Global virtqueue index of each slot.
+    queues: Vec<usize>,
+    /// Whether the driver may use indirect descriptor tables.
+    indirect: bool,
+    /// The chain being parsed.
+    descs: Vec<Desc>,
+    /// The chain heads of the batch being started.
+    heads: Vec<u16>,
+    /// The finished requests being published.
+    spare: Vec<Done>,
+    /// Busy-poll window after the last activity (zero: sleep at once).
+    poll_window: Duration,
+    /// Slots of the rings a busy-poll stint watches.
+    active: Vec<usize>,
+    /// The memory table the requests started during this event hold (see [`HeldMem`]).
+    held: Option<Rc<HeldMem>>,
+}
+
+/// The requests taken from one virtqueue's available ring under one hold of its vring lock.
+struct Batch<'m> {
+    /// Global index of the virtqueue.
+    queue: usize,
+    /// The virtqueue's slot on this thread.
+    slot: usize,
+    desc_table: DescTable,
+    regions: RegionCache<'m>,
+    ring: SplitRing<'m>,
+    /// The used index at the last notification check.
+    since: u16,
+    /// Requests of the batch already in the used ring.
+    published: usize,
+}
+
+impl Worker {
+    fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
+        let exec = LocalExecutor::new().map_err(|e| e.to_string())?;
+        let handler = dev
+            .epoll_handler(thread_id)
+            .ok_or("its epoll handler is gone")?;
+        handler
+            .register_listener(exec.reactor().eventfd(), EventSet::IN, dev.eventfd_token())
+            .map_err(|e| format!("could not watch the io_uring eventfd: {e}"))?;
+        let queues = dev
+            .thread_queues(thread_id)
+            .ok_or("unknown worker thread")?
+            .to_vec();
+        log::debug!(
+            "vhost-user-blk export '{}': worker {thread_id} runs queues {queues:?}",
+            dev.cfg.id
+        );
+        Ok(Worker {
+            device: dev.instance(),
+            exec,
+            ctx: Rc::new(TaskCtx::new(
+                dev.cfg.clone(),
+                dev.state.clone(),
+                queues.len(),
+            )),
+            queues,
+            indirect: dev.indirect_desc(),
+            descs: Vec::new(),
+            heads: Vec::new(),
+            spare: Vec::new(),
+            poll_window: Duration::from_nanos(dev.cfg.poll_max_ns),
+            active: Vec::new(),
+            held: None,
+        })
+    }
+
+    /// Handles an event of the thread's epoll (`device_event`: a kick of that virtqueue, or
+    /// the io_uring's completion eventfd), then busy-polls for more work.
+    pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
+        if u64::from(device_event) == dev.eventfd_token() {
+            self.on_eventfd();
+        } else if let Some(vring) = vrings.get(usize::from(device_event)) {
+            self.process_queue(dev, usize::from(device_event), vring);
+            self.submit();
+        }
+        self.complete(dev, vrings);
+        if self.poll_window > Duration::ZERO {
+            self.busy_poll(dev, vrings);
+        }
+        // Between events only requests in flight hold the memory table: update_memory
+        // waits until nothing holds the one it replaced.
+        self.held = None;
+    }
+
+    /// Takes every available request of the virtqueue in `slot` and starts it, then turns
+    /// guest notifications (kicks) back on.
+    fn process_queue(&mut self, dev: &Device, slot: usize, vring: &VringMutex) {
+        self.indirect = dev.indirect_desc();
+        let mem = dev.mem.memory().into_inner();
+        loop {
+            self.run_batch(dev, &mem, slot, vring);
+            let more = {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                q.ready() && q.enable_notification(&*mem).unwrap_or(false)
+            };
+            // A request made available while notifications were off: go round again.
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Starts every request made available on the virtqueue in `slot`, publishing and
+    /// notifying as they finish; returns how many it took. Guest notifications stay off: the
+    /// caller turns them back on (`process_queue`).
+    fn run_batch(
+        &mut self,
+        dev: &Device,
+        mem: &Arc<GuestMemoryMmap>,
+        slot: usize,
+        vring: &VringMutex,
+    ) -> usize {
+        let Some(&queue) = self.queues.get(slot) else {
+            return 0;
+        };
+        // The vring stays locked for the whole batch: one lock instead of one per request,
+        // whose atomic operations would each wait for the used-ring stores before them.
+        let mut state = vring.get_mut();
+        let Some(mut batch) = self.open_batch(dev, mem, queue, slot, &mut state) else {
+            return 0;
+        };
+        let held = self.hold(mem);
+        request::prefetch_chains(&mut batch.regions, batch.desc_table, &self.heads);
+        for i in 0..self.heads.len() {
+            let head = self.heads[i];
+            self.start_request(dev, &held, &mut batch, head);
+            // Each request goes to the kernel as soon as it is parsed, as QSD does: the disk
+            // starts on the first while the rest are parsed. Requests that queue no I/O
+            // (null-co, bad chains) cost no system call.
+            self.submit();
+            self.publish_finished(dev, &mut batch, &mut state);
+        }
+        close_batch(dev, batch, state);
+        self.heads.len()
+    }
+
+    /// Opens a batch on the virtqueue whose vring `state` the caller holds locked: turns guest
+    /// notifications off, takes the heads of the chains made available into `self.heads`, and
+    /// counts them in flight. None when the queue is not running or has nothing new.
+    fn open_batch<'m>(
+        &mut self,
+        dev: &Device,
+        mem: &'m GuestMemoryMmap,
+        queue: usize,
+        slot: usize,
+        state: &mut VringState,
+    ) -> Option<Batch<'m>> {
+        if !state.is_enabled() {
+            return None;
+        }
+        let q = state.get_queue_mut();
+        if !q.ready() {
+            return None;
+        }
+        let _ = q.disable_notification(mem);
+        // The common busy-poll round finds nothing new: one load, no region lookups.
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) if idx.0 == q.next_avail() => return None,
+            Ok(_) => {}
+            Err(e) => {
+                self.ctx
+                    .log_failure(&format!("queue {queue}: bad available ring"), &e);
+                return None;
+            }
+        }
+        let desc_table = DescTable {
+            addr: GuestAddress(q.desc_table()),
+            size: q.size(),
+        };
+        let mut regions = RegionCache::new(mem);
+        let ring = SplitRing::new(&mut regions, q);
+        // Entries published before this batch were all checked for a notification.
+        let since = q.next_used();
+        self.heads.clear();
+        if let Err(e) = ring.take_available(q, &mut self.heads) {
+            self.ctx
+                .log_failure(&format!("queue {queue}: bad available ring"), &e);
+            return None;
+        }
+        if self.heads.is_empty() {
+            return None;
+        }
+        // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it too, so
+        // its drain sees every request taken before.
+        dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
+        Some(Batch {
+            queue,
+            slot,
+            desc_table,
+            regions,
+            ring,
+            since,
+            published: 0,
+        })
+    }
+
+    /// The worker's hold on `mem` for the requests it starts now.
+    fn hold(&mut self, mem: &Arc<GuestMemoryMmap>) -> Rc<HeldMem> {
+        match &self.held {
+            Some(held) if Arc::ptr_eq(&held.0, mem) => held.clone(),
+            _ => {
+                let held = Rc::new(HeldMem(mem.clone()));
+                self.held = Some(held.clone());
+                held
+            }
+        }
+    }
+
+    /// Walks and parses the chain at `head` and spawns its task; a refused request gets its
+    /// status at once, a chain without one is returned untouched.
+    fn start_request(
+        &mut self,
+        dev: &Device,
+        held: &Rc<HeldMem>,
+        batch: &mut Batch<'_>,
+        head: u16,
+    ) {
+        let ctx = &self.ctx;
+        let (queue, slot) = (batch.queue, batch.slot);
+        let size = batch.desc_table.size;
+        if head >= size {
+            // Not a descriptor: there is nothing to complete. Forget it.
+            ctx.log_failure(
+                &format!("queue {queue}: skipped available entry"),
+                &format!("head index {head} outside the {size}-entry queue"),
+            );
+            dev.state.inflight[queue].fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let walked = request::walk_chain(
+            &mut batch.regions,
+            batch.desc_table,
+            head,
+            self.indirect,
+            &mut self.descs,
+        );
+        let outcome = match walked {
+            Ok(()) => {
+                let mut spare = ctx.take_iov();
+                let outcome = request::parse(&mut batch.regions, &self.descs, &ctx.cfg, &mut spare);
+                ctx.recycle_iov(spare);
+                outcome
+            }
+            Err(why) => Outcome::Drop(why),
+        };
+        match outcome {
+            Outcome::Request(parsed) => {
+                self.exec
+                    .spawn(request_task(ctx.clone(), held.clone(), parsed, slot, head));
+            }
+            Outcome::Refused(status, why) => {
+                ctx.log_failure(&format!("queue {queue}: refused request"), &why);
+                // SAFETY: `held`, the map parse found the byte in, is held for this call.
+                unsafe { status.write(why.status()) };
+                ctx.finish(slot, head, 1);
+            }
+            Outcome::Drop(why) => {
+                ctx.log_failure(
+                    &format!("queue {queue}: dropped descriptor chain {head}"),
+                    &why,
+                );
+                // Nothing to write a status into; return the chain so the ring does not leak.
+                ctx.finish(slot, head, 0);
+            }
+        }
+    }
+
+    /// Puts the requests of the batch that finished at once (null-co, refused, or served from
+    /// a cache) in the used ring now, not after the whole batch: the driver, about to sleep
+    /// when it finds no completion, finds one instead and keeps submitting.
+    ///
+    /// The first entries published notify the driver at once (if it asked), so a driver that
+    /// went to sleep starts on them while the rest are parsed; the later ones share one
+    /// notification when the batch closes: a driver that polls its used ring has seen them
+    /// already. Notifying per request would
+    /// cost the driver's CPU an eventfd wake-up for many of them; notifying only when the batch
+    /// closes would leave a sleeping driver idle while a whole batch of large requests is
+    /// parsed.
+    fn publish_finished(&mut self, dev: &Device, batch: &mut Batch<'_>, state: &mut VringState) {
+        let n = self.publish(&batch.ring, batch.queue, batch.slot, state);
+        if n > 0 && batch.published == 0 {
+            notify_if_asked(dev, &batch.ring, batch.queue, state, &mut batch.since);
+        }
+        batch.published += n;
+    }
+
+    /// Busy-polls the thread's virtqueues and its io_uring completion queue until nothing
+    /// happened for `poll_window` (or for at most MAX_POLL_STINT), then re-enables kicks.
+    ///
+    /// While the worker polls, guest notifications stay off, so the driver does not kick,
+    /// and completions are seen without the eventfd wake-up: at high queue depth requests
+    /// flow in and out continuously instead of in kick-sized batches, and at low depth the
+    /// two cross-CPU wake-ups per request (kick, io_uring completion) are gone.
+    fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex]) {
+        // Only the rings in use (a frontend may set up fewer than the 64 this thread could
+        // serve); one that starts later is seen at its first kick, after this stint.
+        self.active.clear();
+        self.active
+            .extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
+                let state = vring.get_ref();
+                (state.is_enabled() && state.get_queue().ready()).then_some(slot)
+            }));
+        if self.active.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        // When the current run of idle rounds began (None while there is work).
+        let mut idle_since: Option<Instant> = None;
+        let mut rounds = 0u32;
+        loop {
+            let mut work = false;
+            {
+                let mem = dev.mem.memory().into_inner();
+                for i in 0..self.active.len() {
+                    let slot = self.active[i];
+                    if let Some(vring) = vrings.get(slot) {
+                        work |= self.run_batch(dev, &mem, slot, vring) > 0;
+                    }
+                }
+            }
+            if work {
+                self.submit();
+            }
+            match self.exec.poll_completions() {
+                Ok(n) => work |= n > 0,
+                Err(e) => log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id),
+            }
+            work |= self.complete(dev, vrings);
+            rounds = rounds.wrapping_add(1);
+            if !work {
+                // Back off a little before looking again: each look at the rings pulls their
+                // cache lines over from the driver's CPU, slowing its writes.
+                for _ in 0..IDLE_PAUSES {
+                    std::hint::spin_loop();
+                }
+            }
+            // Reading the clock is a good part of an idle round's cost: look at it every
+            // CLOCK_EVERY rounds only (a round takes well under a µs).
+            if rounds % CLOCK_EVERY != 0 {
+                if work {
+                    idle_since = None;
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now - start >= MAX_POLL_STINT {
+                break;
+            }
+            if work {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert(now);
+            if now - since >= self.poll_window {
+                break;
+            }
+            if rounds % YIELD_EVERY == 0 {
+                // Let another thread on this CPU run now and then instead of spinning against
+                // it for the whole window; a yield is a system call, too slow for every round.
+                std::thread::yield_now();
+            }
+        }
+        // Back to sleeping on the eventfds: kicks on again, then whatever arrived meanwhile.
+        for i in 0..self.active.len() {
+            let slot = self.active[i];
+            if let Some(vring) = vrings.get(slot) {
+                self.process_queue(dev, slot, vring);
+            }
+        }
+        self.submit();
+        self.complete(dev, vrings);
+    }
+
+    /// Runs ready tasks and submits their I/O in one system call.
+    fn submit(&mut self) {
+        if let Err(e) = self.exec.poll() {
+            log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
+        }
+    }
+
+    /// Completions arrived: run the woken tasks (and submit what they queued).
+    fn on_eventfd(&mut self) {
+        if let Err(e) = self.exec.on_eventfd() {
+            log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
+        }
+    }
+
+    /// Puts finished requests in their used rings, one notification per ring. Returns whether
+    /// there were any.
+    fn complete(&mut self, dev: &Device, vrings: &[VringMutex]) -> bool {
+        if !self.ctx.take_any_done() {
+            return false;
+        }
+        let mem = dev.mem.memory().into_inner();
+        for (slot, vring) in vrings.iter().enumerate() {
+            let Some(&queue) = self.queues.get(slot) else {
+                continue;
+            };
+            if !self.ctx.has_done(slot) {
+                continue;
+            }
+            let mut state = vring.get_mut();
+            let mut regions = RegionCache::new(&mem);
+            let ring = SplitRing::new(&mut regions, state.get_queue());
+            let mut since = state.get_queue().next_used();
+            let n = self.publish(&ring, queue, slot, &mut state);
+            notify_if_asked(dev, &ring, queue, &mut state, &mut since);
+            drop(state);
+            dev.state.inflight[queue].fetch_sub(n, Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Puts the finished requests of the virtqueue in `slot` (queue `queue`, whose vring the
+    /// caller has locked and whose rings are `ring`) in its used ring; returns how many. The
+    /// caller notifies the driver and takes them off the in-flight count.
+    fn publish(
+        &mut self,
+        ring: &SplitRing<'_>,
+        queue: usize,
+        slot: usize,
+        state: &mut VringState,
+    ) -> usize {
+        if !self.ctx.take_done(slot, &mut self.spare) {
+            return 0;
+        }
+        let entries = self.spare.iter().map(|d| (d.head, d.len));
+        if let Err(e) = ring.add_used(state.get_queue_mut(), entries) {
+            self.ctx.log_failure(
+                &format!(
+                    "queue {queue}: could not complete {} requests",
+                    self.spare.len()
+                ),
+                &e,
+            );
+        }
+        let n = self.spare.len();
+        self.spare.clear();
+        n
+    }
+}
+
+/// Closes a batch: notifies the driver of the entries published since the last check (if it
+/// asked), releases the vring, and takes the published requests off the in-flight count.
+fn close_batch(dev: &Device, mut batch: Batch<'_>, mut state: MutexGuard<'_, VringState>) {
+    notify_if_asked(dev, &batch.ring, batch.queue, &mut state, &mut batch.since);
+    drop(state);
+    dev.state.inflight[batch.queue].fetch_sub(batch.published, Ordering::AcqRel);
+}
+
+/// Writes the call eventfd of `queue` if the driver asked to hear of the used entries added
+/// since `since` (the used index at the previous check), which moves to the current one.
+fn notify_if_asked(
+    dev: &Device,
+    ring: &SplitRing<'_>,
+    queue: usize,
+    state: &mut VringState,
+    since: &mut u16,
+) {
+    let asked = ring.needs_notification(state.get_queue(), *since);
+    *since = state.get_queue().next_used();
+    if asked {
+        if let Err(e) = state.signal_used_queue() {
+            log::error!(
+                "vhost-user-blk export '{}': queue {queue}: could not notify the guest: {e}",
+                dev.cfg.id
+            );
+        }
+    }
+}
