@@ -1,9 +1,9 @@
 //! The available and used rings of a split virtqueue, read and written a batch at a time.
 //!
 //! virtio-queue reads each available entry, writes each used entry and stores the used index
-//! through the whole guest memory map, finding the region again every time: at null-co QD32
-//! that was about 400 of the 2,400 instructions of a request. Here each ring is found once per
-//! batch, as one checked slice of guest memory, and the used index is stored once per batch.
+//! through the whole guest memory map, finding the region again every time, a good part of
+//! the cost of a small request. Here each ring is found once per batch, as one checked slice
+//! of guest memory, and the used index is stored once per batch.
 //! The queue's positions stay in virtio-queue's `Queue` (`next_avail`, `next_used`), which
 //! vhost-user-backend reads for GET_VRING_BASE.
 //!
