@@ -443,3 +443,774 @@ fn check_segment(
         _ => Err(SegmentError::BeyondEnd { sectors, sector }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export_config::BlkExportConfig;
+    use crate::request::{walk_chain, DescTable, S_IOERR, S_UNSUPP};
+    use std::mem::{offset_of, size_of};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use vm_memory::GuestMemoryMmap;
+
+    /// Guest memory: two adjacent regions, so buffers can cross a region boundary.
+    const REGION: u64 = 0x10000;
+    const END: u64 = 2 * REGION;
+    const TABLE: u64 = 0x0;
+    const QSIZE: u16 = 16;
+    const INDIRECT: u64 = 0x1000;
+    const HDR: u64 = 0x2000;
+    const STATUS: u64 = 0x3000;
+    const DATA: u64 = 0x4000;
+    const OUTSIDE: u64 = 0x7000_0000;
+    const DISK: u64 = 1 << 20;
+    const DISK_SECTORS: u64 = DISK / 512;
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const INDIRECT_F: u16 = VRING_DESC_F_INDIRECT as u16;
+    /// Device-readable / device-writable, for [`Guest::chain`].
+    const R: bool = false;
+    const W: bool = true;
+
+    struct Guest {
+        mem: GuestMemoryMmap,
+    }
+
+    impl Guest {
+        fn new() -> Guest {
+            Self::with_ranges(&[
+                (GuestAddress(0), REGION as usize),
+                (GuestAddress(REGION), REGION as usize),
+            ])
+        }
+
+        fn with_ranges(ranges: &[(GuestAddress, usize)]) -> Guest {
+            Guest {
+                mem: GuestMemoryMmap::from_ranges(ranges).expect("anonymous test mappings"),
+            }
+        }
+
+        /// Writes descriptor `index` of the table at `table`.
+        fn desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            let at = GuestAddress(table + 16 * u64::from(index));
+            self.mem
+                .write_slice(&raw, at)
+                .expect("descriptor in memory");
+        }
+
+        /// Writes the buffers as the chain of descriptors 0, 1, ... of the table at `table`.
+        fn chain(&self, table: u64, bufs: &[(u64, u32, bool)]) {
+            for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+                let index = i as u16;
+                let mut flags = if writable { WRITE } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= NEXT;
+                }
+                self.desc(table, index, addr, len, flags, index + 1);
+            }
+        }
+
+        fn write(&self, at: u64, bytes: &[u8]) {
+            self.mem
+                .write_slice(bytes, GuestAddress(at))
+                .expect("in memory");
+        }
+
+        /// Writes a request header at `at`.
+        fn header(&self, at: u64, request_type: u32, sector: u64) {
+            self.write(at, &header_bytes(request_type, sector));
+        }
+
+        /// Host address of guest address `gpa`.
+        fn host(&self, gpa: u64) -> usize {
+            self.mem
+                .get_host_address(GuestAddress(gpa))
+                .expect("in memory") as usize
+        }
+
+        /// Walks the chain at `head` of the queue's table and parses it.
+        fn parse_head(&self, cfg: &DeviceConfig, head: u16, indirect_ok: bool) -> Outcome {
+            let table = DescTable {
+                addr: GuestAddress(TABLE),
+                size: QSIZE,
+            };
+            self.parse_in(cfg, table, head, indirect_ok)
+        }
+
+        fn parse_in(
+            &self,
+            cfg: &DeviceConfig,
+            table: DescTable,
+            head: u16,
+            indirect_ok: bool,
+        ) -> Outcome {
+            let mut regions = RegionCache::new(&self.mem);
+            let mut descs = Vec::new();
+            if let Err(e) = walk_chain(&mut regions, table, head, indirect_ok, &mut descs) {
+                return Outcome::Drop(e);
+            }
+            parse(&mut regions, &descs, cfg, &mut Vec::new())
+        }
+
+        /// Writes `bufs` as the chain at descriptor 0 and parses it.
+        fn request(&self, cfg: &DeviceConfig, bufs: &[(u64, u32, bool)]) -> Outcome {
+            self.chain(TABLE, bufs);
+            self.parse_head(cfg, 0, true)
+        }
+
+        /// A request of `request_type` at `sector`: header, data `(addr, len)`, status byte.
+        fn simple(
+            &self,
+            cfg: &DeviceConfig,
+            request_type: u32,
+            sector: u64,
+            data: (u64, u32),
+        ) -> Outcome {
+            self.header(HDR, request_type, sector);
+            let device_writes = matches!(request_type, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+            let data_dir = if device_writes { W } else { R };
+            self.request(
+                cfg,
+                &[(HDR, 16, R), (data.0, data.1, data_dir), (STATUS, 1, W)],
+            )
+        }
+    }
+
+    fn header_bytes(request_type: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&request_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn segment_bytes(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    }
+
+    /// The device of a `size`-byte null-co node with `logical_block_size`; discard is offered
+    /// when writable.
+    fn config_with(writable: bool, logical_block_size: u32, size: u64) -> DeviceConfig {
+        let opts = strata_backend::Options::parse(&format!("driver=null-co,size={size}"), None)
+            .expect("options");
+        let node = strata_backend::Graph::new().open(opts).expect("node");
+        let mut c = BlkExportConfig::new("t", node);
+        c.writable = writable;
+        c.logical_block_size = logical_block_size;
+        let mut d = DeviceConfig::new(&c).expect("config");
+        d.discard = writable;
+        d
+    }
+
+    fn config() -> DeviceConfig {
+        config_with(true, 512, DISK)
+    }
+
+    fn request(o: Outcome) -> Parsed {
+        match o {
+            Outcome::Request(p) => p,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    fn refusal(o: Outcome) -> Refusal {
+        match o {
+            Outcome::Refused(_, why) => why,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    fn dropped(o: Outcome) -> ChainError {
+        match o {
+            Outcome::Drop(why) => why,
+            other => panic!("not dropped: {other:?}"),
+        }
+    }
+
+    /// The buffers of an operation, as (host address, length).
+    fn bufs(iov: &[IoVec<'_>]) -> Vec<(usize, usize)> {
+        iov.iter().map(|v| (v.as_ptr() as usize, v.len())).collect()
+    }
+
+    fn status_at(g: &Guest, status: StatusByte, gpa: u64) {
+        assert_eq!(status.0.as_ptr() as usize, g.host(gpa), "status byte");
+    }
+
+    #[test]
+    fn structs_match_the_virtio_abi() {
+        use virtio_bindings::virtio_blk::{virtio_blk_discard_write_zeroes, virtio_blk_outhdr};
+        type H = virtio_blk_outhdr;
+        type S = virtio_blk_discard_write_zeroes;
+        assert_eq!(size_of::<RequestHeader>(), size_of::<H>());
+        assert_eq!(
+            offset_of!(RequestHeader, request_type),
+            offset_of!(H, type_)
+        );
+        assert_eq!(offset_of!(RequestHeader, ioprio), offset_of!(H, ioprio));
+        assert_eq!(offset_of!(RequestHeader, sector), offset_of!(H, sector));
+        assert_eq!(size_of::<DiscardWriteZeroes>(), size_of::<S>());
+        assert_eq!(
+            offset_of!(DiscardWriteZeroes, sector),
+            offset_of!(S, sector)
+        );
+        assert_eq!(
+            offset_of!(DiscardWriteZeroes, num_sectors),
+            offset_of!(S, num_sectors)
+        );
+        assert_eq!(offset_of!(DiscardWriteZeroes, flags), offset_of!(S, flags));
+    }
+
+    #[test]
+    fn request_types_come_from_the_header() {
+        for (value, expected) in [
+            (VIRTIO_BLK_T_IN, RequestType::In),
+            (VIRTIO_BLK_T_OUT, RequestType::Out),
+            (VIRTIO_BLK_T_FLUSH, RequestType::Flush),
+            (VIRTIO_BLK_T_GET_ID, RequestType::GetId),
+            (VIRTIO_BLK_T_DISCARD, RequestType::Discard),
+            (VIRTIO_BLK_T_WRITE_ZEROES, RequestType::WriteZeroes),
+            (99, RequestType::Unsupported(99)),
+        ] {
+            assert_eq!(RequestType::from(value), expected);
+        }
+    }
+
+    #[test]
+    fn header_data_and_status_in_separate_descriptors() {
+        let g = Guest::new();
+        let cfg = config();
+        let p = request(g.simple(&cfg, VIRTIO_BLK_T_IN, 8, (DATA, 4096)));
+        let Op::Read { offset, iov } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(*offset, 8 * 512);
+        assert_eq!(bufs(iov), [(g.host(DATA), 4096)]);
+        assert_eq!(p.in_len, 4096);
+        status_at(&g, p.status, STATUS);
+
+        let p = request(g.simple(&cfg, VIRTIO_BLK_T_OUT, 16, (DATA, 1024)));
+        let Op::Write { offset, iov } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(*offset, 16 * 512);
+        assert_eq!(bufs(iov), [(g.host(DATA), 1024)]);
+        assert_eq!(p.in_len, 0);
+        status_at(&g, p.status, STATUS);
+    }
+
+    #[test]
+    fn header_and_data_share_a_descriptor() {
+        let g = Guest::new();
+        g.header(HDR, VIRTIO_BLK_T_OUT, 0);
+        let p = request(g.request(&config(), &[(HDR, 16 + 512, R), (STATUS, 1, W)]));
+        let Op::Write { iov, .. } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(bufs(iov), [(g.host(HDR + 16), 512)]);
+    }
+
+    #[test]
+    fn status_shares_a_descriptor_with_the_data_before_it() {
+        let g = Guest::new();
+        g.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // Zero-length writable descriptors after the status byte do not count.
+        let bufs_in = [(HDR, 16, R), (DATA, 512 + 1, W), (STATUS, 0, W)];
+        let p = request(g.request(&config(), &bufs_in));
+        let Op::Read { iov, .. } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(bufs(iov), [(g.host(DATA), 512)]);
+        assert_eq!(p.in_len, 512);
+        status_at(&g, p.status, DATA + 512);
+    }
+
+    #[test]
+    fn flush_and_get_id_need_no_data_beyond_their_own() {
+        let g = Guest::new();
+        let cfg = config();
+        g.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let p = request(g.request(&cfg, &[(HDR, 16, R), (STATUS, 1, W)]));
+        assert!(matches!(p.op, Op::Flush));
+        assert_eq!(p.in_len, 0);
+
+        // GET_ID fills at most 20 bytes of a larger buffer, or a smaller buffer whole.
+        for (len, filled) in [(64u32, 20usize), (8, 8)] {
+            let p = request(g.simple(&cfg, VIRTIO_BLK_T_GET_ID, 0, (DATA, len)));
+            let Op::GetId { iov } = &p.op else {
+                panic!("{:?}", p.op);
+            };
+            assert_eq!(bufs(iov), [(g.host(DATA), filled)]);
+            assert_eq!(p.in_len as usize, filled);
+        }
+    }
+
+    #[test]
+    fn data_split_across_descriptors_and_regions() {
+        let g = Guest::new();
+        let cfg = config();
+        let pieces = [(DATA, 512u32), (DATA + 0x1000, 1024), (REGION - 512, 1024)];
+        // Split at the region boundary too.
+        let expected = [
+            (g.host(DATA), 512),
+            (g.host(DATA + 0x1000), 1024),
+            (g.host(REGION - 512), 512),
+            (g.host(REGION), 512),
+        ];
+        for (request_type, dir) in [(VIRTIO_BLK_T_IN, W), (VIRTIO_BLK_T_OUT, R)] {
+            g.header(HDR, request_type, 0);
+            let mut chain = vec![(HDR, 16, R)];
+            chain.extend(pieces.iter().map(|&(addr, len)| (addr, len, dir)));
+            chain.push((STATUS, 1, W));
+            let p = request(g.request(&cfg, &chain));
+            let iov = match &p.op {
+                Op::Read { iov, .. } | Op::Write { iov, .. } => iov,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(bufs(iov), expected);
+            let in_len = if dir == W { 2560 } else { 0 };
+            assert_eq!(p.in_len, in_len);
+        }
+    }
+
+    #[test]
+    fn header_split_across_descriptors_and_regions() {
+        let g = Guest::new();
+        let cfg = config();
+        let h = header_bytes(VIRTIO_BLK_T_OUT, 24);
+        // Three descriptors of 4, 4 and 8 bytes; the last also holds the start of the data.
+        g.write(HDR, &h[0..4]);
+        g.write(HDR + 0x100, &h[4..8]);
+        g.write(DATA, &h[8..16]);
+        let chain = [
+            (HDR, 4, R),
+            (HDR + 0x100, 4, R),
+            (DATA, 8 + 512, R),
+            (DATA + 0x1000, 512, R),
+            (STATUS, 1, W),
+        ];
+        let p = request(g.request(&cfg, &chain));
+        let Op::Write { offset, iov } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(*offset, 24 * 512);
+        assert_eq!(
+            bufs(iov),
+            [(g.host(DATA + 8), 512), (g.host(DATA + 0x1000), 512)]
+        );
+
+        // One descriptor whose header crosses from one region into the next.
+        g.write(REGION - 8, &h);
+        let p = request(g.request(&cfg, &[(REGION - 8, 16 + 512, R), (STATUS, 1, W)]));
+        let Op::Write { offset, iov } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(*offset, 24 * 512);
+        assert_eq!(bufs(iov), [(g.host(REGION + 8), 512)]);
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let g = Guest::new();
+        let cfg = config();
+        g.header(HDR, VIRTIO_BLK_T_IN, 2);
+        g.chain(INDIRECT, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        g.desc(TABLE, 5, INDIRECT, 48, INDIRECT_F, 0);
+        let p = request(g.parse_head(&cfg, 5, true));
+        let Op::Read { offset, iov } = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        assert_eq!(*offset, 2 * 512);
+        assert_eq!(bufs(iov), [(g.host(DATA), 512)]);
+        status_at(&g, p.status, STATUS);
+        // A table longer than the queue is fine.
+        g.desc(TABLE, 5, INDIRECT, 16 * 4 * u32::from(QSIZE), INDIRECT_F, 0);
+        request(g.parse_head(&cfg, 5, true));
+    }
+
+    #[test]
+    fn chains_that_cannot_be_followed_are_dropped() {
+        let g = Guest::new();
+        let cfg = config();
+        g.header(HDR, VIRTIO_BLK_T_IN, 0);
+        let head = |g: &Guest| g.parse_head(&cfg, 0, true);
+
+        // A NEXT index outside the table.
+        g.desc(TABLE, 0, HDR, 16, NEXT, QSIZE);
+        assert_eq!(dropped(head(&g)), ChainError::IndexOutsideTable);
+        // A loop: 0 -> 1 -> 0.
+        g.desc(TABLE, 0, HDR, 16, NEXT, 1);
+        g.desc(TABLE, 1, DATA, 512, NEXT | WRITE, 0);
+        assert_eq!(dropped(head(&g)), ChainError::Loop);
+        // A loop inside an indirect table.
+        g.desc(INDIRECT, 0, HDR, 16, NEXT, 1);
+        g.desc(INDIRECT, 1, DATA, 512, NEXT | WRITE, 0);
+        g.desc(TABLE, 0, INDIRECT, 32, INDIRECT_F, 0);
+        assert_eq!(dropped(head(&g)), ChainError::Loop);
+
+        // Indirect tables: not negotiated, nested, after other descriptors, with NEXT.
+        g.chain(INDIRECT, &[(HDR, 16, R), (STATUS, 1, W)]);
+        g.desc(TABLE, 0, INDIRECT, 32, INDIRECT_F, 0);
+        assert_eq!(
+            dropped(g.parse_head(&cfg, 0, false)),
+            ChainError::IndirectNotNegotiated
+        );
+        g.desc(INDIRECT + 0x100, 0, INDIRECT, 32, INDIRECT_F, 0);
+        g.desc(TABLE, 0, INDIRECT + 0x100, 16, INDIRECT_F, 0);
+        assert_eq!(dropped(head(&g)), ChainError::NestedIndirect);
+        g.desc(TABLE, 0, HDR, 16, NEXT, 1);
+        g.desc(TABLE, 1, INDIRECT, 32, INDIRECT_F, 0);
+        assert_eq!(dropped(head(&g)), ChainError::NestedIndirect);
+        g.desc(TABLE, 0, INDIRECT, 32, INDIRECT_F | NEXT, 1);
+        assert_eq!(dropped(head(&g)), ChainError::IndirectWithNext);
+        for len in [0, 17, 16 * (4096 + 1)] {
+            g.desc(TABLE, 0, INDIRECT, len, INDIRECT_F, 0);
+            assert_eq!(dropped(head(&g)), ChainError::BadIndirectSize, "{len}");
+        }
+
+        // Tables outside guest memory.
+        g.desc(TABLE, 0, OUTSIDE, 32, INDIRECT_F, 0);
+        assert_eq!(dropped(head(&g)), ChainError::TableOutsideMemory);
+        let far = |addr: u64| DescTable {
+            addr: GuestAddress(addr),
+            size: QSIZE,
+        };
+        assert_eq!(
+            dropped(g.parse_in(&cfg, far(OUTSIDE), 0, true)),
+            ChainError::TableOutsideMemory
+        );
+        // A table at the top of the address space: descriptor 1 would wrap around.
+        let top = far(u64::MAX - 8);
+        assert_eq!(
+            dropped(g.parse_in(&cfg, top, 0, true)),
+            ChainError::TableOutsideMemory
+        );
+        assert_eq!(
+            dropped(g.parse_in(&cfg, top, 1, true)),
+            ChainError::AddressOverflow
+        );
+    }
+
+    #[test]
+    fn chains_without_a_usable_status_byte_are_dropped() {
+        let g = Guest::new();
+        let cfg = config();
+        g.header(HDR, VIRTIO_BLK_T_IN, 0);
+        for (chain, expected) in [
+            (
+                &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, R)][..],
+                ChainError::ReadableAfterWritable,
+            ),
+            (&[(HDR, 16, R), (STATUS, 1, R)], ChainError::NoStatusByte),
+            (&[(HDR, 16, R), (STATUS, 0, W)], ChainError::NoStatusByte),
+            (
+                &[(HDR, 16, R), (OUTSIDE, 1, W)],
+                ChainError::StatusOutsideMemory,
+            ),
+            (
+                &[(HDR, 16, R), (u64::MAX, 2, W)],
+                ChainError::StatusOutsideMemory,
+            ),
+            (
+                &[(HDR, 16, R), (END - 1, 2, W)],
+                ChainError::StatusOutsideMemory,
+            ),
+        ] {
+            assert_eq!(dropped(g.request(&cfg, chain)), expected, "{chain:x?}");
+        }
+    }
+
+    #[test]
+    fn unreadable_headers_are_refused() {
+        let g = Guest::new();
+        let cfg = config();
+        g.header(HDR, VIRTIO_BLK_T_IN, 0);
+        for chain in [
+            &[(HDR, 8, R), (DATA, 512, W), (STATUS, 1, W)][..],
+            &[(HDR, 8, R), (HDR + 8, 4, R), (STATUS, 1, W)],
+            &[(OUTSIDE, 16, R), (STATUS, 1, W)],
+            &[(END - 8, 16, R), (STATUS, 1, W)],
+            &[(u64::MAX - 7, 16, R), (STATUS, 1, W)],
+            &[(STATUS, 1, W)],
+        ] {
+            let o = g.request(&cfg, chain);
+            let Outcome::Refused(status, why) = o else {
+                panic!("{chain:x?}: {o:?}");
+            };
+            assert_eq!(why, Refusal::HeaderUnreadable, "{chain:x?}");
+            assert_eq!(why.status(), S_IOERR);
+            status_at(&g, status, STATUS);
+        }
+    }
+
+    #[test]
+    fn bad_reads_and_writes_are_refused() {
+        let g = Guest::new();
+        let cfg = config();
+        let (t_in, t_out) = (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT);
+        let ro = config_with(false, 512, DISK);
+        assert_eq!(
+            refusal(g.simple(&ro, t_out, 0, (DATA, 512))),
+            Refusal::ReadOnly
+        );
+        // Reads still work on a read-only export.
+        request(g.simple(&ro, t_in, 0, (DATA, 512)));
+        for data in [(OUTSIDE, 512), (END - 256, 512), (u64::MAX - 100, 512)] {
+            for t in [t_in, t_out] {
+                assert_eq!(
+                    refusal(g.simple(&cfg, t, 0, data)),
+                    Refusal::DataOutsideMemory,
+                    "{t} {data:x?}"
+                );
+            }
+        }
+        assert_eq!(
+            refusal(g.simple(&cfg, t_out, u64::MAX, (DATA, 512))),
+            Refusal::SectorOutOfRange { sector: u64::MAX }
+        );
+        assert_eq!(
+            refusal(g.simple(&cfg, t_in, 0, (DATA, 500))),
+            Refusal::Unaligned {
+                len: 500,
+                sector: 0,
+                block_size: 512
+            }
+        );
+        let big_blocks = config_with(true, 4096, DISK);
+        assert_eq!(
+            refusal(g.simple(&big_blocks, t_in, 1, (DATA, 4096))),
+            Refusal::Unaligned {
+                len: 4096,
+                sector: 1,
+                block_size: 4096
+            }
+        );
+        request(g.simple(&big_blocks, t_in, 8, (DATA, 4096)));
+        for (sector, len) in [(DISK_SECTORS, 512), (DISK_SECTORS - 1, 1024)] {
+            assert_eq!(
+                refusal(g.simple(&cfg, t_in, sector, (DATA, len))),
+                Refusal::BeyondEnd {
+                    len: u64::from(len),
+                    sector,
+                    capacity: DISK
+                }
+            );
+        }
+        request(g.simple(&cfg, t_in, DISK_SECTORS - 1, (DATA, 512)));
+        assert_eq!(
+            refusal(g.simple(&cfg, VIRTIO_BLK_T_GET_ID, 0, (OUTSIDE, 20))),
+            Refusal::GetIdOutsideMemory
+        );
+        let why = refusal(g.simple(&cfg, 99, 0, (DATA, 512)));
+        assert_eq!(why, Refusal::Unsupported(99));
+        assert_eq!(why.status(), S_UNSUPP);
+    }
+
+    #[test]
+    fn reads_longer_than_4_gib_are_refused() {
+        // 2 GiB of guest memory (reserved, never touched), used three times by one read.
+        const SIZE: u64 = 1 << 31;
+        let g = Guest::with_ranges(&[(GuestAddress(0), SIZE as usize)]);
+        let cfg = config_with(true, 512, 4 * SIZE);
+        g.header(HDR, VIRTIO_BLK_T_IN, 0);
+        let piece = (DATA, (SIZE - DATA) as u32, W);
+        let chain = [(HDR, 16, R), piece, piece, piece, (STATUS, 1, W)];
+        assert_eq!(refusal(g.request(&cfg, &chain)), Refusal::TooLong);
+    }
+
+    /// A discard or write-zeroes request with `segments` (written at DATA, one descriptor).
+    fn segments_request(g: &Guest, cfg: &DeviceConfig, t: u32, segments: &[[u8; 16]]) -> Outcome {
+        for (i, s) in segments.iter().enumerate() {
+            g.write(DATA + 16 * i as u64, s);
+        }
+        let len = 16 * segments.len() as u32;
+        g.simple(cfg, t, 0, (DATA, len))
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments() {
+        let g = Guest::new();
+        let cfg = config();
+        let (t_discard, t_zeroes) = (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES);
+        let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+        let segs = [segment_bytes(8, 8, 0), segment_bytes(64, 16, 0)];
+        let p = request(segments_request(&g, &cfg, t_discard, &segs));
+        let Op::Discard(got) = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        let expected = [
+            Segment {
+                offset: 8 * 512,
+                len: 8 * 512,
+                unmap: false,
+            },
+            Segment {
+                offset: 64 * 512,
+                len: 16 * 512,
+                unmap: false,
+            },
+        ];
+        assert_eq!(got, &expected);
+
+        // A segment split across two descriptors (and the header sharing the first one).
+        g.header(HDR, t_zeroes, 0);
+        let s = segment_bytes(32, 8, unmap);
+        g.write(HDR + 16, &s[..8]);
+        g.write(DATA, &s[8..]);
+        let chain = [(HDR, 16 + 8, R), (DATA, 8, R), (STATUS, 1, W)];
+        let p = request(g.request(&cfg, &chain));
+        let Op::WriteZeroes(got) = &p.op else {
+            panic!("{:?}", p.op);
+        };
+        let expected = Segment {
+            offset: 32 * 512,
+            len: 8 * 512,
+            unmap: true,
+        };
+        assert_eq!(got, &[expected]);
+    }
+
+    #[test]
+    fn bad_segments_are_refused() {
+        let g = Guest::new();
+        let cfg = config();
+        let (t_discard, t_zeroes) = (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES);
+        let discard = RequestType::Discard;
+        let zeroes = RequestType::WriteZeroes;
+        let max = cfg.max_discard_sectors;
+        let ok = segment_bytes(0, 8, 0);
+        let bad = |t: u32, segs: &[[u8; 16]]| refusal(segments_request(&g, &cfg, t, segs));
+        let cases = [
+            (
+                bad(t_discard, &[]),
+                Refusal::BadSegments(discard, SegmentError::Length { bytes: 0 }),
+                S_IOERR,
+            ),
+            (
+                bad(t_zeroes, &[ok; 17]),
+                Refusal::BadSegments(zeroes, SegmentError::TooMany { count: 17 }),
+                S_UNSUPP,
+            ),
+            (
+                bad(t_zeroes, &[ok, segment_bytes(0, 8, 2)]),
+                Refusal::BadSegments(zeroes, SegmentError::UnknownFlags { flags: 2 }),
+                S_UNSUPP,
+            ),
+            (
+                bad(t_discard, &[segment_bytes(0, 8, 1)]),
+                Refusal::BadSegments(discard, SegmentError::UnmapNotAllowed),
+                S_UNSUPP,
+            ),
+            (
+                bad(t_discard, &[segment_bytes(0, max + 8, 0)]),
+                Refusal::BadSegments(
+                    discard,
+                    SegmentError::TooManySectors {
+                        sectors: max + 8,
+                        max,
+                    },
+                ),
+                S_IOERR,
+            ),
+            (
+                bad(t_zeroes, &[segment_bytes(DISK_SECTORS - 4, 8, 0)]),
+                Refusal::BadSegments(
+                    zeroes,
+                    SegmentError::BeyondEnd {
+                        sectors: 8,
+                        sector: DISK_SECTORS - 4,
+                    },
+                ),
+                S_IOERR,
+            ),
+        ];
+        for (got, expected, status) in cases {
+            assert_eq!(got, expected);
+            assert_eq!(got.status(), status, "{got}");
+        }
+
+        // 15 bytes of segment data.
+        g.header(HDR, t_discard, 0);
+        let why = refusal(g.request(&cfg, &[(HDR, 16, R), (DATA, 15, R), (STATUS, 1, W)]));
+        let expected = Refusal::BadSegments(discard, SegmentError::Length { bytes: 15 });
+        assert_eq!(why, expected);
+        // Segment data outside guest memory, reported before a bad segment in front of it.
+        g.write(DATA, &segment_bytes(0, 8, 2));
+        let chain = [
+            (HDR, 16, R),
+            (DATA, 16, R),
+            (OUTSIDE, 16, R),
+            (STATUS, 1, W),
+        ];
+        let why = refusal(g.request(&cfg, &chain));
+        let expected = Refusal::BadSegments(discard, SegmentError::OutsideMemory);
+        assert_eq!(why, expected);
+        assert_eq!(why.status(), S_IOERR);
+        // Segments not aligned to a 4 KiB logical block.
+        let big_blocks = config_with(true, 4096, DISK);
+        for (sector, sectors) in [(1, 8), (8, 4)] {
+            let segs = [segment_bytes(sector, sectors, 0)];
+            let why = refusal(segments_request(&g, &big_blocks, t_zeroes, &segs));
+            let expected = SegmentError::Unaligned { sectors, sector };
+            assert_eq!(why, Refusal::BadSegments(zeroes, expected));
+        }
+        // Not offered: discard on a node without it, either on a read-only export.
+        let mut no_discard = config();
+        no_discard.discard = false;
+        let why = refusal(segments_request(&g, &no_discard, t_discard, &[ok]));
+        assert_eq!(why, Refusal::NotOffered(discard));
+        assert_eq!(why.status(), S_UNSUPP);
+        let ro = config_with(false, 512, DISK);
+        for (t, kind) in [(t_discard, discard), (t_zeroes, zeroes)] {
+            let why = refusal(segments_request(&g, &ro, t, &[ok]));
+            assert_eq!(why, Refusal::NotOffered(kind));
+        }
+    }
+
+    #[test]
+    fn messages_stay_as_they_were() {
+        assert_eq!(
+            ChainError::Loop.to_string(),
+            "descriptor chain loops or is longer than its table"
+        );
+        assert_eq!(
+            ChainError::IndirectNotNegotiated.to_string(),
+            "indirect descriptor, but INDIRECT_DESC was not negotiated"
+        );
+        assert_eq!(
+            ChainError::NoStatusByte.to_string(),
+            "no device-writable status byte"
+        );
+        assert_eq!(
+            Refusal::Unaligned {
+                len: 500,
+                sector: 3,
+                block_size: 512
+            }
+            .to_string(),
+            "request of 500 bytes at sector 3 is not aligned to the 512-byte logical block size"
+        );
+        assert_eq!(
+            Refusal::BadSegments(
+                RequestType::WriteZeroes,
+                SegmentError::TooMany { count: 17 }
+            )
+            .to_string(),
+            "write-zeroes: 17 segments (at most 16)"
+        );
+        assert_eq!(
+            Refusal::NotOffered(RequestType::Discard).to_string(),
+            "discard is not offered by this export"
+        );
+    }
+}
