@@ -115,11 +115,13 @@ impl Device {
 
     /// Which device of the process this is: a worker thread of an earlier connection may
     /// still hold the worker it made for that connection's device.
+    #[inline]
     pub(crate) fn instance(&self) -> u64 {
         self.instance
     }
 
     /// The epoll data of a worker's io_uring eventfd (past the queues and the exit event).
+    #[inline]
     pub(crate) fn eventfd_token(&self) -> u64 {
         u64::from(self.cfg.max_queues) + 1
     }

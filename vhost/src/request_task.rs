@@ -34,6 +34,7 @@ pub(crate) struct RequestTask<F> {
 
 /// The task that runs `parsed`, the chain at `head` of the virtqueue in `slot`, whose buffers
 /// lie in `mem`.
+#[inline]
 pub(crate) fn request_task(
     ctx: Rc<TaskCtx>,
     mem: Rc<HeldMem>,

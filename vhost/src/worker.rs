@@ -113,6 +113,8 @@ struct Batch<'m> {
 }
 
 impl Worker {
+    /// Sets up worker thread `thread_id` of `dev`: its executor, whose completion eventfd joins
+    /// the thread's epoll, and its virtqueues.
     fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
         let exec = LocalExecutor::new().map_err(|e| e.to_string())?;
         let handler = dev
