@@ -43,9 +43,11 @@ fn create(args: &ImgCreateArgs) -> Result<(), String> {
     options.take("size");
     match options.take("preallocation").as_deref() {
         None | Some("off") => {}
-        Some(other) => return Err(format!(
+        Some(other) => {
+            return Err(format!(
             "Invalid parameter 'preallocation={other}' (strata creates preallocation=off images)"
-        )),
+        ))
+        }
     }
     if let Some(b) = &args.backing {
         options.set("backing_file", b.as_str());
