@@ -6,6 +6,7 @@
 //! point, after which the driver closes (and flushes) its storage.
 
 use std::fmt;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::counter::Counter;
@@ -72,6 +73,10 @@ pub struct Node {
     parents: Mutex<Vec<(ChildRole, Weak<Node>)>>,
     serialiser: WriteSerialiser,
     stats: NodeStats,
+    /// The errno of the first failed flush: once a flush failed, writes it was to make
+    /// durable may be lost (the kernel forgets the error after reporting it once), so every
+    /// later flush fails too, until the node is reopened. 0: none failed.
+    flush_failure: AtomicI32,
 }
 
 /// What a query shows of a node.
@@ -127,6 +132,7 @@ impl Node {
                 .collect(),
             parents: Mutex::new(Vec::new()),
             serialiser: WriteSerialiser::default(),
+            flush_failure: AtomicI32::new(0),
             stats: NodeStats::default(),
         });
         for child in &node.children {
@@ -429,12 +435,48 @@ impl Node {
         self.driver.write(offset, &[buf.iovec()]).await
     }
 
-    /// Makes completed writes durable (a no-op with cache.no-flush).
+    /// Makes completed writes durable (a no-op with cache.no-flush). After one flush failed,
+    /// every later one fails as well (see `flush_failure`).
     pub async fn flush(&self) -> Result<()> {
         if self.flags.cache_no_flush {
             return Ok(());
         }
-        self.driver.flush().await
+        self.check_no_failed_flush()?;
+        let result = self.driver.flush().await;
+        if let Err(e) = &result {
+            let errno = if e.errno() == 0 { libc::EIO } else { e.errno() };
+            if self
+                .flush_failure
+                .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                log::error!(
+                    "node '{}': flush failed ({e}); writes may be lost, so every later flush \
+                     fails too until the node is reopened",
+                    self.name
+                );
+            }
+        }
+        result
+    }
+
+    /// Whether a flush of this node failed before (then no later flush can succeed).
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failure.load(Ordering::Acquire) != 0
+    }
+
+    fn check_no_failed_flush(&self) -> Result<()> {
+        match self.flush_failure.load(Ordering::Acquire) {
+            0 => Ok(()),
+            errno => Err(BlockError::from_errno(
+                errno,
+                format!(
+                    "an earlier flush of node '{}' failed, so written data may be lost; \
+                     reopen the node to go on",
+                    self.name
+                ),
+            )),
+        }
     }
 
     /// Discards a range; with discard=ignore this succeeds without doing anything.

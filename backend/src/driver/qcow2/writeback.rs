@@ -153,11 +153,19 @@ impl Qcow2 {
             Ok(()) if !l1_dirty.is_empty() => self.write_l1(&l1_dirty, !slices.is_empty()).await,
             r => r,
         };
+        // Until the flush after them succeeds, the tables written are not known to be on
+        // disk: they stay dirty, so a failed flush never marks them clean.
         if let Err(e) = result {
             meta.l1_dirty.extend(l1_dirty);
             return Err(e);
         }
-        self.file.flush().await?;
+        if let Err(e) = self.file.flush().await {
+            for s in &slices {
+                self.l2.mark_dirty(s);
+            }
+            meta.l1_dirty.extend(l1_dirty);
+            return Err(e);
+        }
         Ok(true)
     }
 
