@@ -71,7 +71,7 @@ impl<F: Future<Output = u8>> Future for RequestTask<F> {
         // SAFETY: `this._mem` is the map parse found the byte in, held as long as the task.
         unsafe { this.status.write(code) };
         let len = if code == S_OK { this.in_len + 1 } else { 1 };
-        this.ctx.finish(this.slot, this.head, len);
+        this.ctx.finish(this.slot, this.head, len, &this._mem);
         Poll::Ready(())
     }
 }

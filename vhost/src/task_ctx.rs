@@ -3,6 +3,7 @@
 //! tasks hold. Single-threaded (`Cell`/`RefCell`): a worker and its tasks run on one thread.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -38,6 +39,10 @@ pub(crate) struct TaskCtx {
     /// Empty buffer vectors of finished requests, reused by new ones (one allocation less
     /// per request).
     iov_pool: RefCell<Vec<Vec<IoVec<'static>>>>,
+    /// The memory tables of finished requests whose used entries are not published yet: a
+    /// memory table change must not be answered before they are (the used ring is the
+    /// driver's proof that the device is done with the old table).
+    unpublished_mem: RefCell<Vec<Rc<HeldMem>>>,
     failures: Cell<u64>,
 }
 
@@ -50,6 +55,7 @@ impl TaskCtx {
             done: RefCell::new(vec![Vec::new(); slots]),
             any_done: Cell::new(false),
             iov_pool: RefCell::new(Vec::new()),
+            unpublished_mem: RefCell::new(Vec::new()),
             failures: Cell::new(0),
         }
     }
@@ -80,13 +86,24 @@ impl TaskCtx {
         }
     }
 
-    /// Queues the used-ring entry of a finished request of the virtqueue in `slot`.
+    /// Queues the used-ring entry of a finished request of the virtqueue in `slot`, whose
+    /// buffers lie in `mem`; `mem` stays held until the entry is published.
     #[inline]
-    pub(crate) fn finish(&self, slot: usize, head: u16, len: u32) {
+    pub(crate) fn finish(&self, slot: usize, head: u16, len: u32, mem: &Rc<HeldMem>) {
         if let Some(list) = self.done.borrow_mut().get_mut(slot) {
             list.push(Done { head, len });
             self.any_done.set(true);
+            let mut held = self.unpublished_mem.borrow_mut();
+            if held.last().is_none_or(|m| !Rc::ptr_eq(m, mem)) {
+                held.push(mem.clone());
+            }
         }
+    }
+
+    /// Every finished request was published: their memory tables may go.
+    #[inline]
+    pub(crate) fn all_published(&self) {
+        self.unpublished_mem.borrow_mut().clear();
     }
 
     /// Whether any request finished since the last call.

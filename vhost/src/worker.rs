@@ -339,7 +339,7 @@ impl Worker {
                 ctx.log_failure(&format!("queue {queue}: refused request"), &why);
                 // SAFETY: `held`, the map parse found the byte in, is held for this call.
                 unsafe { status.write(why.status()) };
-                ctx.finish(slot, head, 1);
+                ctx.finish(slot, head, 1, held);
             }
             Outcome::Drop(why) => {
                 ctx.log_failure(
@@ -347,7 +347,7 @@ impl Worker {
                     &why,
                 );
                 // Nothing to write a status into; return the chain so the ring does not leak.
-                ctx.finish(slot, head, 0);
+                ctx.finish(slot, head, 0, held);
             }
         }
     }
@@ -495,6 +495,7 @@ impl Worker {
             drop(state);
             dev.state.inflight[queue].fetch_sub(n, Ordering::AcqRel);
         }
+        self.ctx.all_published();
         true
     }
 
