@@ -198,6 +198,8 @@ fn references_to_existing_nodes() {
         "{e}"
     );
     drop(f1);
+    // Closed, so that the read-only node below may open the image (a writer locks it).
+    g.blockdev_del("f1").unwrap();
 
     // A read-only node cannot be the writable file of a read-write parent; a read-only parent
     // can use it.
@@ -213,6 +215,8 @@ fn references_to_existing_nodes() {
     assert_eq!(e.errno(), libc::EROFS);
     let n = open(&g, "driver=raw,file=ro,read-only=on");
     assert!(n.is_read_only());
+    drop(n);
+    g.blockdev_del("ro").unwrap();
 
     // User-added nodes need a name and are not owned by the caller; opened ones are.
     let e =
@@ -301,6 +305,7 @@ fn node_name_rules() {
     assert_eq!(longest.len(), 31);
     let n = open(&g, &format!("driver=file,filename={p},node-name={longest}"));
     assert_eq!(n.name(), longest);
+    drop(n);
 
     // Unnamed nodes get generated names that users cannot type.
     let anon = open(&g, &format!("driver=raw,file.filename={p}"));
@@ -331,10 +336,15 @@ fn duplicate_node_names_are_refused() {
         &format!("driver=raw,node-name=d1,file.filename={p},file.node-name=d0"),
     ));
     assert_eq!(e.message(), "Duplicate node name 'd0'");
-    // Parent and child of one open cannot share a name either.
+    // Parent and child of one open cannot share a name either (on another image: the child
+    // opens its file before the parent's name is checked, and `first` holds this one).
+    let other = image(4096, 9);
     let e = err(try_open(
         &g,
-        &format!("driver=raw,node-name=same,file.filename={p},file.node-name=same"),
+        &format!(
+            "driver=raw,node-name=same,file.filename={},file.node-name=same",
+            path_str(&other)
+        ),
     ));
     assert_eq!(e.message(), "Duplicate node name 'same'");
     assert!(g.find("same").is_none());
@@ -380,12 +390,14 @@ fn cache_direct_is_inherited_by_the_file_child_unless_explicit() {
         &format!("driver=raw,file.filename={p},file.cache.direct=on"),
     );
     assert!(n.child(ChildRole::File).unwrap().flags().cache_direct);
+    drop(n);
 
     let n = open(
         &g,
         &format!("driver=raw,cache.no-flush=on,file.filename={p}"),
     );
     assert!(n.child(ChildRole::File).unwrap().flags().cache_no_flush);
+    drop(n);
 
     // The file child always may unmap; the format decides (default: ignore).
     let n = open(&g, &format!("driver=raw,file.filename={p}"));
@@ -395,6 +407,7 @@ fn cache_direct_is_inherited_by_the_file_child_unless_explicit() {
         DiscardMode::Unmap
     );
     assert!(!n.discard_enabled());
+    drop(n);
     let n = open(
         &g,
         &format!("driver=raw,file.filename={p},file.discard=ignore"),
@@ -488,10 +501,12 @@ fn explicit_raw_over_file_filename() {
     let n = open(&g, &format!("driver=raw,file.filename={p}"));
     assert_eq!(n.driver_name(), "raw");
     assert_eq!(n.child(ChildRole::File).unwrap().driver_name(), "file");
+    drop(n);
     // `filename` on a format means the same.
     let n = open(&g, &format!("driver=raw,filename={p}"));
     assert_eq!(n.child(ChildRole::File).unwrap().driver_name(), "file");
     assert_eq!(n.size(), 12288);
+    drop(n);
     let e = err(try_open(
         &g,
         &format!("driver=raw,filename={p},file.filename={p}"),
@@ -501,6 +516,7 @@ fn explicit_raw_over_file_filename() {
     let n = open(&g, &format!("driver=raw,file.filename=file:{p}"));
     assert_eq!(n.child(ChildRole::File).unwrap().driver_name(), "file");
     assert_eq!(n.filename(), p);
+    drop(n);
     // open_image with an explicit format.
     let n = g.open_image(p, Some("raw"), true).unwrap();
     assert!(n.is_read_only());
@@ -527,6 +543,7 @@ fn raw_offset_and_size_window() {
     assert_eq!(on_disk[12096..12288], [0xAB; 192]);
     assert_eq!(on_disk[12288..], data[12288..]);
     assert_eq!(err(read(&n, 8000, 193)).errno(), libc::EIO);
+    drop(n);
     let e = err(try_open(
         &g,
         &format!("driver=raw,offset=30K,size=4K,file.filename={p}"),

@@ -47,10 +47,15 @@ fn host_device_is_selected_and_aligned_to_4k() {
         &format!("driver=host_device,filename={d},cache.direct=on"),
     );
     assert_eq!(n.limits().request_alignment, 4096);
+    drop(n);
     // Without O_DIRECT the page cache takes any request.
     let n2 = open(&g, &format!("driver=host_device,filename={d}"));
     assert_eq!(n2.limits().request_alignment, 1);
     drop(n2);
+    let n = open(
+        &g,
+        &format!("driver=host_device,filename={d},cache.direct=on"),
+    );
 
     // The file driver wants regular files.
     let e = err(try_open(&g, &format!("driver=file,filename={d}")));

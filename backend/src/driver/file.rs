@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 
+use super::image_lock::{self, Permissions};
 use super::{
     BlockDriver, DriverInfo, DriverKind, FileId, IoFuture, Limits, OpenContext, OpenFuture,
 };
@@ -98,6 +99,16 @@ fn open_common(
             )))
         }
     }
+    let locking = match ctx.options.take("locking").as_deref() {
+        None | Some("auto" | "on") => true,
+        Some("off") => false,
+        Some(other) => {
+            return Err(BlockError::invalid(format!(
+                "Parameter 'locking' expects 'auto', 'on' or 'off', got '{other}'"
+            )))
+        }
+    };
+    let share_writes = ctx.options.take_bool("share-rw")?.unwrap_or(false);
     let (file, read_only) = open_file_with_fallback(&filename, ctx)?;
     ctx.flags.read_only = read_only;
     let meta = file
@@ -118,6 +129,15 @@ fn open_common(
                 ""
             }
         )));
+    }
+    // Locked once the file is known to be what the driver serves (a wrong type is the more
+    // useful error).
+    if locking {
+        image_lock::lock(
+            &file,
+            &filename,
+            Permissions::for_device(!read_only, share_writes),
+        )?;
     }
     let size = if block_device {
         let mut bytes: u64 = 0;

@@ -6,6 +6,7 @@ mod api;
 mod open;
 
 pub(crate) mod file;
+mod image_lock;
 pub(crate) mod null;
 pub mod qcow2;
 pub(crate) mod raw;

@@ -59,6 +59,9 @@ pub fn qemu_raw(img: &Path) -> Vec<u8> {
     let out = img.with_extension("converted.raw");
     qemu_img(&[
         "convert",
+        // Force-share: the writer may have just been killed, and its io_uring can hold the
+        // file (and so its lock bytes) for a moment after the process is reaped.
+        "-U",
         "-O",
         "raw",
         img.to_str().unwrap(),
@@ -72,7 +75,8 @@ pub fn qemu_raw(img: &Path) -> Vec<u8> {
 /// `qemu-img check` of an image: (exit code, output).
 pub fn qemu_check(img: &Path) -> (i32, String) {
     let out = Command::new("qemu-img")
-        .args(["check", img.to_str().unwrap()])
+        // -U: see qemu_raw.
+        .args(["check", "-U", img.to_str().unwrap()])
         .output()
         .expect("run qemu-img check");
     (
