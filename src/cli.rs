@@ -46,6 +46,20 @@ pub struct DaemonArgs {
     /// Write the daemon's PID to this file.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub backing: BackingArgs,
+}
+
+/// Which backing files images may name (strata's own options; QEMU follows any name).
+#[derive(Args, Debug, Default)]
+pub struct BackingArgs {
+    /// Let images name backing files under DIR too (besides their top image's directory).
+    #[arg(long, value_name = "DIR")]
+    pub allow_backing_dir: Vec<PathBuf>,
+    /// Follow backing file names in images as QEMU does (any path, protocols, json:, probed
+    /// formats). Only for images you trust.
+    #[arg(long)]
+    pub trust_backing_names: bool,
 }
 
 /// Subcommands.
@@ -82,6 +96,8 @@ pub struct ServeArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub cached: bool,
+    #[command(flatten)]
+    pub backing: BackingArgs,
 }
 
 /// `strata img ...`.

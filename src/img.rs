@@ -8,12 +8,21 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_backend::driver::qcow2::{self, CheckResult, Repair};
-use strata_backend::driver::CreateRequest;
+use strata_backend::driver::{BackingPolicy, CreateRequest};
 use strata_backend::filename::full_backing_filename;
 use strata_backend::options::parse_size;
 use strata_backend::{block_on, probe, registry, ChildRole, Graph, Node, Options};
 
 use crate::cli::{ImgCheckArgs, ImgCommand, ImgCreateArgs, ImgInfoArgs, OutputFormat, RepairMode};
+
+/// The graph the image tools open images in: like qemu-img, they follow the backing file names
+/// of the images the user names (the daemon limits them; see `BackingPolicy`).
+fn tool_graph() -> Graph {
+    Graph::with_backing_policy(BackingPolicy {
+        trust_images: true,
+        ..BackingPolicy::default()
+    })
+}
 
 /// Runs an `img` subcommand.
 pub fn run(cmd: ImgCommand) -> Result<(), String> {
@@ -65,7 +74,7 @@ fn create(args: &ImgCreateArgs) -> Result<(), String> {
         }
         if !args.unsafe_backing {
             let full = full_backing_filename(&filename, &backing).map_err(|e| e.to_string())?;
-            let graph = Graph::new();
+            let graph = tool_graph();
             let node = open_image(&graph, &full, options.get("backing_fmt"), false)
                 .map_err(|e| format!("Could not open backing image '{full}': {e}"))?;
             if !options.contains("backing_fmt") {
@@ -271,7 +280,7 @@ fn info(args: &ImgInfoArgs) -> Result<(), String> {
         Some(f) => f.clone(),
         None => probe_path(&file)?.to_string(),
     };
-    let graph = Graph::new();
+    let graph = tool_graph();
     let no_backing = !args.backing_chain && format == "qcow2";
     let node = open_image(&graph, &file, Some(&format), no_backing)?;
     let mut chain = vec![image_info(&node)?];
@@ -379,7 +388,7 @@ fn check(args: &ImgCheckArgs) -> Result<(), String> {
         Some(RepairMode::Leaks) => Repair::Leaks,
         Some(RepairMode::All) => Repair::All,
     };
-    let graph = Graph::new();
+    let graph = tool_graph();
     let mut o = Options::new();
     o.set("driver", "file");
     o.set("filename", file.as_str());

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use strata_backend::driver::BackingPolicy;
 use strata_backend::{Graph, Options};
 use strata_vhost::{BlkExport, BlkExportConfig, Listen};
 
-use crate::cli::{DaemonArgs, ServeArgs};
+use crate::cli::{BackingArgs, DaemonArgs, ServeArgs};
 use crate::export_options;
 use crate::iothreads::IoThreads;
 
@@ -28,7 +29,7 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
             .add(text)
             .map_err(|e| format!("--object {text}: {e}"))?;
     }
-    let graph = Graph::new();
+    let graph = Graph::with_backing_policy(backing_policy(&args.backing));
     for text in &args.blockdev {
         let options =
             Options::parse(text, Some("driver")).map_err(|e| format!("--blockdev {text}: {e}"))?;
@@ -59,7 +60,7 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
         log::info!("created {} (1 GiB sparse raw image)", args.image.display());
     }
     let image = args.image.to_str().ok_or("image path is not valid UTF-8")?;
-    let graph = Graph::new();
+    let graph = Graph::with_backing_policy(backing_policy(&args.backing));
     let mut options = Options::new();
     options.set("node-name", "disk");
     options.set("file.filename", image);
@@ -91,6 +92,14 @@ fn create_default_image(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("Could not create '{}': {e}", path.display()))?;
     file.set_len(DEFAULT_IMAGE_SIZE)
         .map_err(|e| format!("Could not resize '{}': {e}", path.display()))
+}
+
+/// The backing-file policy the command line asks for.
+fn backing_policy(args: &BackingArgs) -> BackingPolicy {
+    BackingPolicy {
+        trust_images: args.trust_backing_names,
+        allowed_dirs: args.allow_backing_dir.clone(),
+    }
 }
 
 fn print_qemu_hint(socket: &Path, queues: u16) {

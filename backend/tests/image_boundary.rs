@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use strata_backend::driver::BackingPolicy;
 use strata_backend::driver::CreateRequest;
 use strata_backend::{registry, Graph, Options};
 
@@ -192,4 +193,98 @@ fn sector0_is_written_as_it_was_checked() {
             );
         }
     });
+}
+
+/// A qcow2 image at `path` whose header names `backing` with format `format`, both as given.
+fn qcow2_naming(path: &Path, backing: &str, format: Option<&str>) {
+    let mut options = Options::new();
+    options.set("backing_file", backing);
+    if let Some(f) = format {
+        options.set("backing_fmt", f);
+    }
+    let request = CreateRequest {
+        path,
+        size: 1 << 20,
+        options,
+    };
+    registry::create("qcow2", request).expect("create qcow2");
+}
+
+fn open_with(
+    graph: &Graph,
+    path: &Path,
+) -> strata_backend::Result<std::sync::Arc<strata_backend::Node>> {
+    let opts = format!(
+        "driver=qcow2,read-only=on,file.filename={}",
+        path.to_str().expect("utf-8 path")
+    );
+    try_open(graph, &opts)
+}
+
+#[test]
+fn backing_names_from_images_reach_only_allowed_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let secret = elsewhere.path().join("secret.raw");
+    std::fs::write(&secret, pattern(5, 65536)).expect("write secret");
+    let secret_name = secret.to_str().expect("utf-8").to_string();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern(6, 1 << 20)).expect("write base");
+    std::os::unix::fs::symlink(&secret, dir.path().join("link.raw")).expect("symlink");
+
+    let refused: Vec<(&str, String, Option<&str>)> = vec![
+        ("absolute path elsewhere", secret_name.clone(), Some("raw")),
+        ("symlink out of the directory", "link.raw".into(), Some("raw")),
+        ("dot-dot out of the directory", format!("../{}/secret.raw", elsewhere.path().file_name().unwrap().to_str().unwrap()), Some("raw")),
+        ("no backing format", "base.raw".into(), None),
+        ("protocol format", "base.raw".into(), Some("file")),
+        ("json: name", format!("json:{{\"driver\": \"raw\", \"file\": {{\"driver\": \"file\", \"filename\": \"{secret_name}\"}}}}"), Some("raw")),
+        ("json: node reference", "json:{\"driver\": \"raw\", \"file\": \"other-vm\"}".into(), Some("raw")),
+        ("host_device: prefix", "host_device:/dev/null".into(), Some("raw")),
+        ("file: prefix", format!("file:{secret_name}"), Some("raw")),
+    ];
+    for (what, name, format) in &refused {
+        let top = dir.path().join("top.qcow2");
+        qcow2_naming(&top, name, *format);
+        let e = err(open_with(&Graph::new(), &top));
+        assert_eq!(e.errno(), libc::EACCES, "{what}: {e}");
+        assert!(
+            e.to_string().contains("top.qcow2"),
+            "{what}: names the image: {e}"
+        );
+    }
+
+    // A plain relative name in the directory, with its format, is followed.
+    let top = dir.path().join("top.qcow2");
+    qcow2_naming(&top, "base.raw", Some("raw"));
+    let node = open_with(&Graph::new(), &top).expect("allowed backing file");
+    assert_eq!(
+        read(&node, 0, 4096).expect("read"),
+        pattern(6, 1 << 20)[..4096]
+    );
+    drop(node);
+
+    // The user can widen the policy: another directory, or trust (QEMU's behaviour).
+    qcow2_naming(&top, &secret_name, Some("raw"));
+    let widened = Graph::with_backing_policy(BackingPolicy {
+        allowed_dirs: vec![elsewhere.path().to_path_buf()],
+        ..BackingPolicy::default()
+    });
+    let node = open_with(&widened, &top).expect("allowed directory");
+    assert_eq!(read(&node, 0, 512).expect("read"), pattern(5, 65536)[..512]);
+    drop(node);
+    qcow2_naming(&top, "base.raw", None);
+    let trusting = Graph::with_backing_policy(BackingPolicy {
+        trust_images: true,
+        ..BackingPolicy::default()
+    });
+    open_with(&trusting, &top).expect("trusted image, probed backing format");
+
+    // Backing files the user names in options are the user's choice.
+    qcow2_naming(&top, "base.raw", None);
+    let opts = format!(
+        "driver=qcow2,read-only=on,file.filename={},backing.driver=raw,backing.file.filename={secret_name}",
+        top.display()
+    );
+    open(&Graph::new(), &opts);
 }

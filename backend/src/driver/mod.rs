@@ -3,6 +3,7 @@
 //! [`crate::registry`].
 
 mod api;
+mod backing_policy;
 mod open;
 
 pub(crate) mod file;
@@ -12,7 +13,8 @@ pub mod qcow2;
 pub(crate) mod raw;
 
 pub use api::{BlockDriver, BlockStatus, FileId, IoFuture, Limits};
+pub use backing_policy::BackingPolicy;
 pub use open::{
-    ChildOpener, CreateFn, CreateRequest, DriverInfo, DriverKind, NodeFuture, OpenContext,
-    OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
+    BackingChain, ChildOpener, CreateFn, CreateRequest, DriverInfo, DriverKind, NodeFuture,
+    OpenContext, OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
 };

@@ -3,11 +3,12 @@
 //! through the small [`ChildOpener`] interface that the graph implements.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use super::api::{BlockDriver, FileId};
+use super::backing_policy::{chain_root, BackingPolicy};
 use crate::error::{BlockError, Result};
 use crate::filename::full_backing_filename;
 use crate::flags::{keys, NodeFlags};
@@ -72,8 +73,18 @@ pub struct ParentOptions {
     pub flags: NodeFlags,
     /// The role the child plays for the parent.
     pub role: ChildRole,
-    /// For a backing child: the files of the images above it, top first.
-    pub backing_chain: Vec<FileId>,
+    /// For a backing child: the chain of images above it.
+    pub backing_chain: BackingChain,
+}
+
+/// The images above a backing file in its chain.
+#[derive(Debug, Clone, Default)]
+pub struct BackingChain {
+    /// Their files, top first (a repeated one is a loop).
+    pub files: Vec<FileId>,
+    /// The directory image-named backing files of this chain may lie under (see
+    /// [`BackingPolicy`]); None for the top image, whose own directory it becomes.
+    pub root: Option<PathBuf>,
 }
 
 /// What a driver's open may ask of the graph: existing nodes, and new child nodes.
@@ -83,6 +94,12 @@ pub trait ChildOpener {
 
     /// Opens a new node from `options` as the child of `parent`.
     fn open_child_node(&self, options: Options, parent: ParentOptions) -> NodeFuture<'_>;
+
+    /// Which backing files images may name.
+    fn backing_policy(&self) -> &BackingPolicy;
+
+    /// Whether `driver` is an image format (not a protocol).
+    fn is_format(&self, driver: &str) -> bool;
 }
 
 /// Everything a driver's `open` gets: its options to consume, flags, and child opening.
@@ -98,8 +115,8 @@ pub struct OpenContext<'g> {
     pub(crate) children: Vec<(ChildRole, Arc<Node>)>,
     /// The node's effective options, which its children inherit from.
     pub(crate) all_options: Options,
-    /// The files of the images above this one in a backing chain, top first.
-    pub(crate) backing_chain: Vec<FileId>,
+    /// The images above this one in a backing chain.
+    pub(crate) backing_chain: BackingChain,
 }
 
 impl OpenContext<'_> {
@@ -120,7 +137,7 @@ impl OpenContext<'_> {
             options: self.all_options.clone(),
             flags: self.flags,
             role,
-            backing_chain: Vec::new(),
+            backing_chain: BackingChain::default(),
         }
     }
 
@@ -129,7 +146,7 @@ impl OpenContext<'_> {
     /// [`MAX_BACKING_CHAIN`].
     fn backing_chain_below(&self) -> Result<Vec<FileId>> {
         let image = self.existing_child(ChildRole::File);
-        let mut chain = self.backing_chain.clone();
+        let mut chain = self.backing_chain.files.clone();
         if let Some(id) = image.as_ref().and_then(|f| f.file_id()) {
             if chain.contains(&id) {
                 return Err(BlockError::invalid(format!(
@@ -147,6 +164,34 @@ impl OpenContext<'_> {
             )));
         }
         Ok(chain)
+    }
+
+    /// The options of the backing file `name` that this image names, as the graph's
+    /// [`BackingPolicy`] allows them; also the chain root for the images below.
+    fn image_named_backing(
+        &self,
+        child: &mut Options,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<Option<PathBuf>> {
+        let image = self
+            .existing_child(ChildRole::File)
+            .map(|n| n.filename())
+            .unwrap_or_default();
+        let policy = self.opener.backing_policy();
+        if policy.trust_images {
+            child.set("filename", full_backing_filename(&image, name)?);
+            return Ok(None);
+        }
+        let root = match &self.backing_chain.root {
+            Some(root) => root.clone(),
+            None => chain_root(&image)?,
+        };
+        let allowed = policy.check(&image, name, format, &root, |d| self.opener.is_format(d))?;
+        // A plain file, by its resolved path: never a device or protocol the name could pick.
+        child.set("file.driver", "file");
+        child.set("file.filename", allowed.path.to_string_lossy());
+        Ok(Some(root))
     }
 
     /// Opens (or references) the child in `role`, from the `role` / `role.*` options.
@@ -229,15 +274,10 @@ impl OpenContext<'_> {
         let mut child = self.options.extract_child(role.key());
         let file_given =
             child.contains("filename") || child.contains("file") || child.has_prefix("file");
+        let mut root = None;
         if !file_given {
             match backing_file {
-                Some(name) => {
-                    let image = self
-                        .existing_child(ChildRole::File)
-                        .map(|n| n.filename())
-                        .unwrap_or_default();
-                    child.set("filename", full_backing_filename(&image, name)?);
-                }
+                Some(name) => root = self.image_named_backing(&mut child, name, backing_format)?,
                 None if child.is_empty() => return Ok(None),
                 None => {}
             }
@@ -247,7 +287,10 @@ impl OpenContext<'_> {
             child.set_default(keys::DRIVER, format);
         }
         let mut parent = self.inherited(role);
-        parent.backing_chain = self.backing_chain_below()?;
+        parent.backing_chain = BackingChain {
+            files: self.backing_chain_below()?,
+            root,
+        };
         let node = self.opener.open_child_node(child, parent).await?;
         if probed && backing_file.is_some() {
             log::warn!(

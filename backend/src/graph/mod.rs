@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use crate::driver::BackingPolicy;
 use crate::error::{BlockError, Result};
 use crate::flags::keys;
 use crate::io::executor::block_on;
@@ -22,6 +23,8 @@ const OPENER_STACK: usize = 64 << 20;
 #[derive(Default)]
 pub struct Graph {
     inner: Mutex<Inner>,
+    /// Which backing files images may name.
+    backing_policy: BackingPolicy,
 }
 
 #[derive(Default)]
@@ -33,9 +36,17 @@ struct Inner {
 }
 
 impl Graph {
-    /// An empty graph.
+    /// An empty graph with the default backing-file policy (see [`BackingPolicy`]).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty graph whose images may name the backing files `policy` allows.
+    pub fn with_backing_policy(policy: BackingPolicy) -> Self {
+        Graph {
+            inner: Mutex::default(),
+            backing_policy: policy,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 
 use super::Graph;
 use crate::driver::{
-    ChildOpener, CreateRequest, DriverKind, NodeFuture, OpenContext, ParentOptions,
+    BackingPolicy, ChildOpener, CreateRequest, DriverKind, NodeFuture, OpenContext, ParentOptions,
 };
 use crate::error::{BlockError, Result};
 use crate::flags::{keys, NodeFlags};
@@ -24,6 +24,14 @@ impl ChildOpener for Graph {
 
     fn open_child_node(&self, options: Options, parent: ParentOptions) -> NodeFuture<'_> {
         self.open_node(options, Some(parent))
+    }
+
+    fn backing_policy(&self) -> &BackingPolicy {
+        &self.backing_policy
+    }
+
+    fn is_format(&self, driver: &str) -> bool {
+        registry::find(driver).is_ok_and(|d| d.kind == DriverKind::Format)
     }
 }
 
