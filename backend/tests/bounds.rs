@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{err, image, open, path_str, read, run, write};
+use common::{err, image, open, path_str, pattern, read, run, write};
 use strata_backend::{ChildRole, Graph, IoVec, Node};
 
 /// Every kind of request past the end of `n` fails with EIO.
@@ -151,4 +151,22 @@ fn writable_nodes_do_write_in_range() {
         run(n.discard(off, len as u64)).unwrap();
     }
     run(n.flush()).unwrap();
+}
+
+#[test]
+fn one_buffer_longer_than_4_gib_is_read_whole() {
+    // The length of a one-buffer io_uring read is a u32: a longer buffer was truncated, and
+    // the zero-length read that followed was taken for the end of the file (zeroes, status OK).
+    const GIB4: u64 = 4 << 30;
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    file.as_file().set_len(GIB4 + 65536).expect("sparse file");
+    let tail = pattern(44, 4096);
+    std::os::unix::fs::FileExt::write_all_at(file.as_file(), &tail, GIB4).expect("write tail");
+    let node = open(
+        &Graph::new(),
+        &format!("driver=raw,file.filename={}", file.path().display()),
+    );
+    let mut buf = vec![0u8; (GIB4 + 4096) as usize];
+    run(node.read(0, &[IoVec::new(&mut buf)])).expect("read");
+    assert_eq!(&buf[GIB4 as usize..], &tail[..], "the bytes past 4 GiB");
 }

@@ -309,13 +309,15 @@ impl FileDriver {
             let at = offset + done;
             let raw = iovec::as_raw(part);
             let entry = match (write, raw) {
+                // One buffer: at most what one read(2) moves (MAX_RW_COUNT), which fits the
+                // entry's u32 length; the loop goes on after the short transfer.
                 (false, [one]) => {
-                    opcode::Read::new(self.fd(), one.iov_base.cast(), one.iov_len as u32)
+                    opcode::Read::new(self.fd(), one.iov_base.cast(), rw_len(one.iov_len))
                         .offset(at)
                         .build()
                 }
                 (true, [one]) => {
-                    opcode::Write::new(self.fd(), one.iov_base.cast(), one.iov_len as u32)
+                    opcode::Write::new(self.fd(), one.iov_base.cast(), rw_len(one.iov_len))
                         .offset(at)
                         .build()
                 }
@@ -418,6 +420,14 @@ impl FileDriver {
         }
         Ok(())
     }
+}
+
+/// Most bytes one read or write moves in Linux (MAX_RW_COUNT: INT_MAX rounded down to a page).
+const MAX_RW_COUNT: usize = 0x7fff_f000;
+
+/// The length of a one-buffer read or write entry: a longer buffer is moved in several.
+fn rw_len(len: usize) -> u32 {
+    len.min(MAX_RW_COUNT) as u32
 }
 
 fn unsupported(e: &BlockError) -> bool {
