@@ -265,3 +265,45 @@ fn concurrent_writers_to_the_same_sectors_never_mix() {
         );
     }
 }
+
+#[test]
+fn long_misaligned_requests_bounce_chunk_by_chunk() {
+    require_loop!();
+    // Longer than several bounce chunks, starting and ending inside 4 KiB sectors, from and
+    // into buffers that are not 4 KiB aligned: every bounced path in pieces.
+    const SIZE: usize = 16 << 20;
+    let img = image(SIZE, 8);
+    let dev = LoopDevice::attach(&img, 4096);
+    let n = open(
+        &Graph::new(),
+        &format!(
+            "driver=raw,file.filename={},cache.direct=on",
+            dev.path_str()
+        ),
+    );
+    let mut expected = common::pattern(8, SIZE);
+    let (off, len) = (1536u64, (5 << 20) + 1000);
+    let mut buf = AlignedBuf::new(len, 512);
+    run(n.read(off, &[buf.iovec()])).unwrap();
+    assert_bytes_eq(
+        buf.as_slice(),
+        &expected[off as usize..off as usize + len],
+        "read",
+    );
+
+    let data = common::pattern(9, len);
+    let mut src = AlignedBuf::from_slice(&data, 512);
+    let woff = 3 * 4096 + 700;
+    run(n.write(woff, &[src.iovec()])).unwrap();
+    expected[woff as usize..woff as usize + len].copy_from_slice(&data);
+    // Aligned offsets and lengths from misaligned memory.
+    let aligned = common::pattern(10, 3 << 20);
+    let mut src = AlignedBuf::from_slice(&aligned, 512);
+    run(n.write(8 << 20, &[src.iovec()])).unwrap();
+    expected[8 << 20..(8 << 20) + (3 << 20)].copy_from_slice(&aligned);
+    run(n.flush()).unwrap();
+    assert_bytes_eq(&read(&n, 0, SIZE).unwrap(), &expected, "after the writes");
+    drop(n);
+    drop(dev);
+    assert_bytes_eq(&common::file_bytes(&img), &expected, "on disk");
+}

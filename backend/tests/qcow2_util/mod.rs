@@ -97,6 +97,15 @@ pub fn assert_check_clean(img: &Path, no_leaks: bool) {
     assert!(ok, "qemu-img check {} exited {code}:\n{out}", img.display());
 }
 
+/// A graph that follows backing file names as QEMU does, to compare with qemu-img on images
+/// whose chains leave the top image's directory (the daemon's default policy refuses those).
+pub fn qemu_like_graph() -> Graph {
+    Graph::with_backing_policy(strata_backend::driver::BackingPolicy {
+        trust_images: true,
+        ..Default::default()
+    })
+}
+
 /// Opens a node from keyval text.
 pub fn open(g: &Graph, opts: &str) -> Arc<Node> {
     g.open(Options::parse(opts, None).expect("options"))
