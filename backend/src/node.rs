@@ -13,7 +13,7 @@ use crate::counter::Counter;
 use crate::driver::{BlockDriver, BlockStatus, FileId, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
-use crate::io::bounce::BounceBuffer;
+use crate::io::bounce::{BounceBuffer, BOUNCE_CHUNK};
 use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::io::serialise::WriteSerialiser;
@@ -318,15 +318,31 @@ impl Node {
         Box::pin(self.read_bounced(offset, iov, len)).await
     }
 
-    /// Reads through an aligned bounce buffer, widened to the request alignment.
+    /// Reads through an aligned bounce buffer, widened to the request alignment, a chunk at a
+    /// time (see [`crate::io::bounce`]).
     async fn read_bounced(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
         self.stats.bounced.add(1);
         let (start, end) = self.widen(offset, len);
-        let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
-        self.driver.read(start, &[buf.iovec()]).await?;
-        let skip = to_usize(offset - start)?;
-        iovec::copy_to_iov(iov, 0, &buf.as_slice()[skip..skip + to_usize(len)?]);
+        let chunk = self.bounce_chunk();
+        let mut at = start;
+        while at < end {
+            let n = chunk.min(end - at);
+            let mut buf = BounceBuffer::acquire(to_usize(n)?).await?;
+            self.driver.read(at, &[buf.iovec()]).await?;
+            // The part of this chunk the caller asked for, and where it goes in its buffers.
+            let from = offset.max(at);
+            let to = (offset + len).min(at + n);
+            let bytes = &buf.as_slice()[to_usize(from - at)?..to_usize(to - at)?];
+            iovec::copy_to_iov(iov, to_usize(from - offset)?, bytes);
+            at += n;
+        }
         Ok(())
+    }
+
+    /// The most bytes a request bounces at once: [`BOUNCE_CHUNK`], in whole aligned blocks.
+    fn bounce_chunk(&self) -> u64 {
+        let a = u64::from(self.limits.request_alignment);
+        (BOUNCE_CHUNK as u64 / a * a).max(a)
     }
 
     /// Writes the caller's buffers at `offset`.
@@ -387,8 +403,8 @@ impl Node {
         Box::pin(self.write_rmw(offset, iov, len, start, end)).await
     }
 
-    /// A write of partial blocks: reads the blocks at its ends, merges, writes them whole.
-    /// The caller holds the serialiser's exclusive range over `start..end`.
+    /// A write of partial blocks: reads the blocks at its ends, merges, writes them whole, a
+    /// chunk at a time. The caller holds the serialiser's exclusive range over `start..end`.
     async fn write_rmw(
         &self,
         offset: u64,
@@ -399,23 +415,34 @@ impl Node {
     ) -> Result<()> {
         self.stats.read_modify_write.add(1);
         self.stats.bounced.add(1);
-        let mut buf = BounceBuffer::new(to_usize(end - start)?)?;
         let a = u64::from(self.limits.request_alignment);
-        let size = to_usize(end - start)?;
-        let head = to_usize(offset - start)?;
-        // Read the partial blocks at each end (once if they are the same block).
-        if head != 0 {
-            let block = to_usize(a)?;
-            let part = &mut buf.as_mut_slice()[..block];
-            self.driver.read(start, &[IoVec::new(part)]).await?;
+        let block = to_usize(a)?;
+        let chunk = self.bounce_chunk();
+        let mut at = start;
+        while at < end {
+            let n = chunk.min(end - at);
+            let size = to_usize(n)?;
+            let mut buf = BounceBuffer::acquire(size).await?;
+            // Read the partial blocks at the request's ends that lie in this chunk (once if
+            // they are the same block).
+            let head_partial = at == start && offset > start;
+            if head_partial {
+                let part = &mut buf.as_mut_slice()[..block];
+                self.driver.read(at, &[IoVec::new(part)]).await?;
+            }
+            let tail_partial = at + n == end && (offset + len) % a != 0;
+            if tail_partial && !(head_partial && n == a) {
+                let part = &mut buf.as_mut_slice()[size - block..];
+                self.driver.read(end - a, &[IoVec::new(part)]).await?;
+            }
+            let from = offset.max(at);
+            let to = (offset + len).min(at + n);
+            let dst = &mut buf.as_mut_slice()[to_usize(from - at)?..to_usize(to - at)?];
+            iovec::copy_from_iov(iov, to_usize(from - offset)?, dst);
+            self.driver.write(at, &[buf.iovec()]).await?;
+            at += n;
         }
-        if (offset + len) % a != 0 && (head == 0 || end - start > a) {
-            let block = to_usize(a)?;
-            let part = &mut buf.as_mut_slice()[size - block..];
-            self.driver.read(end - a, &[IoVec::new(part)]).await?;
-        }
-        iovec::copy_from_iov(iov, 0, &mut buf.as_mut_slice()[head..head + to_usize(len)?]);
-        self.driver.write(start, &[buf.iovec()]).await
+        Ok(())
     }
 
     async fn write_aligned(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
@@ -426,13 +453,21 @@ impl Node {
         Box::pin(self.write_bounced(offset, iov)).await
     }
 
-    /// Writes through an aligned bounce buffer (the caller's memory is misaligned).
+    /// Writes through an aligned bounce buffer (the caller's memory is misaligned), a chunk
+    /// at a time.
     async fn write_bounced(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         self.stats.bounced.add(1);
-        let len = to_usize(iovec::total_len(iov))?;
-        let mut buf = BounceBuffer::new(len)?;
-        iovec::copy_from_iov(iov, 0, buf.as_mut_slice());
-        self.driver.write(offset, &[buf.iovec()]).await
+        let len = iovec::total_len(iov);
+        let chunk = self.bounce_chunk();
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min(len - done);
+            let mut buf = BounceBuffer::acquire(to_usize(n)?).await?;
+            iovec::copy_from_iov(iov, to_usize(done)?, buf.as_mut_slice());
+            self.driver.write(offset + done, &[buf.iovec()]).await?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Makes completed writes durable (a no-op with cache.no-flush). After one flush failed,

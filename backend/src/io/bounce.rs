@@ -1,8 +1,16 @@
-//! Aligned bounce buffers for O_DIRECT, from a per-thread pool.
+//! Aligned bounce buffers for O_DIRECT, from a per-thread pool, within a per-thread budget.
+//!
+//! A guest decides how much it asks to be bounced (misaligned buffers, sub-block writes), so
+//! requests bounce in chunks of at most [`BOUNCE_CHUNK`] and a thread's requests together hold
+//! at most [`THREAD_BUDGET`] bytes of bounce buffers: a request that would exceed it waits
+//! until another one returns its buffer. Each request holds one buffer at a time, so waiting
+//! cannot deadlock.
 
 use std::alloc::{self, Layout};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::ptr::NonNull;
+use std::task::{Poll, Waker};
 
 use super::iovec::IoVec;
 use crate::error::{BlockError, Result};
@@ -12,7 +20,11 @@ pub const BOUNCE_ALIGN: usize = 4096;
 /// Buffers up to this size go back to the pool when dropped.
 const POOLED_MAX: usize = 1 << 20;
 /// Buffers kept per thread.
-const POOL_DEPTH: usize = 16;
+const POOL_DEPTH: usize = 8;
+/// Most bytes one request bounces at once; longer requests bounce chunk by chunk.
+pub const BOUNCE_CHUNK: usize = 1 << 20;
+/// Most bytes of budgeted bounce buffers the requests of one thread hold at once.
+pub const THREAD_BUDGET: usize = 8 << 20;
 
 /// Free buffers of one thread, as (pointer, capacity); freed when the thread exits.
 struct Pool(Vec<(NonNull<u8>, usize)>);
@@ -30,6 +42,10 @@ impl Drop for Pool {
 
 thread_local! {
     static POOL: RefCell<Pool> = const { RefCell::new(Pool(Vec::new())) };
+    /// Bytes of budgeted buffers held on this thread.
+    static BUDGET_USED: Cell<usize> = const { Cell::new(0) };
+    /// Requests waiting for budget, woken in turn as buffers come back.
+    static BUDGET_WAITERS: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A page-aligned heap buffer.
@@ -37,9 +53,37 @@ pub struct BounceBuffer {
     ptr: NonNull<u8>,
     capacity: usize,
     len: usize,
+    /// Counted in the thread's budget (returned when dropped).
+    budgeted: bool,
 }
 
 impl BounceBuffer {
+    /// A buffer of `len` (at most [`BOUNCE_CHUNK`]) bytes within the thread's budget: waits
+    /// while the thread's requests hold too much (one buffer alone always fits).
+    pub async fn acquire(len: usize) -> Result<Self> {
+        let capacity = len.max(BOUNCE_ALIGN).next_power_of_two();
+        poll_fn(|cx| {
+            let used = BUDGET_USED.get();
+            if used == 0 || used + capacity <= THREAD_BUDGET {
+                BUDGET_USED.set(used + capacity);
+                return Poll::Ready(());
+            }
+            BUDGET_WAITERS.with(|w| w.borrow_mut().push(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        match Self::new(len) {
+            Ok(mut buf) => {
+                buf.budgeted = true;
+                Ok(buf)
+            }
+            Err(e) => {
+                release_budget(capacity);
+                Err(e)
+            }
+        }
+    }
+
     /// A buffer of `len` bytes (contents unspecified), from the pool when one fits.
     pub fn new(len: usize) -> Result<Self> {
         let capacity = len.max(BOUNCE_ALIGN).next_power_of_two();
@@ -48,7 +92,12 @@ impl BounceBuffer {
             let i = pool.iter().position(|&(_, cap)| cap == capacity)?;
             Some(pool.swap_remove(i).0)
         }) {
-            return Ok(Self { ptr, capacity, len });
+            return Ok(Self {
+                ptr,
+                capacity,
+                len,
+                budgeted: false,
+            });
         }
         let layout = Self::layout(capacity)?;
         // SAFETY: the layout has a non-zero size. Zeroed, so the bytes are initialised.
@@ -58,7 +107,12 @@ impl BounceBuffer {
                 format!("cannot allocate a {len}-byte bounce buffer"),
             )
         })?;
-        Ok(Self { ptr, capacity, len })
+        Ok(Self {
+            ptr,
+            capacity,
+            len,
+            budgeted: false,
+        })
     }
 
     fn layout(capacity: usize) -> Result<Layout> {
@@ -86,8 +140,21 @@ impl BounceBuffer {
     }
 }
 
+/// Gives `capacity` bytes back to the thread's budget and wakes the waiting requests (they
+/// check again; those that still do not fit wait again).
+fn release_budget(capacity: usize) {
+    BUDGET_USED.set(BUDGET_USED.get().saturating_sub(capacity));
+    let waiters = BUDGET_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    for w in waiters {
+        w.wake();
+    }
+}
+
 impl Drop for BounceBuffer {
     fn drop(&mut self) {
+        if self.budgeted {
+            release_budget(self.capacity);
+        }
         let (ptr, capacity) = (self.ptr, self.capacity);
         let pooled = capacity <= POOLED_MAX
             && POOL.with(|p| {
@@ -105,5 +172,39 @@ impl Drop for BounceBuffer {
                 unsafe { alloc::dealloc(ptr.as_ptr(), layout) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::executor::now_or_never;
+    use std::future::Future;
+
+    #[test]
+    fn a_thread_holds_at_most_its_budget() {
+        let n = THREAD_BUDGET / BOUNCE_CHUNK;
+        let mut held: Vec<BounceBuffer> = (0..n)
+            .map(|_| {
+                now_or_never(BounceBuffer::acquire(BOUNCE_CHUNK))
+                    .expect("within the budget")
+                    .expect("allocation")
+            })
+            .collect();
+        // One more must wait ...
+        let mut waiting = Box::pin(BounceBuffer::acquire(BOUNCE_CHUNK));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        // ... until one comes back.
+        held.pop();
+        match waiting.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => held.push(r.expect("allocation")),
+            Poll::Pending => panic!("budget returned, but the waiter still waits"),
+        }
+        drop(held);
+        // A buffer larger than the whole budget still goes through alone.
+        let big = now_or_never(BounceBuffer::acquire(2 * THREAD_BUDGET)).expect("alone");
+        assert!(big.is_ok());
     }
 }
