@@ -5,6 +5,7 @@
 #      restarted daemon in between);
 #   2. the same over a loop device with 4096-byte sectors, logical block size 4096;
 #   3. the same on a qcow2 overlay (made by strata img create) over a raw base image.
+#   After each, the pattern the guest wrote is checked in the image on the host.
 #
 #   run-all.sh STRATA_BINARY
 set -euo pipefail
@@ -59,8 +60,8 @@ guest() { # test-name lbs size [extra run-guest args]
         --size "$size" --wc back --seed 7 --timeout 600 "$@"
 }
 
-scenario() { # name lbs size blockdev-args...
-    local name="$1" lbs="$2" size="$3"; shift 3
+scenario() { # name lbs size image format blockdev-args...
+    local name="$1" lbs="$2" size="$3" image="$4" format="$5"; shift 5
     echo "=== $name"
     start_daemon "$lbs" "$@"
     guest sysfs "$lbs" "$size"
@@ -70,17 +71,19 @@ scenario() { # name lbs size blockdev-args...
     start_daemon "$lbs" "$@"
     guest check-pattern "$lbs" "$size"
     stop_daemon
+    # What the guest wrote is in the image itself, not only as strata reads it back.
+    "$here/host-check-pattern.sh" "$image" "$format" 7 "$lbs" "$size"
 }
 
 size=$((256 << 20))
 truncate -s "$size" "$work/disk.img"
-scenario "raw file, 512-byte blocks" 512 "$size" \
+scenario "raw file, 512-byte blocks" 512 "$size" "$work/disk.img" raw \
     --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on" \
     --blockdev driver=raw,node-name=d0,file=f0
 
 truncate -s "$size" "$work/disk4k.img"
 loopdev="$(losetup --sector-size 4096 -f --show "$work/disk4k.img")"
-scenario "loop device with 4096-byte sectors" 4096 "$size" \
+scenario "loop device with 4096-byte sectors" 4096 "$size" "$work/disk4k.img" raw \
     --blockdev "driver=host_device,node-name=f0,filename=$loopdev,cache.direct=on" \
     --blockdev driver=raw,node-name=d0,file=f0
 
@@ -89,7 +92,7 @@ loopdev=""
 
 truncate -s "$size" "$work/base.raw"
 "$strata" img create -f qcow2 -b base.raw -F raw "$work/overlay.qcow2" >/dev/null
-scenario "qcow2 overlay over a raw base" 512 "$size" \
+scenario "qcow2 overlay over a raw base" 512 "$size" "$work/overlay.qcow2" qcow2 \
     --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on" \
     --blockdev driver=qcow2,node-name=d0,file=f0
 qemu-img check "$work/overlay.qcow2"

@@ -137,6 +137,8 @@ if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     why="timed out after ${timeout_s}s"
 elif [[ -z "$result" ]]; then
     why="no STRATA-RESULT line (qemu exit $rc)"
+elif [[ "$result" == "STRATA-RESULT: PASS" && $rc -ne 0 ]]; then
+    why="the guest passed, but qemu exited with status $rc"
 elif [[ "$result" == "STRATA-RESULT: PASS" ]]; then
     echo "run-guest: $test PASS in ${secs}s (log $log)"
     exit 0
