@@ -12,6 +12,7 @@ use strata_backend::{block_on, Graph, IoVec, Node, Options};
 
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(unused_imports)]
 pub use common::pattern;
 
 /// A temporary directory for one test's images.
