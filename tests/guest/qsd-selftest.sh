@@ -37,7 +37,7 @@ start_qsd() {
     qemu-img create -f raw "$work/$name.img" "$size" >/dev/null
     qemu-storage-daemon \
         --blockdev "driver=file,node-name=f0,filename=$work/$name.img,cache.direct=on,aio=io_uring" \
-        --blockdev driver=raw,node-name=d0,file=f0 \
+        --blockdev driver=raw,node-name=d0,file=f0,discard=unmap \
         --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$work/$name.sock,writable=on,num-queues=$queues,logical-block-size=$lbs" \
         >"$work/$name.qsd.log" 2>&1 &
     pids+=($!)
@@ -96,6 +96,7 @@ expect pass sysfs-wc-through --socket "$s512" --test sysfs --wc through
 if [[ $quick -eq 0 ]]; then
     expect pass fio-512 --socket "$s512" --test fio --timeout 300
 fi
+expect pass discard-512 --socket "$s512" --test discard --seed 7
 expect pass write-pattern-512 --socket "$s512" --test write-pattern --seed 7
 expect pass check-pattern-512 --socket "$s512" --test check-pattern --seed 7
 expect "pattern mismatch at lba 0 9 " check-pattern-512-other-seed --socket "$s512" --test check-pattern --seed 8

@@ -4,7 +4,9 @@
 #      random writes), a pattern written on one boot and read back on a second boot (with a
 #      restarted daemon in between);
 #   2. the same over a loop device with 4096-byte sectors, logical block size 4096;
-#   3. the same on a qcow2 overlay (made by strata img create) over a raw base image.
+#   3. the same on a qcow2 overlay (made by strata img create) over a raw base image;
+#   4. the same on a qcow2 overlay with logical block size 4096.
+#   Each runs a guest discard test (blkdiscard, fio trim) on a node with discard=unmap.
 #   After each, the pattern the guest wrote is checked in the image on the host.
 #
 #   run-all.sh STRATA_BINARY
@@ -66,6 +68,7 @@ scenario() { # name lbs size image format blockdev-args...
     start_daemon "$lbs" "$@"
     guest sysfs "$lbs" "$size"
     guest fio "$lbs" "$size"
+    guest discard "$lbs" "$size"
     guest write-pattern "$lbs" "$size"
     stop_daemon
     start_daemon "$lbs" "$@"
@@ -79,13 +82,13 @@ size=$((256 << 20))
 truncate -s "$size" "$work/disk.img"
 scenario "raw file, 512-byte blocks" 512 "$size" "$work/disk.img" raw \
     --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on" \
-    --blockdev driver=raw,node-name=d0,file=f0
+    --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
 
 truncate -s "$size" "$work/disk4k.img"
 loopdev="$(losetup --sector-size 4096 -f --show "$work/disk4k.img")"
 scenario "loop device with 4096-byte sectors" 4096 "$size" "$work/disk4k.img" raw \
     --blockdev "driver=host_device,node-name=f0,filename=$loopdev,cache.direct=on" \
-    --blockdev driver=raw,node-name=d0,file=f0
+    --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
 
 losetup -d "$loopdev"
 loopdev=""
@@ -94,7 +97,14 @@ truncate -s "$size" "$work/base.raw"
 "$strata" img create -f qcow2 -b base.raw -F raw "$work/overlay.qcow2" >/dev/null
 scenario "qcow2 overlay over a raw base" 512 "$size" "$work/overlay.qcow2" qcow2 \
     --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on" \
-    --blockdev driver=qcow2,node-name=d0,file=f0
+    --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay.qcow2"
 
-echo "guest tests: 3 scenarios passed"
+truncate -s "$size" "$work/base4k.raw"
+"$strata" img create -f qcow2 -b base4k.raw -F raw "$work/overlay4k.qcow2" >/dev/null
+scenario "qcow2 overlay, 4096-byte logical blocks" 4096 "$size" "$work/overlay4k.qcow2" qcow2 \
+    --blockdev "driver=file,node-name=f0,filename=$work/overlay4k.qcow2,aio=io_uring,cache.direct=on" \
+    --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
+qemu-img check "$work/overlay4k.qcow2"
+
+echo "guest tests: 4 scenarios passed"
