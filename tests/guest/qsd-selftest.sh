@@ -36,7 +36,7 @@ start_qsd() {
     local name="$1" size="$2" queues="$3" lbs="$4"
     qemu-img create -f raw "$work/$name.img" "$size" >/dev/null
     qemu-storage-daemon \
-        --blockdev "driver=file,node-name=f0,filename=$work/$name.img,cache.direct=on,aio=io_uring" \
+        --blockdev "driver=file,node-name=f0,filename=$work/$name.img,cache.direct=on,aio=io_uring,discard=unmap" \
         --blockdev driver=raw,node-name=d0,file=f0,discard=unmap \
         --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$work/$name.sock,writable=on,num-queues=$queues,logical-block-size=$lbs" \
         >"$work/$name.qsd.log" 2>&1 &

@@ -81,13 +81,13 @@ scenario() { # name lbs size image format blockdev-args...
 size=$((256 << 20))
 truncate -s "$size" "$work/disk.img"
 scenario "raw file, 512-byte blocks" 512 "$size" "$work/disk.img" raw \
-    --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on" \
+    --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
 
 truncate -s "$size" "$work/disk4k.img"
 loopdev="$(losetup --sector-size 4096 -f --show "$work/disk4k.img")"
 scenario "loop device with 4096-byte sectors" 4096 "$size" "$work/disk4k.img" raw \
-    --blockdev "driver=host_device,node-name=f0,filename=$loopdev,cache.direct=on" \
+    --blockdev "driver=host_device,node-name=f0,filename=$loopdev,cache.direct=on,discard=unmap" \
     --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
 
 losetup -d "$loopdev"
@@ -96,14 +96,14 @@ loopdev=""
 truncate -s "$size" "$work/base.raw"
 "$strata" img create -f qcow2 -b base.raw -F raw "$work/overlay.qcow2" >/dev/null
 scenario "qcow2 overlay over a raw base" 512 "$size" "$work/overlay.qcow2" qcow2 \
-    --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on" \
+    --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay.qcow2"
 
 truncate -s "$size" "$work/base4k.raw"
 "$strata" img create -f qcow2 -b base4k.raw -F raw "$work/overlay4k.qcow2" >/dev/null
 scenario "qcow2 overlay, 4096-byte logical blocks" 4096 "$size" "$work/overlay4k.qcow2" qcow2 \
-    --blockdev "driver=file,node-name=f0,filename=$work/overlay4k.qcow2,aio=io_uring,cache.direct=on" \
+    --blockdev "driver=file,node-name=f0,filename=$work/overlay4k.qcow2,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay4k.qcow2"
 
