@@ -17,6 +17,9 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Default of [`BlkExportConfig::poll_max_ns`].
 pub const DEFAULT_POLL_MAX_NS: u64 = 50_000;
 
+/// Default of [`BlkExportConfig::socket_mode`]: owner and group may connect.
+const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
 /// Largest virtqueue size a split virtqueue may have.
 const MAX_QUEUE_SIZE: u16 = 32768;
 
@@ -52,6 +55,12 @@ pub struct BlkExportConfig {
     /// request or completion before it sleeps until a kick (`poll-max-ns=`, 0: never poll).
     /// While it polls, the guest need not kick and completions need no eventfd wake-up.
     pub poll_max_ns: u64,
+    /// Permissions of the socket the export creates at a path (`socket-mode=`, a strata
+    /// extension; permission bits only, default 0o660). The socket is created owner-only and
+    /// opened up to this once it has its group.
+    pub socket_mode: u32,
+    /// Group of that socket (`socket-group=`, a strata extension; none: the daemon's group).
+    pub socket_group: Option<u32>,
 }
 
 impl BlkExportConfig {
@@ -67,6 +76,8 @@ impl BlkExportConfig {
             serial: None,
             writethrough: false,
             poll_max_ns: DEFAULT_POLL_MAX_NS,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
         }
     }
 
@@ -100,6 +111,12 @@ impl BlkExportConfig {
                 self.node.name()
             ));
         }
+        if self.socket_mode & !0o777 != 0 {
+            return bad(format!(
+                "socket-mode takes permission bits only (at most 0777), not {:04o}",
+                self.socket_mode
+            ));
+        }
         if let Some(serial) = &self.serial {
             if serial.len() > VIRTIO_BLK_ID_BYTES as usize {
                 return bad(format!(
@@ -131,7 +148,7 @@ mod tests {
             c.validate().map_err(|e| e.to_string())
         };
         assert!(check(|_| {}).is_ok());
-        let refused: [(Change, &str); 9] = [
+        let refused: [(Change, &str); 10] = [
             (|c| c.writable = true, "writable"),
             (|c| c.num_queues = 0, "num-queues"),
             (|c| c.num_queues = MAX_QUEUES + 1, "num-queues"),
@@ -141,6 +158,7 @@ mod tests {
             (|c| c.logical_block_size = 256, "logical-block-size"),
             (|c| c.logical_block_size = 1 << 17, "logical-block-size"),
             (|c| c.serial = Some("x".repeat(21)), "serial"),
+            (|c| c.socket_mode = 0o4660, "socket-mode"),
         ];
         for (change, option) in refused {
             let err = check(change).expect_err(option);
@@ -150,11 +168,12 @@ mod tests {
         assert!(check(|c| c.writable = true)
             .unwrap_err()
             .contains("read-only"));
-        let accepted: [Change; 4] = [
+        let accepted: [Change; 5] = [
             |c| c.serial = Some("x".repeat(20)),
             |c| c.num_queues = MAX_QUEUES,
             |c| c.queue_size = MAX_QUEUE_SIZE,
             |c| c.logical_block_size = 65536,
+            |c| c.socket_mode = 0o777,
         ];
         for change in accepted {
             assert!(check(change).is_ok());

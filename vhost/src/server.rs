@@ -2,9 +2,8 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,15 +22,10 @@ use crate::error::Error;
 use crate::export_config::BlkExportConfig;
 use crate::relay::{self, Connection};
 
-/// Where the export listens for its frontend.
-#[derive(Debug, Clone)]
-pub enum Listen {
-    /// A Unix socket at this path; a stale socket there is removed first (anything else at the
-    /// path is an error). The socket file is removed when the export ends.
-    UnixPath(PathBuf),
-    /// An inherited listening Unix stream socket; the export takes ownership and closes it.
-    Fd(RawFd),
-}
+mod listen;
+
+use listen::BoundSocket;
+pub use listen::Listen;
 
 /// A running export. Dropping it stops it (like [`stop`](Self::stop) + [`join`](Self::join)).
 pub struct BlkExport {
@@ -66,7 +60,7 @@ impl BlkExport {
     pub fn start(config: BlkExportConfig, listen: Listen) -> Result<BlkExport, Error> {
         let cfg = Arc::new(DeviceConfig::new(&config)?);
         let id = cfg.id.clone();
-        let (listener, socket_path) = open_listener(&id, listen)?;
+        let (listener, bound) = listen::open(listen, &config)?;
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("Could not make the listening socket non-blocking", e))?;
@@ -103,16 +97,16 @@ impl BlkExport {
             } else {
                 "read-only"
             },
-            socket_path.as_ref().map_or_else(
+            bound.as_ref().map_or_else(
                 || "an inherited socket".to_string(),
-                |p| p.display().to_string()
+                |b| b.path().display().to_string()
             ),
             shared.cfg.poll_max_ns
         );
         let serving = Serving {
             shared: shared.clone(),
             listener,
-            socket_path,
+            bound,
             internal: Listener::from(internal),
             internal_path,
             _private: private,
@@ -231,7 +225,7 @@ fn thread_name(prefix: &str, id: &str) -> String {
 struct Serving {
     shared: Arc<Shared>,
     listener: UnixListener,
-    socket_path: Option<PathBuf>,
+    bound: Option<BoundSocket>,
     internal: Listener,
     internal_path: PathBuf,
     _private: PrivateDir,
@@ -250,9 +244,7 @@ impl Serving {
                 break Ok(());
             }
         };
-        if let Some(path) = &self.socket_path {
-            let _ = std::fs::remove_file(path);
-        }
+        self.bound = None; // removes the socket file: no new frontend finds it
         let flushed = block_on(self.shared.cfg.node.flush())
             .and_then(|r| r)
             .map_err(|source| Error::Block {
@@ -445,80 +437,6 @@ fn peer_description(sock: &UnixStream) -> String {
         format!(" (pid {}, uid {})", cred.pid, cred.uid)
     } else {
         String::new()
-    }
-}
-
-fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the option is an int; getsockopt writes at most `len` bytes into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
-fn open_listener(id: &str, listen: Listen) -> Result<(UnixListener, Option<PathBuf>), Error> {
-    match listen {
-        Listen::UnixPath(path) => {
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_socket() => {
-                    log::debug!(
-                        "vhost-user-blk export '{id}': removing stale {}",
-                        path.display()
-                    );
-                    std::fs::remove_file(&path).map_err(|e| {
-                        Error::io(format!("Could not remove {}", path.display()), e)
-                    })?;
-                }
-                Ok(_) => {
-                    return Err(Error::config(
-                        id,
-                        format!("{} exists and is not a socket", path.display()),
-                    ))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("Could not stat {}", path.display()), e)),
-            }
-            let listener = UnixListener::bind(&path)
-                .map_err(|e| Error::io(format!("Could not listen on {}", path.display()), e))?;
-            Ok((listener, Some(path)))
-        }
-        Listen::Fd(fd) => {
-            let check = || -> io::Result<bool> {
-                Ok(sockopt_int(fd, libc::SO_DOMAIN)? == libc::AF_UNIX
-                    && sockopt_int(fd, libc::SO_TYPE)? == libc::SOCK_STREAM
-                    && sockopt_int(fd, libc::SO_ACCEPTCONN)? == 1)
-            };
-            match check() {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Error::config(
-                        id,
-                        format!("file descriptor {fd} is not a listening Unix stream socket"),
-                    ))
-                }
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("File descriptor {fd} is not a usable socket"),
-                        e,
-                    ))
-                }
-            }
-            // SAFETY: the caller hands the descriptor over (Listen::Fd's contract); it is an
-            // open listening Unix stream socket (checked above), owned by the listener from now.
-            Ok((unsafe { UnixListener::from_raw_fd(fd) }, None))
-        }
     }
 }
 
