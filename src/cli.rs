@@ -43,7 +43,9 @@ pub struct DaemonArgs {
     /// A chardev for the monitor (not available yet).
     #[arg(long, value_name = "OPTIONS")]
     pub chardev: Vec<String>,
-    /// Write the daemon's PID to this file.
+    /// Write the daemon's PID to this file once every export listens; the file is locked while
+    /// the daemon runs (a second daemon with it refuses to start), never written through a
+    /// symbolic link, and removed at exit.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
     #[command(flatten)]
@@ -65,7 +67,8 @@ pub struct BackingArgs {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Serve one image over vhost-user-blk (creates a 1 GiB raw image if it does not exist).
+    /// Serve one image over vhost-user-blk, as raw unless --format says otherwise (creates a
+    /// 1 GiB raw image if it does not exist).
     Serve(ServeArgs),
     /// Image tools.
     #[command(subcommand)]
@@ -87,9 +90,10 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Image format (probed when omitted).
-    #[arg(long)]
-    pub format: Option<String>,
+    /// Image format. Never probed: a guest can write any format's header into its disk, so
+    /// give `--format qcow2` only for an image you trust.
+    #[arg(long, default_value = "raw")]
+    pub format: String,
     /// Logical block size reported to the guest.
     #[arg(long, default_value_t = 512)]
     pub logical_block_size: u32,

@@ -1,5 +1,6 @@
 //! Parsing `--export` options (qemu-storage-daemon's `type=vhost-user-blk,...` syntax).
 
+use std::ffi::CString;
 use std::path::PathBuf;
 
 use strata_backend::{Graph, Options};
@@ -74,6 +75,22 @@ pub fn parse(
         config.logical_block_size = narrow(&id, "logical-block-size", n)?;
     }
     config.serial = o.take("serial");
+    // strata extensions: who may connect to the socket the export creates at addr.path.
+    let (mode, group) = (o.take("socket-mode"), o.take("socket-group"));
+    if matches!(listen, Listen::Fd(_)) && (mode.is_some() || group.is_some()) {
+        return Err(format!(
+            "export '{id}': socket-mode and socket-group apply to addr.type=unix only"
+        ));
+    }
+    if let Some(mode) = mode {
+        config.socket_mode = u32::from_str_radix(&mode, 8).map_err(|_| {
+            format!("export '{id}': socket-mode must be an octal mode such as 0660, got '{mode}'")
+        })?;
+    }
+    if let Some(group) = group {
+        config.socket_group =
+            Some(group_id(&group).map_err(|e| format!("export '{id}': socket-group {e}"))?);
+    }
     // QSD sets polling on its iothread object (poll-max-ns); strata's workers belong to the
     // export, so the export takes it too, and its own setting wins.
     if let Some(ns) = o
@@ -88,6 +105,66 @@ pub fn parse(
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, listen))
+}
+
+/// Refuses two exports on one inherited descriptor or one socket path: the second would take
+/// over (and close) what the first owns.
+pub fn check_distinct(exports: &[(BlkExportConfig, Listen)]) -> Result<(), String> {
+    for (i, (config, listen)) in exports.iter().enumerate() {
+        let earlier = exports[..i].iter().find(|(_, l)| match (l, listen) {
+            (Listen::Fd(a), Listen::Fd(b)) => a == b,
+            (Listen::UnixPath(a), Listen::UnixPath(b)) => a == b,
+            _ => false,
+        });
+        if let Some((first, _)) = earlier {
+            let address = match listen {
+                Listen::Fd(fd) => format!("addr.str={fd}"),
+                Listen::UnixPath(path) => format!("addr.path={}", path.display()),
+            };
+            return Err(format!(
+                "export '{}': {address} is already used by export '{}'",
+                config.id, first.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The id of group `name`: a group name, or else a number.
+fn group_id(name: &str) -> Result<u32, String> {
+    let c_name = CString::new(name).map_err(|_| format!("'{name}' contains a NUL byte"))?;
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: `group` is plain data: all zeroes (null pointers, gid 0) is a valid value.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: `c_name` is NUL-terminated; `group` and `found` are locals; `buf` has
+        // `buf.len()` writable bytes, where getgrnam_r puts the strings `group` points to
+        // (only `gr_gid` is read, below).
+        let r = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if r == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if r != 0 {
+            return Err(format!(
+                "'{name}': {}",
+                std::io::Error::from_raw_os_error(r)
+            ));
+        }
+        if !found.is_null() {
+            return Ok(group.gr_gid);
+        }
+        return name.parse().map_err(|_| format!("'{name}': no such group"));
+    }
 }
 
 /// `value` of option `key` in the setting's integer type. Only a value the type cannot hold is

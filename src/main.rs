@@ -4,6 +4,7 @@ mod cli;
 mod export_options;
 mod img;
 mod iothreads;
+mod pidfile;
 mod serve;
 
 use std::process::ExitCode;

@@ -1,16 +1,19 @@
 //! Running the daemon: qemu-storage-daemon style, or `strata serve IMAGE`.
 
+use std::io::Read;
 use std::path::Path;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use strata_backend::driver::BackingPolicy;
+use strata_backend::probe::{probe_format, PROBE_BUF_SIZE};
 use strata_backend::{Graph, Options};
 use strata_vhost::{BlkExport, BlkExportConfig, Listen};
 
 use crate::cli::{BackingArgs, DaemonArgs, ServeArgs};
 use crate::export_options;
 use crate::iothreads::IoThreads;
+use crate::pidfile::{self, PidFile};
 
 /// Size of the image `strata serve` creates when none exists.
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
@@ -22,6 +25,9 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
     }
     if args.export.is_empty() {
         return Err("nothing to serve: give --export (with --blockdev), or use 'strata serve IMAGE'; see --help".into());
+    }
+    if let Some(path) = &args.pidfile {
+        pidfile::check(path)?;
     }
     let mut iothreads = IoThreads::default();
     for text in &args.object {
@@ -44,42 +50,65 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
                 .map_err(|e| format!("--export {text}: {e}"))?,
         );
     }
-    if let Some(pidfile) = &args.pidfile {
-        std::fs::write(pidfile, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("Could not write pidfile '{}': {e}", pidfile.display()))?;
-    }
-    run(exports)
+    export_options::check_distinct(&exports)?;
+    run(exports, args.pidfile.as_deref())
 }
 
-/// `strata serve IMAGE --socket PATH`.
+/// `strata serve IMAGE --socket PATH`: the image is raw unless `--format` says otherwise, never
+/// probed (its guest may have written any format's header into it).
 pub fn serve_image(args: ServeArgs) -> Result<(), String> {
-    let mut format = args.format.clone();
     if !args.image.exists() {
+        if args.format != "raw" {
+            return Err(format!(
+                "{} does not exist ('serve' creates raw images only; see 'strata img create')",
+                args.image.display()
+            ));
+        }
         create_default_image(&args.image)?;
-        format.get_or_insert_with(|| "raw".to_string());
         log::info!("created {} (1 GiB sparse raw image)", args.image.display());
     }
     let image = args.image.to_str().ok_or("image path is not valid UTF-8")?;
     let graph = Graph::with_backing_policy(backing_policy(&args.backing));
     let mut options = Options::new();
     options.set("node-name", "disk");
+    options.set("driver", args.format.as_str());
     options.set("file.filename", image);
     options.set("cache.direct", if args.cached { "off" } else { "on" });
-    if let Some(format) = &format {
-        options.set("driver", format.as_str());
-    }
     if args.read_only {
         options.set("read-only", "on");
     }
     let node = graph
         .blockdev_add(options)
         .map_err(|e| format!("{image}: {e}"))?;
+    if args.format == "raw" {
+        warn_if_disguised(&args.image);
+    }
     let mut config = BlkExportConfig::new("disk", node);
     config.writable = !args.read_only;
     config.num_queues = args.queues;
     config.logical_block_size = args.logical_block_size;
     print_qemu_hint(&args.socket, args.queues);
-    run(vec![(config, Listen::UnixPath(args.socket.clone()))])
+    run(vec![(config, Listen::UnixPath(args.socket.clone()))], None)
+}
+
+/// Warns when a raw image starts like another format's image. It is still served as raw, its
+/// bytes as they are (as QEMU does with an explicit `driver=raw`): its guest may have written
+/// them, and opening them as that format could open the host files they name.
+fn warn_if_disguised(image: &Path) {
+    let mut head = Vec::with_capacity(PROBE_BUF_SIZE);
+    let read = std::fs::File::open(image)
+        .and_then(|f| f.take(PROBE_BUF_SIZE as u64).read_to_end(&mut head));
+    if let Err(e) = read {
+        log::debug!("could not read the start of {}: {e}", image.display());
+        return;
+    }
+    if let Some(format) = probe_format(&head) {
+        log::warn!(
+            "{} looks like a {format} image; it is served as raw (its guest may have written \
+             that header). Use --format {format} only for an image you trust",
+            image.display()
+        );
+    }
 }
 
 /// Creates the sparse raw image `serve` uses when none exists; never replaces a file that
@@ -120,8 +149,9 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
     );
 }
 
-/// Starts every export, then waits for SIGTERM/SIGINT: stop, drain, flush, exit 0.
-fn run(configs: Vec<(BlkExportConfig, Listen)>) -> Result<(), String> {
+/// Starts every export, writes the pidfile once they all listen, then waits for SIGTERM/SIGINT:
+/// stop, drain, flush, remove the pidfile, exit.
+fn run(configs: Vec<(BlkExportConfig, Listen)>, pidfile: Option<&Path>) -> Result<(), String> {
     let mut signals = Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("Could not install signal handlers: {e}"))?;
     let mut exports = Vec::new();
@@ -130,6 +160,7 @@ fn run(configs: Vec<(BlkExportConfig, Listen)>) -> Result<(), String> {
         let export = BlkExport::start(config, listen).map_err(|e| format!("export '{id}': {e}"))?;
         exports.push(export);
     }
+    let pidfile = pidfile.map(PidFile::write).transpose()?;
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
@@ -143,5 +174,6 @@ fn run(configs: Vec<(BlkExportConfig, Listen)>) -> Result<(), String> {
             result = Err(format!("export '{id}': {e}"));
         }
     }
+    drop(pidfile);
     result
 }

@@ -78,6 +78,10 @@ fn export_errors_name_the_option() {
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,writable=maybe", "'writable'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=tcp", "addr.type 'tcp'"),
         ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,poll-max-ns=-1", "'poll-max-ns'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,socket-mode=0888", "socket-mode must be an octal mode such as 0660, got '0888'"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,socket-mode=4660", "socket-mode takes permission bits only"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/y.sock,socket-group=no-such-strata-group", "socket-group 'no-such-strata-group': no such group"),
+        ("type=vhost-user-blk,id=e0,node-name=n0,addr.type=fd,addr.str=9,socket-mode=0600", "socket-mode and socket-group apply to addr.type=unix only"),
     ];
     for (export, expected) in cases {
         let o = strata(&[
