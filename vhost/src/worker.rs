@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use strata_backend::LocalExecutor;
 use vhost_user_backend::{VringMutex, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -245,8 +245,7 @@ impl Worker {
             Ok(idx) if idx.0 == q.next_avail() => return None,
             Ok(_) => {}
             Err(e) => {
-                self.ctx
-                    .log_failure(&format!("queue {queue}: bad available ring"), &e);
+                stop_broken_queue(dev, queue, q, &e);
                 return None;
             }
         }
@@ -260,8 +259,7 @@ impl Worker {
         let since = q.next_used();
         self.heads.clear();
         if let Err(e) = ring.take_available(q, &mut self.heads) {
-            self.ctx
-                .log_failure(&format!("queue {queue}: bad available ring"), &e);
+            stop_broken_queue(dev, queue, q, &e);
             return None;
         }
         if self.heads.is_empty() {
@@ -526,6 +524,22 @@ impl Worker {
         self.spare.clear();
         n
     }
+}
+
+/// Stops a virtqueue whose available ring is broken (an index more than a queue size ahead,
+/// a ring outside guest memory): nothing more is taken from it, and the failure is logged once,
+/// as the queue stays stopped. Its requests in flight still complete; the other queues and the
+/// connection go on. The frontend restarts the queue (GET_VRING_BASE, then SET_VRING_KICK) or
+/// reconnects. Nothing tells the frontend: vhost-user carries the device status (and its
+/// NEEDS_RESET bit) only with the STATUS protocol feature, and the vring's error eventfd
+/// (SET_VRING_ERR) only inside vhost-user-backend, which offers neither.
+fn stop_broken_queue(dev: &Device, queue: usize, q: &mut Queue, why: &dyn std::fmt::Display) {
+    q.set_ready(false);
+    log::error!(
+        "vhost-user-blk export '{}': queue {queue}: bad available ring: {why}; the queue is \
+         stopped until the frontend restarts it",
+        dev.cfg.id
+    );
 }
 
 /// Closes a batch: notifies the driver of the entries published since the last check (if it
