@@ -5,8 +5,9 @@
 //! VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. So the export accepts the frontend itself, hands
 //! vhost-user-backend the other end of a private socket, and copies messages (with their file
 //! descriptors) between the two. On the way it keeps a duplicate of the backend request
-//! channel and the acked protocol features, which is all a config-change notice needs. Only
-//! control messages pass here; the data path (shared memory, eventfds) never does.
+//! channel and the acked protocol features, which is all a config-change notice needs, and
+//! refuses memory regions that lie beyond their files ([`crate::memory_files`]). Only control
+//! messages pass here; the data path (shared memory, eventfds) never does.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
@@ -19,6 +20,8 @@ use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserProtocolFeatures, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::memory_files;
 
 const HEADER_LEN: usize = 12;
 /// Header flags: protocol version 1.
@@ -135,6 +138,12 @@ fn relay_messages(from: &UnixStream, to: &UnixStream, conn: Option<&Connection>)
             ));
         }
         if let Some(conn) = conn {
+            // A region beyond the end of its file would kill the daemon at its first access:
+            // refuse the message and close this connection instead.
+            if let Err(e) = memory_files::check(request, body, &fds) {
+                log::error!("vhost-user message {request} refused, frontend disconnected: {e}");
+                return Err(e);
+            }
             conn.sniff(request, body, &fds);
         }
         send_all(to, &header, body, &fds)?;

@@ -444,3 +444,69 @@ fn an_avail_index_jump_stops_only_that_queue() {
     assert!(d.alive());
     d.terminate_within(Duration::from_secs(2));
 }
+
+/// Issue 12, item 4: a memory region longer than its file. Before the fix the daemon mapped
+/// it, and its first access past the end of the file (here: the available ring) killed the
+/// whole process with SIGBUS.
+#[test]
+fn a_memory_region_beyond_its_file_is_refused() {
+    let mut d = Daemon::start(&[("a", "")]);
+    let short = memfd(64 << 10);
+    // The region claims 1 MiB of a 64 KiB file; its "user address" is only a name for it.
+    let va = 0x7f00_0000_0000u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 1 << 20,
+        userspace_addr: va,
+        mmap_offset: 0,
+        mmap_handle: short.as_raw_fd(),
+    };
+    for add in [false, true] {
+        let mut fe = frontend(&d.socket("a"));
+        fe.set_owner().expect("set_owner");
+        let features = fe.get_features().expect("get_features");
+        fe.set_features(features).expect("set_features");
+        let proto = fe.get_protocol_features().expect("protocol features");
+        fe.set_protocol_features(proto)
+            .expect("set protocol features");
+        let refused = if add {
+            fe.add_mem_region(&region).is_err()
+        } else {
+            fe.set_mem_table(std::slice::from_ref(&region)).is_err()
+        };
+        // Whatever the answer, go on as a guest would, with the rings past the end of the file.
+        let kick = EventFd::new(0).expect("eventfd");
+        let rings = va + (512 << 10);
+        let _ = fe.set_vring_num(0, QSIZE);
+        let _ = fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: rings,
+                used_ring_addr: rings + USED,
+                avail_ring_addr: rings + AVAIL,
+                log_addr: None,
+            },
+        );
+        let _ = fe.set_vring_base(0, 0);
+        let _ = fe.set_vring_kick(0, &kick);
+        let _ = fe.set_vring_enable(0, true);
+        let _ = kick.write(1);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            d.alive(),
+            "strata died (add_mem_region: {add}); log:\n{}",
+            d.log_text()
+        );
+        assert!(refused, "the region was accepted (add_mem_region: {add})");
+        drop(fe);
+        // The export takes the next frontend.
+        let mut g = Guest::connect(&d.socket("a"), &[0]);
+        assert_eq!(g.read(0), Some((4097, S_OK)));
+    }
+    assert!(d
+        .log_text()
+        .contains("memory_size 0x100000 lies beyond the end"));
+}
