@@ -95,6 +95,11 @@ pub(crate) struct Worker {
     active: Vec<usize>,
     /// The memory table the requests started during this event hold (see [`HeldMem`]).
     held: Option<Rc<HeldMem>>,
+    /// Slots of the virtqueues whose budget ran out with requests left (see
+    /// [`Self::come_back_to`]).
+    backlog: Vec<usize>,
+    /// The backlog being run.
+    backlog_run: Vec<usize>,
 }
 
 /// The requests taken from one virtqueue's available ring under one hold of its vring lock.
@@ -147,6 +152,8 @@ impl Worker {
             poll_window: Duration::from_nanos(dev.cfg.poll_max_ns),
             active: Vec::new(),
             held: None,
+            backlog: Vec::new(),
+            backlog_run: Vec::new(),
         })
     }
 
@@ -155,6 +162,7 @@ impl Worker {
     pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
         if u64::from(device_event) == dev.eventfd_token() {
             self.on_eventfd();
+            self.run_backlog(dev, vrings);
         } else if let Some(vring) = vrings.get(usize::from(device_event)) {
             self.process_queue(dev, usize::from(device_event), vring);
             self.submit();
@@ -168,23 +176,81 @@ impl Worker {
         self.held = None;
     }
 
-    /// Takes every available request of the virtqueue in `slot` and starts it, then turns
+    /// Takes the available requests of the virtqueue in `slot` and starts them, then turns
     /// guest notifications (kicks) back on.
+    ///
+    /// At most a queue's worth of requests per call: a driver that keeps publishing would
+    /// otherwise hold the worker here and starve its other queues. When the budget runs out
+    /// with requests left, the queue goes on the backlog ([`Self::come_back_to`]).
     fn process_queue(&mut self, dev: &Device, slot: usize, vring: &VringMutex) {
         self.indirect = dev.indirect_desc();
         let mem = dev.mem.memory().into_inner();
+        let mut budget = usize::from(dev.cfg.queue_size);
         loop {
-            self.run_batch(dev, &mem, slot, vring);
+            // A round costs at least one unit of the budget even when it takes nothing, so the
+            // worker gets back to its epoll loop (other queues, exit events) whatever the ring
+            // says.
+            let taken = self.run_batch(dev, &mem, slot, vring);
+            budget = budget.saturating_sub(taken.max(1));
             let more = {
                 let mut state = vring.get_mut();
+                let enabled = state.is_enabled();
                 let q = state.get_queue_mut();
-                q.ready() && q.enable_notification(&*mem).unwrap_or(false)
+                enabled && q.ready() && q.enable_notification(&*mem).unwrap_or(false)
             };
-            // A request made available while notifications were off: go round again.
+            // A request made available while notifications were off: go round again, or come
+            // back after the other queues.
             if !more {
                 return;
             }
+            if budget == 0 {
+                self.come_back_to(dev, slot);
+                return;
+            }
         }
+    }
+
+    /// Puts the virtqueue in `slot`, which has requests left after its budget ran out, on the
+    /// backlog, and raises the worker's own eventfd: its epoll loop comes back to the queue
+    /// after the events already pending (the other queues' kicks). The worker's eventfd, not
+    /// the queue's kick eventfd, which the frontend owns and could leave unwritable.
+    fn come_back_to(&mut self, dev: &Device, slot: usize) {
+        if !self.backlog.contains(&slot) {
+            self.backlog.push(slot);
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local array to the eventfd of this worker's
+        // reactor, which `self.exec` keeps open; the eventfd is non-blocking.
+        let n = unsafe {
+            libc::write(
+                self.exec.reactor().eventfd(),
+                one.as_ptr().cast(),
+                one.len(),
+            )
+        };
+        if n < 0 {
+            log::error!(
+                "vhost-user-blk export '{}': could not wake worker: {}",
+                dev.cfg.id,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Runs the virtqueues on the backlog (each with a new budget).
+    fn run_backlog(&mut self, dev: &Device, vrings: &[VringMutex]) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        std::mem::swap(&mut self.backlog, &mut self.backlog_run);
+        for i in 0..self.backlog_run.len() {
+            let slot = self.backlog_run[i];
+            if let Some(vring) = vrings.get(slot) {
+                self.process_queue(dev, slot, vring);
+            }
+        }
+        self.backlog_run.clear();
+        self.submit();
     }
 
     /// Starts every request made available on the virtqueue in `slot`, publishing and
