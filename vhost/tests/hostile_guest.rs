@@ -583,3 +583,48 @@ fn a_flooded_queue_does_not_starve_the_other_queue_of_its_worker() {
         "queue 1 while queue 0 is flooded"
     );
 }
+
+/// Runs the chain `descs` (address, length, flags) at head 0 of queue 0 with a `typ` header
+/// at `sector`; returns its used entry.
+fn run(g: &mut Guest, typ: u32, sector: u64, descs: &[(u64, u32, u16)]) -> (u32, u32) {
+    g.header(0, typ, sector);
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let next = if i + 1 < descs.len() { F_NEXT } else { 0 };
+        g.desc(0, i as u16, addr, len, flags | next, i as u16 + 1);
+    }
+    g.push(0, 0);
+    g.next_used(0, TIMEOUT).expect("completion")
+}
+
+/// Issue 12, item 6: the used length counts the bytes the device wrote into device-writable
+/// buffers, no more: with a zero-length last descriptor (the status byte then is the last
+/// byte of the one before), and for refused or dropped chains.
+#[test]
+fn used_lengths_count_only_the_bytes_written() {
+    let d = Daemon::start(&[("a", "")]);
+    let mut g = Guest::connect(&d.socket("a"), &[0]);
+    // A read whose status byte ends the data descriptor, followed by an empty one.
+    let descs = [(HDR, 16, 0), (DATA, 4097, F_WRITE), (STATUS, 0, F_WRITE)];
+    assert_eq!(run(&mut g, T_IN, 0, &descs), (0, 4097));
+    assert_eq!(g.byte(0, DATA + 4096), S_OK);
+    assert_eq!(g.byte(0, DATA), 0, "read-zeroes data");
+    assert_eq!(g.byte(0, STATUS), UNTOUCHED);
+    // GET_ID: 19 bytes of serial before the status byte, nothing in the empty descriptor.
+    let descs = [(HDR, 16, 0), (DATA, 20, F_WRITE), (STATUS, 0, F_WRITE)];
+    assert_eq!(run(&mut g, T_GET_ID, 0, &descs), (0, 20));
+    // Refused (beyond the disk): only the status byte, whatever the chain's data buffers.
+    let descs = [(HDR, 16, 0), (DATA, 4097, F_WRITE), (STATUS, 0, F_WRITE)];
+    assert_eq!(run(&mut g, T_IN, DISK_SECTORS, &descs), (0, 1));
+    assert_eq!(g.byte(0, DATA + 4096), S_IOERR);
+    assert_eq!(g.byte(0, DATA), UNTOUCHED);
+    let descs = [(HDR, 16, 0), (DATA, 4096, F_WRITE), (STATUS, 1, F_WRITE)];
+    assert_eq!(run(&mut g, T_IN, DISK_SECTORS, &descs), (0, 1));
+    assert_eq!(g.byte(0, STATUS), S_IOERR);
+    // Only empty writable descriptors: no status byte, nothing written, length 0.
+    let descs = [(HDR, 16, 0), (DATA, 0, F_WRITE), (STATUS, 0, F_WRITE)];
+    assert_eq!(run(&mut g, T_IN, 0, &descs), (0, 0));
+    assert_eq!(g.byte(0, DATA), UNTOUCHED);
+    assert_eq!(g.byte(0, STATUS), UNTOUCHED);
+    // And the device still serves.
+    assert_eq!(g.read(0), Some((4097, S_OK)));
+}
