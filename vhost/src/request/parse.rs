@@ -1213,4 +1213,71 @@ mod tests {
             "discard is not offered by this export"
         );
     }
+
+    /// One random descriptor: address (near or inside guest memory), length, flags, next.
+    fn any_desc() -> impl proptest::strategy::Strategy<Value = (u64, u32, u16, u16)> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![
+                0..END + 0x1000,
+                Just(END - 1),
+                Just(u64::MAX - 7),
+                any::<u64>()
+            ],
+            prop_oneof![0u32..0x2000, Just(0), Just(1), Just(16), any::<u32>()],
+            0u16..8,
+            0u16..24,
+        )
+    }
+
+    proptest::proptest! {
+        // Bounded here (the test command); scripts/fuzz.sh runs many more.
+        #![proptest_config(proptest::test_runner::Config {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Whatever a guest writes into a descriptor table, an indirect table and a header,
+        /// walking and parsing never panic, and every buffer of a request lies inside guest
+        /// memory.
+        #[test]
+        fn any_chain_parses_without_panic_and_within_memory(
+            table in proptest::collection::vec(any_desc(), QSIZE as usize),
+            indirect in proptest::collection::vec(any_desc(), 0..8),
+            header in proptest::array::uniform16(proptest::prelude::any::<u8>()),
+            head in 0u16..20,
+            indirect_ok in proptest::prelude::any::<bool>(),
+            writable in proptest::prelude::any::<bool>(),
+        ) {
+            let g = Guest::new();
+            for (i, &(addr, len, flags, next)) in table.iter().enumerate() {
+                g.desc(TABLE, i as u16, addr, len, flags, next);
+            }
+            for (i, &(addr, len, flags, next)) in indirect.iter().enumerate() {
+                g.desc(INDIRECT, i as u16, addr, len, flags, next);
+            }
+            g.write(HDR, &header);
+            let cfg = config_with(writable, 512, DISK);
+            let inside = |p: usize, len: usize| {
+                [0u64, REGION].iter().any(|&base| {
+                    let start = g.host(base);
+                    p >= start && p + len <= start + REGION as usize
+                })
+            };
+            if let Outcome::Request(parsed) = g.parse_head(&cfg, head, indirect_ok) {
+                let p = parsed.status.0.as_ptr() as usize;
+                proptest::prop_assert!(inside(p, 1), "status byte outside guest memory");
+                let iov: &[IoVec<'_>] = match &parsed.op {
+                    Op::Read { iov, .. } | Op::Write { iov, .. } | Op::GetId { iov } => iov,
+                    _ => &[],
+                };
+                for v in iov {
+                    proptest::prop_assert!(
+                        inside(v.as_ptr() as usize, v.len()),
+                        "buffer outside guest memory"
+                    );
+                }
+            }
+        }
+    }
 }
