@@ -7,12 +7,13 @@
 //! is 1. Leaks are repaired in place; errors (and images left dirty) get a new refcount
 //! structure written after the end of the image, switched to by one header write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use super::header::{field, get_u16, get_u32, get_u64, Header, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
-use super::refcount::{get_entry, max_refcount, set_entry, REFT_OFFSET_MASK};
+use super::header::{get_u16, get_u32, get_u64, Header, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
+use super::refcount::{get_entry, REFT_OFFSET_MASK};
+use super::repair::{fix_leaks, rebuild_refcounts};
 use super::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use crate::error::{BlockError, Result};
+use crate::error::Result;
 use crate::io::iovec::IoVec;
 use crate::node::Node;
 
@@ -54,6 +55,9 @@ pub struct CheckResult {
     pub messages: Vec<String>,
 }
 
+/// Problem lines kept in a result; the rest are only counted.
+const MAX_MESSAGES: usize = 1000;
+
 async fn read_at(file: &Node, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let have = file.size().saturating_sub(offset).min(len as u64) as usize;
@@ -63,44 +67,101 @@ async fn read_at(file: &Node, offset: u64, len: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn write_at(file: &Node, offset: u64, bytes: &[u8]) -> Result<()> {
+pub(super) async fn write_at(file: &Node, offset: u64, bytes: &[u8]) -> Result<()> {
     let mut buf = bytes.to_vec();
     file.write_growing(offset, &[IoVec::new(&mut buf)]).await
 }
 
-struct Checker<'a> {
-    file: &'a Node,
-    h: Header,
-    cs: u64,
+pub(super) struct Checker<'a> {
+    pub(super) file: &'a Node,
+    pub(super) h: Header,
+    pub(super) cs: u64,
     /// References counted per cluster.
-    refs: BTreeMap<u64, u64>,
+    pub(super) refs: BTreeMap<u64, u64>,
     res: CheckResult,
     /// Clusters at or past this are far beyond the file: counted as errors, not stored.
     limit: u64,
+    /// Size of the image file.
+    file_size: u64,
+    /// Bytes of snapshot L1 and bitmap tables read so far (bounded by the file size).
+    table_bytes: u64,
+}
+
+/// The L2 tables an L1 table (or several) points at, each once, with how many entries
+/// point at it (the references each of its entries makes).
+#[derive(Default)]
+struct L2Tables {
+    order: Vec<u64>,
+    count: HashMap<u64, u64>,
+}
+
+impl L2Tables {
+    fn add(&mut self, offset: u64) {
+        let n = self.count.entry(offset).or_insert(0);
+        if *n == 0 {
+            self.order.push(offset);
+        }
+        *n += 1;
+    }
 }
 
 impl Checker<'_> {
     fn error(&mut self, msg: String) {
         self.res.corruptions += 1;
-        self.res.messages.push(msg);
+        self.note(msg);
+    }
+
+    /// Keeps a problem line, up to [`MAX_MESSAGES`] of them.
+    fn note(&mut self, msg: String) {
+        let n = self.res.messages.len();
+        if n < MAX_MESSAGES {
+            self.res.messages.push(msg);
+        } else if n == MAX_MESSAGES {
+            self.res
+                .messages
+                .push("... (further problems are counted, not listed)".into());
+        }
     }
 
     /// Counts a reference to every cluster of `offset..offset+len`.
     fn inc(&mut self, offset: u64, len: u64, what: &str) {
+        self.inc_by(offset, len, what, 1);
+    }
+
+    /// Counts `n` references to every cluster of `offset..offset+len`.
+    fn inc_by(&mut self, offset: u64, len: u64, what: &str, n: u64) {
         if len == 0 {
             return;
         }
         let first = offset / self.cs;
-        let last = (offset + len - 1) / self.cs;
-        if last >= self.limit {
+        let last = offset.checked_add(len - 1).map(|e| e / self.cs);
+        let Some(last) = last.filter(|&l| l < self.limit) else {
             self.error(format!(
                 "ERROR {what} at offset {offset:#x} lies far beyond the end of the image file"
             ));
             return;
-        }
+        };
         for c in first..=last {
-            *self.refs.entry(c).or_default() += 1;
+            let r = self.refs.entry(c).or_default();
+            *r = r.saturating_add(n);
         }
+    }
+
+    /// Whether a table of `len` bytes at `offset` may be read: inside the file, and the
+    /// tables read so far stay within the file size (they would be separate clusters in a
+    /// sound image), so a crafted image cannot make the check read more than its file.
+    fn may_read_table(&mut self, offset: u64, len: u64, what: &str) -> bool {
+        let end = offset.checked_add(len).filter(|&e| e <= self.file_size);
+        let total = self.table_bytes.saturating_add(len);
+        if end.is_none() || total > self.file_size {
+            self.error(format!(
+                "ERROR {what} at offset {offset:#x} ({len} bytes) lies outside the image file \
+                 (or the tables read so far would exceed its size)"
+            ));
+            return false;
+        }
+        self.table_bytes = total;
+        true
     }
 
     fn compressed_extent(&self, entry: u64) -> (u64, u64) {
@@ -111,19 +172,18 @@ impl Checker<'_> {
         (offset, sectors * 512 - (offset & 511))
     }
 
-    /// Counts an L1 table and everything below it; `active` enables statistics and the
-    /// OFLAG_COPIED bookkeeping (returned as (L1 index, L2 offset, entries to check)).
+    /// Counts an L1 table and adds the L2 tables it points at to `tables`; `active`
+    /// enables the OFLAG_COPIED bookkeeping of its entries.
     async fn count_l1(
         &mut self,
         l1_offset: u64,
         l1_size: u64,
         active: bool,
         copied: &mut Vec<CopiedCheck>,
+        tables: &mut L2Tables,
     ) -> Result<()> {
         self.inc(l1_offset, l1_size * 8, "L1 table");
         let l1 = read_at(self.file, l1_offset, (l1_size * 8) as usize).await?;
-        let entry_size = self.h.l2_entry_size();
-        let mut next_contiguous = 0u64;
         for i in 0..l1_size {
             let l1e = get_u64(&l1, (i * 8) as usize);
             let l2_off = l1e & L1E_OFFSET_MASK;
@@ -136,6 +196,13 @@ impl Checker<'_> {
                 ));
                 continue;
             }
+            if l2_off >= self.file_size {
+                self.error(format!(
+                    "ERROR l2_offset={l2_off:#x}: Table lies outside the image file; L1 entry \
+                     corrupted"
+                ));
+                continue;
+            }
             self.inc(l2_off, self.cs, "L2 table");
             if active {
                 copied.push(CopiedCheck::L1 {
@@ -143,6 +210,23 @@ impl Checker<'_> {
                     entry: l1e,
                 });
             }
+            tables.add(l2_off);
+        }
+        Ok(())
+    }
+
+    /// Counts the references of each L2 table once, times the entries pointing at it;
+    /// `active` enables statistics and the OFLAG_COPIED bookkeeping.
+    async fn count_l2_tables(
+        &mut self,
+        tables: &L2Tables,
+        active: bool,
+        copied: &mut Vec<CopiedCheck>,
+    ) -> Result<()> {
+        let entry_size = self.h.l2_entry_size();
+        let mut next_contiguous = 0u64;
+        for &l2_off in &tables.order {
+            let times = tables.count.get(&l2_off).copied().unwrap_or(1);
             let l2 = read_at(self.file, l2_off, self.cs as usize).await?;
             for j in 0..self.cs / entry_size {
                 let entry = get_u64(&l2, (j * entry_size) as usize);
@@ -155,7 +239,7 @@ impl Checker<'_> {
                         ));
                     }
                     let (off, len) = self.compressed_extent(entry);
-                    self.inc(off, len, "compressed cluster");
+                    self.inc_by(off, len, "compressed cluster", times);
                     if active {
                         self.res.allocated_clusters += 1;
                         self.res.compressed_clusters += 1;
@@ -174,7 +258,7 @@ impl Checker<'_> {
                     ));
                     continue;
                 }
-                self.inc(off, self.cs, "data cluster");
+                self.inc_by(off, self.cs, "data cluster", times);
                 if active {
                     if entry & OFLAG_ZERO == 0 || self.h.extended_l2() {
                         self.res.allocated_clusters += 1;
@@ -202,6 +286,12 @@ impl Checker<'_> {
         let mut off = self.h.snapshots_offset;
         let mut tables = Vec::new();
         for i in 0..n {
+            if off.saturating_add(40) > self.file_size {
+                self.error(format!(
+                    "ERROR snapshot table entry {i} at offset {off:#x} lies outside the image file"
+                ));
+                break;
+            }
             let fixed = read_at(self.file, off, 40).await?;
             let l1_offset = get_u64(&fixed, 0);
             let l1_size = u64::from(get_u32(&fixed, 8));
@@ -213,7 +303,7 @@ impl Checker<'_> {
                     "ERROR snapshot {i} has an invalid L1 table (offset {l1_offset:#x}, {l1_size} \
                      entries)"
                 ));
-            } else {
+            } else if self.may_read_table(l1_offset, l1_size * 8, "snapshot L1 table") {
                 tables.push((l1_offset, l1_size));
             }
             let len = 40 + extra + id_len + name_len;
@@ -224,11 +314,12 @@ impl Checker<'_> {
             off - self.h.snapshots_offset,
             "snapshot table",
         );
+        let mut l2 = L2Tables::default();
         for (l1_offset, l1_size) in tables {
-            self.count_l1(l1_offset, l1_size, false, &mut Vec::new())
+            self.count_l1(l1_offset, l1_size, false, &mut Vec::new(), &mut l2)
                 .await?;
         }
-        Ok(())
+        self.count_l2_tables(&l2, false, &mut Vec::new()).await
     }
 
     async fn count_bitmaps(&mut self) -> Result<()> {
@@ -247,6 +338,9 @@ impl Checker<'_> {
             return Ok(());
         }
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory");
+        if !self.may_read_table(ext.directory_offset, ext.directory_size, "bitmap directory") {
+            return Ok(());
+        }
         let dir = read_at(self.file, ext.directory_offset, ext.directory_size as usize).await?;
         let mut pos = 0usize;
         for _ in 0..ext.nb_bitmaps {
@@ -263,6 +357,9 @@ impl Checker<'_> {
                 break;
             }
             self.inc(table_offset, table_size * 8, "bitmap table");
+            if !self.may_read_table(table_offset, table_size * 8, "bitmap table") {
+                break;
+            }
             let table = read_at(self.file, table_offset, (table_size * 8) as usize).await?;
             for k in 0..table_size as usize {
                 let off = get_u64(&table, k * 8) & L2E_OFFSET_MASK;
@@ -289,22 +386,34 @@ enum CopiedCheck {
     },
 }
 
-/// The stored refcounts: per refcount block (offset, contents), indexed by table index.
-struct Stored {
-    blocks: BTreeMap<u64, (u64, Vec<u8>)>,
-    per_block: u64,
-    order: u32,
+/// The stored refcounts: the refcount blocks covering clusters the check compares, each
+/// read once however many table entries point at it.
+pub(super) struct Stored {
+    /// Refcount table index → block offset.
+    blocks: BTreeMap<u64, u64>,
+    /// Block contents by offset.
+    data: HashMap<u64, Vec<u8>>,
+    pub(super) per_block: u64,
+    pub(super) order: u32,
 }
 
 impl Stored {
+    /// The block covering refcount table index `rt`: (offset, contents).
+    pub(super) fn block(&self, rt: u64) -> Option<(u64, &[u8])> {
+        let off = *self.blocks.get(&rt)?;
+        Some((off, self.data.get(&off)?))
+    }
+
     fn get(&self, cluster: u64) -> u64 {
-        match self.blocks.get(&(cluster / self.per_block)) {
+        match self.block(cluster / self.per_block) {
             Some((_, data)) => get_entry(data, self.order, cluster % self.per_block),
             None => 0,
         }
     }
 }
 
+/// Reads the refcount table and the blocks covering clusters below the end of the file and
+/// of every reference (the only ones compared); counts the references they make.
 async fn read_stored(c: &mut Checker<'_>) -> Result<Stored> {
     let h = &c.h;
     let table_len = (u64::from(h.refcount_table_clusters) * c.cs) as usize;
@@ -314,7 +423,9 @@ async fn read_stored(c: &mut Checker<'_>) -> Result<Stored> {
     let order = h.refcount_order;
     let (rt_off, rt_len) = (h.refcount_table_offset, table_len as u64);
     c.inc(rt_off, rt_len, "refcount table");
+    let end = compare_end(c);
     let mut blocks = BTreeMap::new();
+    let mut data = HashMap::new();
     for (i, &e) in table.iter().enumerate() {
         let off = e & REFT_OFFSET_MASK;
         if off == 0 {
@@ -333,14 +444,27 @@ async fn read_stored(c: &mut Checker<'_>) -> Result<Stored> {
             continue;
         }
         c.inc(off, c.cs, "refcount block");
-        let data = read_at(c.file, off, c.cs as usize).await?;
-        blocks.insert(i as u64, (off, data));
+        if (i as u64) * per_block >= end {
+            continue;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = data.entry(off) {
+            slot.insert(read_at(c.file, off, c.cs as usize).await?);
+        }
+        blocks.insert(i as u64, off);
     }
     Ok(Stored {
         blocks,
+        data,
         per_block,
         order,
     })
+}
+
+/// Where the comparison of refcounts ends: as qemu-img, refcounts past the end of the file
+/// and of every reference are not compared (they waste no space).
+fn compare_end(c: &Checker<'_>) -> u64 {
+    let file_clusters = c.file_size.div_ceil(c.cs);
+    file_clusters.max(c.refs.keys().next_back().map_or(0, |&k| k + 1))
 }
 
 /// Checks the image on `file`, repairing what `repair` allows.
@@ -356,7 +480,7 @@ pub async fn check(file: &Node, repair: Repair) -> Result<CheckResult> {
     Ok(after)
 }
 
-async fn read_header(file: &Node) -> Result<Header> {
+pub(super) async fn read_header(file: &Node) -> Result<Header> {
     let head = read_at(file, 0, 4096).await?;
     let bits = get_u32(&head, 20).clamp(9, 21);
     let buf = read_at(file, 0, 1 << bits).await?;
@@ -376,31 +500,39 @@ async fn check_once(file: &Node, repair: Repair) -> Result<CheckResult> {
             ..CheckResult::default()
         },
         limit: file_clusters + (1 << 20),
+        file_size: file.size(),
+        table_bytes: 0,
         h,
     };
     c.inc(0, cs, "header");
     let mut copied = Vec::new();
     let (l1_offset, l1_size) = (c.h.l1_table_offset, u64::from(c.h.l1_size));
-    c.count_l1(l1_offset, l1_size, true, &mut copied).await?;
+    let mut tables = L2Tables::default();
+    c.count_l1(l1_offset, l1_size, true, &mut copied, &mut tables)
+        .await?;
+    c.count_l2_tables(&tables, true, &mut copied).await?;
+    drop(tables);
     c.count_snapshots().await?;
     c.count_bitmaps().await?;
     let refs_without_refcounts = c.refs.clone();
     let stored = read_stored(&mut c).await?;
 
-    // Compare every cluster that is referenced or has a stored refcount.
+    // Compare every cluster that is referenced or has a stored refcount, up to the end.
+    let end = compare_end(&c);
     let mut clusters: Vec<u64> = c.refs.keys().copied().collect();
-    for (&rt, (_, data)) in &stored.blocks {
-        for k in 0..stored.per_block {
+    for &rt in stored.blocks.keys() {
+        let Some((_, data)) = stored.block(rt) else {
+            continue;
+        };
+        let first = rt * stored.per_block;
+        for k in 0..stored.per_block.min(end.saturating_sub(first)) {
             if get_entry(data, stored.order, k) != 0 {
-                clusters.push(rt * stored.per_block + k);
+                clusters.push(first + k);
             }
         }
     }
     clusters.sort_unstable();
     clusters.dedup();
-    // As qemu-img: refcounts past the end of the file and of every reference are not
-    // compared (they waste no space).
-    let end = file_clusters.max(c.refs.keys().next_back().map_or(0, |&k| k + 1));
     clusters.retain(|&cl| cl < end);
     let mut leaked = Vec::new();
     let mut errors = 0u64;
@@ -419,7 +551,7 @@ async fn check_once(file: &Node, repair: Repair) -> Result<CheckResult> {
         } else if stored_rc > reference {
             c.res.leaks += 1;
             leaked.push((cl, reference));
-            c.res.messages.push(format!(
+            c.note(format!(
                 "Leaked cluster {cl} refcount={stored_rc} reference={reference}"
             ));
         }
@@ -497,110 +629,4 @@ async fn check_once(file: &Node, repair: Repair) -> Result<CheckResult> {
             (l1_fixes.len() + l2_fixes.values().map(Vec::len).sum::<usize>()) as u64;
     }
     Ok(c.res)
-}
-
-/// Lowers the refcounts of leaked clusters to their references, in place.
-async fn fix_leaks(c: &Checker<'_>, stored: &Stored, leaked: &[(u64, u64)]) -> Result<()> {
-    let mut changed: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
-    for &(cl, reference) in leaked {
-        let rt = cl / stored.per_block;
-        let Some((off, data)) = stored.blocks.get(&rt) else {
-            continue;
-        };
-        let entry = changed.entry(rt).or_insert_with(|| (*off, data.clone()));
-        set_entry(&mut entry.1, stored.order, cl % stored.per_block, reference);
-    }
-    for (off, data) in changed.values() {
-        write_at(c.file, *off, data).await?;
-    }
-    c.file.flush().await
-}
-
-/// Writes a new refcount structure (blocks, then table) past everything in use, then points
-/// the header at it and clears the dirty bit. Returns the new refcounts.
-async fn rebuild_refcounts(
-    c: &Checker<'_>,
-    mut refs: BTreeMap<u64, u64>,
-) -> Result<BTreeMap<u64, u64>> {
-    let cs = c.cs;
-    let order = c.h.refcount_order;
-    let per_block = (cs * 8) >> order;
-    let max = max_refcount(order);
-    if let Some((cl, r)) = refs.iter().find(|(_, &r)| r > max) {
-        return Err(BlockError::invalid(format!(
-            "cluster {cl} has {r} references, more than the refcount width allows"
-        )));
-    }
-    // After the file and after every cluster the old structures use, so a crash before the
-    // header switch leaves the old ones intact.
-    let in_use_end = c.refs.keys().next_back().map_or(0, |&k| k + 1);
-    let start = c.file.size().div_ceil(cs).max(in_use_end);
-    let (mut blocks, mut table_clusters) = (1u64, 1u64);
-    loop {
-        let end = start + blocks + table_clusters;
-        let need_blocks = end.div_ceil(per_block);
-        let need_table = (need_blocks * 8).div_ceil(cs);
-        if need_blocks <= blocks && need_table <= table_clusters {
-            break;
-        }
-        blocks = blocks.max(need_blocks);
-        table_clusters = table_clusters.max(need_table);
-    }
-    let table_offset = (start + blocks) * cs;
-    for cl in start..start + blocks + table_clusters {
-        refs.insert(cl, 1);
-    }
-    let mut table = vec![0u8; (table_clusters * cs) as usize];
-    for b in 0..blocks {
-        let mut data = vec![0u8; cs as usize];
-        for (&cl, &r) in refs.range(b * per_block..(b + 1) * per_block) {
-            set_entry(&mut data, order, cl - b * per_block, r);
-        }
-        let off = (start + b) * cs;
-        write_at(c.file, off, &data).await?;
-        table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
-    }
-    write_at(c.file, table_offset, &table).await?;
-    c.file.flush().await?;
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&table_offset.to_be_bytes());
-    hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-    write_at(c.file, field::REFCOUNT_TABLE_OFFSET, &hdr).await?;
-    if c.h.version >= 3 {
-        let features = c.h.incompatible_features & !INCOMPAT_DIRTY;
-        write_at(
-            c.file,
-            field::INCOMPATIBLE_FEATURES,
-            &features.to_be_bytes(),
-        )
-        .await?;
-    }
-    c.file.flush().await?;
-    Ok(refs)
-}
-
-/// Repairs an image whose dirty bit is set (refcounts may be stale) before it is written.
-pub async fn repair_dirty(file: &Node, header: &Header) -> Result<()> {
-    let res = check(file, Repair::All).await?;
-    if res.corruptions > 0 {
-        return Err(BlockError::new(
-            libc::EIO,
-            format!(
-                "qcow2 image '{}' was not closed cleanly and has {} errors that cannot be \
-                 repaired",
-                file.filename(),
-                res.corruptions
-            ),
-        ));
-    }
-    // A check that found nothing to rebuild leaves the dirty bit: clear it here.
-    if header.version >= 3 {
-        let h = read_header(file).await?;
-        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
-            let features = h.incompatible_features & !INCOMPAT_DIRTY;
-            write_at(file, field::INCOMPATIBLE_FEATURES, &features.to_be_bytes()).await?;
-            file.flush().await?;
-        }
-    }
-    Ok(())
 }

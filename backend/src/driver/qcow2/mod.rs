@@ -31,6 +31,7 @@ mod l2cache;
 mod mapping;
 mod read;
 mod refcount;
+mod repair;
 mod sync;
 mod write;
 mod writeback;
@@ -245,7 +246,7 @@ impl Qcow2 {
                     "qcow2 image '{}' was not closed cleanly: repairing its refcounts",
                     file.filename()
                 );
-                check::repair_dirty(&file, &header).await?;
+                repair::repair_dirty(&file, &header).await?;
                 header = read_header(&file).await?;
             }
             if header.autoclear_features != 0 {
