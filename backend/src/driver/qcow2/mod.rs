@@ -21,6 +21,7 @@
 
 mod cache_sizes;
 mod check;
+mod cluster_map;
 mod compress;
 mod create;
 mod create_hook;
@@ -29,6 +30,7 @@ mod header;
 mod info;
 mod l2cache;
 mod mapping;
+mod overlap;
 mod read;
 mod refcount;
 mod repair;
@@ -51,6 +53,7 @@ use futures::lock::Mutex as AsyncMutex;
 use self::cache_sizes::{cache_sizes, CacheSizes};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 use self::l2cache::L2Cache;
+use self::overlap::Overlap;
 use self::refcount::{read_bytes, write_bytes, Refcounts};
 use self::sync::{InFlight, ReadEpoch};
 use self::writeback::Meta;
@@ -99,6 +102,8 @@ struct Qcow2 {
     l1: Box<[AtomicU64]>,
     l2: L2Cache,
     meta: AsyncMutex<Meta>,
+    /// Metadata overlap checks (images opened read-write).
+    overlap: Option<Arc<Overlap>>,
     inflight: InFlight,
     epoch: ReadEpoch,
 }
@@ -108,21 +113,13 @@ fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
 }
 
 async fn open_qcow2(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
-    // Options QEMU has that need no action here: refcounts are always kept exact, and the
-    // overlap checks guard against bugs strata's ordering rules avoid by construction.
+    // Options QEMU has that need no action here: refcounts are always kept exact.
     ctx.options.take_bool("lazy-refcounts")?;
     ctx.options.take_u64("cache-clean-interval")?;
     ctx.options.take_bool("pass-discard-snapshot")?;
     ctx.options.take_bool("pass-discard-other")?;
     ctx.options.take_bool("discard-no-unref")?;
-    if let Some(v) = ctx.options.take("overlap-check") {
-        if !matches!(v.as_str(), "none" | "constant" | "cached" | "all") {
-            return Err(BlockError::invalid(format!(
-                "Parameter 'overlap-check' expects 'none', 'constant', 'cached' or 'all', got \
-                 '{v}'"
-            )));
-        }
-    }
+    let overlap_mask = overlap::parse_options(&mut ctx.options)?;
     let pass_discard = ctx
         .options
         .take_bool("pass-discard-request")?
@@ -151,7 +148,18 @@ async fn open_qcow2(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
         )
         .await
         .map_err(|e| e.context("Could not open backing file"))?;
-    let image = Qcow2::open_image(file, backing, header, read_only, pass_discard, sizes).await?;
+    let image = Qcow2::open_image(
+        file,
+        backing,
+        header,
+        Settings {
+            read_only,
+            pass_discard,
+            overlap_mask,
+        },
+        sizes,
+    )
+    .await?;
     Ok(Box::new(image))
 }
 
@@ -223,15 +231,27 @@ fn check_features(h: &Header, read_only: bool, filename: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the options say about an image being opened.
+struct Settings {
+    read_only: bool,
+    pass_discard: bool,
+    /// The metadata kinds `overlap-check` selects.
+    overlap_mask: u32,
+}
+
 impl Qcow2 {
     async fn open_image(
         file: Arc<Node>,
         backing: Option<Arc<Node>>,
         mut header: Header,
-        read_only: bool,
-        pass_discard: bool,
+        settings: Settings,
         sizes: CacheSizes,
     ) -> Result<Self> {
+        let Settings {
+            read_only,
+            pass_discard,
+            overlap_mask,
+        } = settings;
         let cs = header.cluster_size();
         let l1_bytes = u64::from(header.l1_size) * 8;
         let raw = read_bytes(&file, header.l1_table_offset, l1_bytes as usize, "L1 table").await?;
@@ -240,6 +260,7 @@ impl Qcow2 {
             .map(|c| AtomicU64::new(header::get_u64(c, 0)))
             .collect();
         let mut rc = None;
+        let mut overlap = None;
         if !read_only {
             if header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 log::warn!(
@@ -266,17 +287,26 @@ impl Qcow2 {
                 file.flush().await?;
                 header.autoclear_features = 0;
             }
-            rc = Some(
-                Refcounts::open(
-                    file.clone(),
-                    header.refcount_table_offset,
-                    header.refcount_table_clusters,
-                    header.cluster_bits,
-                    header.refcount_order,
-                    (sizes.refcount_bytes / cs) as usize,
-                )
-                .await?,
-            );
+            let mut refcounts = Refcounts::open(
+                file.clone(),
+                header.refcount_table_offset,
+                header.refcount_table_clusters,
+                header.cluster_bits,
+                header.refcount_order,
+                (sizes.refcount_bytes / cs) as usize,
+            )
+            .await?;
+            let o = Arc::new(Overlap::build(
+                &header,
+                &l1,
+                &refcounts.table,
+                file.size(),
+                file.filename(),
+                overlap_mask,
+            )?);
+            refcounts.overlap = Some(o.clone());
+            overlap = Some(o);
+            rc = Some(refcounts);
         }
         let l2_bits = header.cluster_bits - header.l2_entry_size().trailing_zeros();
         let slice_entries = sizes.l2_entry_bytes / header.l2_entry_size();
@@ -300,6 +330,7 @@ impl Qcow2 {
                 l1_dirty: BTreeSet::new(),
                 pending_frees: Vec::new(),
             }),
+            overlap,
             inflight: InFlight::default(),
             epoch: ReadEpoch::default(),
             header,
@@ -325,6 +356,27 @@ impl Qcow2 {
             2
         } else {
             1
+        }
+    }
+
+    /// Fails once the image was marked corrupt (by an overlap check): it takes no writes.
+    #[inline]
+    fn check_writable(&self) -> Result<()> {
+        match &self.overlap {
+            Some(o) if o.is_corrupt() => Err(o.corrupt_error()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a write of `kind` (0: guest data or new metadata) to host bytes
+    /// `offset..offset+len` that would overlap other metadata (see `overlap`). A few loads
+    /// unless the map has metadata there (a corrupt image), which takes the boxed slow path.
+    async fn guard_write(&self, offset: u64, len: u64, kind: u32) -> Result<()> {
+        match &self.overlap {
+            Some(o) if o.is_corrupt() || o.may_hit(offset, len) => {
+                Box::pin(o.check(&self.file, offset, len, kind)).await
+            }
+            _ => Ok(()),
         }
     }
 
@@ -367,7 +419,8 @@ impl BlockDriver for Qcow2 {
 
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only || self.check_writable().is_err() {
+                // A corrupt image keeps what is on disk (its header says it is corrupt).
                 return Ok(());
             }
             // No request is in flight (the node is gone): write the cached metadata back.
@@ -384,6 +437,7 @@ impl BlockDriver for Qcow2 {
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.check_writable()?;
             let (c0, c1) = self.whole_clusters(offset, len);
             if c1 > c0 {
                 self.zero_clusters(c0, c1, ZeroMode::Discard).await?;

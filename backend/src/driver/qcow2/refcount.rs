@@ -14,9 +14,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::header::field;
+use super::overlap::{Overlap, REFCOUNT_BLOCK, REFCOUNT_TABLE};
 use crate::error::{BlockError, Result};
 use crate::io::iovec::IoVec;
 use crate::node::Node;
+
+/// How far past the end of the file (and of every allocation) the free-cluster scan looks
+/// before it gives up: refcounts claiming that much space there are corrupt.
+const SCAN_SLACK: u64 = 1 << 20;
 
 /// Bits of a refcount table entry holding the block's offset.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
@@ -123,6 +128,10 @@ pub struct Refcounts {
     tick: u64,
     /// No cluster below this one is free.
     pub free_hint: u64,
+    /// End of the highest run of clusters allocated so far.
+    alloc_high: u64,
+    /// The overlap checks of the image (set once they are built).
+    pub overlap: Option<Arc<Overlap>>,
 }
 
 impl Refcounts {
@@ -155,11 +164,33 @@ impl Refcounts {
             capacity: cache_blocks.max(4),
             tick: 0,
             free_hint: 0,
+            alloc_high: 0,
+            overlap: None,
         })
     }
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Refuses a write of `kind` (0: new metadata) that would overlap other metadata.
+    async fn guard(&self, offset: u64, len: u64, kind: u32) -> Result<()> {
+        match &self.overlap {
+            Some(o) => o.check(&self.file, offset, len, kind).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records (or with `add` false, forgets) metadata for the overlap checks.
+    fn record(&self, kind: u32, offset: u64, len: u64, add: bool) -> Result<()> {
+        match &self.overlap {
+            Some(o) if add => o.add(kind, offset, len),
+            Some(o) => {
+                o.remove(kind, offset, len);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Refcount entries per block.
@@ -221,6 +252,7 @@ impl Refcounts {
             if let Some(b) = self.cache.get(&off) {
                 if b.dirty {
                     // Increments may always reach the disk early (see the module notes).
+                    self.guard(off, self.cluster_size(), REFCOUNT_BLOCK).await?;
                     write_bytes(&self.file, off, &b.data, "refcount block").await?;
                 }
             }
@@ -306,8 +338,20 @@ impl Refcounts {
         let offset = cluster << self.cluster_bits;
         let mut data = vec![0u8; self.cluster_size() as usize];
         set_entry(&mut data, self.order, 0, 1);
-        write_bytes(&self.file, offset, &data, "new refcount block").await?;
-        self.file.flush().await?;
+        let cs = self.cluster_size();
+        self.guard(offset, cs, 0).await?;
+        self.record(REFCOUNT_BLOCK, offset, cs, true)?;
+        let written = async {
+            write_bytes(&self.file, offset, &data, "new refcount block").await?;
+            self.file.flush().await?;
+            self.guard(self.table_offset + rt * 8, 8, REFCOUNT_TABLE)
+                .await
+        }
+        .await;
+        if let Err(e) = written {
+            self.record(REFCOUNT_BLOCK, offset, cs, false)?;
+            return Err(e);
+        }
         write_bytes(
             &self.file,
             self.table_offset + rt * 8,
@@ -358,29 +402,23 @@ impl Refcounts {
             ));
         }
         let area_len = nb + table_clusters;
-        // The new refcount blocks count the whole area.
-        let mut blocks = Vec::with_capacity(nb as usize);
-        for j in 0..nb {
-            let mut data = vec![0u8; cs as usize];
-            let range_start = (first_rt + j) * per_block;
-            for c in area_start..area_start + area_len {
-                if c >= range_start && c < range_start + per_block {
-                    set_entry(&mut data, self.order, c - range_start, 1);
-                }
-            }
-            let offset = (area_start + j) << self.cluster_bits;
-            write_bytes(&self.file, offset, &data, "new refcount block").await?;
-            blocks.push((offset, data));
-        }
+        let area = area_start << self.cluster_bits;
+        let table_offset = (area_start + nb) << self.cluster_bits;
+        // The new area must hold no metadata; it is metadata from now on.
+        self.guard(area, area_len * cs, 0).await?;
+        self.record(REFCOUNT_BLOCK, area, nb * cs, true)?;
+        self.record(REFCOUNT_TABLE, table_offset, table_clusters * cs, true)?;
         let mut table = self.table.clone();
         table.resize(new_len as usize, 0);
-        for (j, (offset, _)) in blocks.iter().enumerate() {
-            table[first_rt as usize + j] = *offset;
-        }
-        let table_offset = (area_start + nb) << self.cluster_bits;
-        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        write_bytes(&self.file, table_offset, &bytes, "new refcount table").await?;
-        self.file.flush().await?;
+        let written = self.write_area(first_rt, nb, area_len, &mut table).await;
+        let blocks = match written {
+            Ok(blocks) => blocks,
+            Err(e) => {
+                self.record(REFCOUNT_BLOCK, area, nb * cs, false)?;
+                self.record(REFCOUNT_TABLE, table_offset, table_clusters * cs, false)?;
+                return Err(e);
+            }
+        };
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_offset.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
@@ -409,6 +447,7 @@ impl Refcounts {
             );
         }
         // The header no longer points at the old table (it is on disk): free it.
+        self.record(REFCOUNT_TABLE, old_offset, old_clusters * cs, false)?;
         let first_old = old_offset >> self.cluster_bits;
         for c in first_old..first_old + old_clusters {
             self.adjust(c, -1).await?;
@@ -420,15 +459,62 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Writes the new area of [`grow_table`](Self::grow_table): `nb` refcount blocks
+    /// (counting the whole area) from the first cluster refcount table index `first_rt`
+    /// covers, then `table` (their entries filled in) after them, and flushes. Returns the
+    /// blocks (offset, contents).
+    async fn write_area(
+        &self,
+        first_rt: u64,
+        nb: u64,
+        area_len: u64,
+        table: &mut [u64],
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let cs = self.cluster_size();
+        let per_block = self.per_block();
+        let area_start = first_rt * per_block;
+        let mut blocks = Vec::with_capacity(nb as usize);
+        for j in 0..nb {
+            let mut data = vec![0u8; cs as usize];
+            let range_start = (first_rt + j) * per_block;
+            for c in area_start..area_start + area_len {
+                if c >= range_start && c < range_start + per_block {
+                    set_entry(&mut data, self.order, c - range_start, 1);
+                }
+            }
+            let offset = (area_start + j) << self.cluster_bits;
+            write_bytes(&self.file, offset, &data, "new refcount block").await?;
+            table[(first_rt + j) as usize] = offset;
+            blocks.push((offset, data));
+        }
+        let table_offset = (area_start + nb) << self.cluster_bits;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        write_bytes(&self.file, table_offset, &bytes, "new refcount table").await?;
+        self.file.flush().await?;
+        Ok(blocks)
+    }
+
     /// Allocates `n` contiguous free clusters (refcount 1); returns the first one's offset.
+    /// The scan gives up (the refcounts are corrupt) when the file and every allocation
+    /// end more than [`SCAN_SLACK`] clusters before any free run.
     pub async fn alloc(&mut self, n: u64) -> Result<u64> {
         let per = self.per_block();
         'search: loop {
+            let file_end = self.file.size().div_ceil(self.cluster_size());
+            let limit = file_end.max(self.alloc_high).max(self.free_hint) + SCAN_SLACK + n;
             let mut c = self.free_hint;
             let mut run_start = c;
             let start = loop {
                 if c - run_start == n {
                     break run_start;
+                }
+                if c >= limit {
+                    return Err(corrupt(format!(
+                        "image '{}': no free cluster found below cluster {limit:#x} (the file \
+                         ends at cluster {file_end:#x}): its refcounts claim space far past the \
+                         end of the file",
+                        self.file.filename()
+                    )));
                 }
                 let rt = c / per;
                 match self.block_offset(rt)? {
@@ -466,6 +552,7 @@ impl Refcounts {
                 self.update(cl, 1).await?;
             }
             self.free_hint = self.free_hint.max(end);
+            self.alloc_high = self.alloc_high.max(end);
             return Ok(start << self.cluster_bits);
         }
     }
@@ -480,6 +567,8 @@ impl Refcounts {
             .collect();
         dirty.sort_unstable();
         for off in &dirty {
+            self.guard(*off, self.cluster_size(), REFCOUNT_BLOCK)
+                .await?;
             if let Some(b) = self.cache.get_mut(off) {
                 write_bytes(&self.file, *off, &b.data, "refcount block").await?;
                 b.dirty = false;

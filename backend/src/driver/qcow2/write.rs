@@ -71,6 +71,8 @@ impl Qcow2 {
         }
         let n = old.len() as u64;
         let host = meta.rc()?.alloc(n).await?;
+        // Free by the refcounts, but a corrupt image may still keep metadata there.
+        self.guard_write(host, n * cs, 0).await?;
         let guard = self.inflight.register(c0, c0 + n);
         drop(meta);
 
@@ -117,6 +119,7 @@ impl Qcow2 {
     /// Writes `iov` at guest `offset`: in place where this image owns the clusters,
     /// through allocating writes elsewhere.
     pub(super) async fn write_impl(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
+        self.check_writable()?;
         let len = iovec::total_len(iov);
         let mut done = 0u64;
         while done < len {
@@ -125,6 +128,7 @@ impl Qcow2 {
                 let _guard = self.epoch.enter();
                 match self.map(pos, len - done).await? {
                     (Kind::Data { host, copied: true }, n) => {
+                        self.guard_write(host, n, 0).await?;
                         let part = iovec::sub_iov(iov, done as usize, n as usize);
                         self.file.write_growing(host, &part).await?;
                         n

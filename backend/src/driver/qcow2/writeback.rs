@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::l2cache::Slice;
+use super::overlap::{ACTIVE_L1, ACTIVE_L2};
 use super::refcount::{write_bytes, Refcounts};
 use super::{Qcow2, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::{BlockError, Result};
@@ -83,6 +84,10 @@ impl Qcow2 {
         // A new L2 table: zeroed on disk before the L1 entry (in memory now, on disk at the
         // next write-back, after its refcount) points at it.
         let l2_off = meta.rc()?.alloc(1).await?;
+        self.guard_write(l2_off, self.cluster_size, 0).await?;
+        if let Some(o) = &self.overlap {
+            o.add(ACTIVE_L2, l2_off, self.cluster_size)?;
+        }
         write_bytes(
             &self.file,
             l2_off,
@@ -133,7 +138,12 @@ impl Qcow2 {
             };
             first.await.map_err(|e| (e, 0))?;
             for (i, s) in slices.iter().enumerate() {
-                if let Err(e) = write_bytes(&self.file, s.offset, &s.to_bytes(), "L2 table").await {
+                let written = async {
+                    self.guard_write(s.offset, self.l2.slice_bytes(), ACTIVE_L2)
+                        .await?;
+                    write_bytes(&self.file, s.offset, &s.to_bytes(), "L2 table").await
+                };
+                if let Err(e) = written.await {
                     return Err((e, i));
                 }
             }
@@ -186,6 +196,8 @@ impl Qcow2 {
             let bytes: Vec<u8> = (start..end)
                 .flat_map(|i| self.l1[i as usize].load(Ordering::Acquire).to_be_bytes())
                 .collect();
+            let at = self.header.l1_table_offset + start * 8;
+            self.guard_write(at, bytes.len() as u64, ACTIVE_L1).await?;
             write_bytes(
                 &self.file,
                 self.header.l1_table_offset + start * 8,
@@ -207,6 +219,20 @@ impl Qcow2 {
         self.epoch.synchronize().await;
         let mut frees = std::mem::take(&mut meta.pending_frees);
         frees.sort_unstable();
+        // A cluster that L2 entries point at may not be metadata: freeing it would let a
+        // discard or a new allocation destroy that metadata.
+        let mut refused = None;
+        for &c in &frees {
+            let at = c << self.cluster_bits;
+            if let Err(e) = self.guard_write(at, self.cluster_size, 0).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = refused {
+            meta.pending_frees = frees;
+            return Err(e);
+        }
         let rc = meta.rc()?;
         let mut unused: Vec<(u64, u64)> = Vec::new();
         for c in frees {
@@ -237,6 +263,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        self.check_writable()?;
         let mut meta = self.meta.lock().await;
         self.apply_frees(&mut meta).await?;
         if !self.write_back(&mut meta).await? {

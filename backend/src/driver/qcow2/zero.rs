@@ -134,6 +134,7 @@ impl Qcow2 {
     /// Makes guest bytes `offset..offset+len` read as zeroes; `unmap` lets whole clusters
     /// be freed.
     pub(super) async fn write_zeroes_impl(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
         let v3 = self.header.version >= 3;
         if !v3 && self.backing.is_some() {
             // Version 2 has no zero flag: only data hides the backing file.
