@@ -307,3 +307,52 @@ fn long_misaligned_requests_bounce_chunk_by_chunk() {
     drop(dev);
     assert_bytes_eq(&common::file_bytes(&img), &expected, "on disk");
 }
+
+#[test]
+fn many_misaligned_writes_to_a_probed_image_on_4k_sectors_never_wait_for_ever() {
+    require_loop!();
+    // A probed raw image guards sector 0 and works in whole blocks of the device: many
+    // concurrent 512-byte-aligned writes from misaligned memory, more than the thread's bounce
+    // budget holds at once, all finish (none waits for ever for a bounce buffer) and land
+    // where they belong.
+    const SIZE: usize = 80 << 20;
+    let img = image(SIZE, 12);
+    let dev = LoopDevice::attach(&img, 4096);
+    let n = open(
+        &Graph::new(),
+        &format!("file.filename={},cache.direct=on", dev.path_str()),
+    );
+    assert_eq!(n.driver_name(), "raw", "probed");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let n = n.clone();
+        std::thread::spawn(move || {
+            let mut exec = strata_backend::LocalExecutor::new().expect("executor");
+            for t in 0..24u64 {
+                let n = n.clone();
+                exec.spawn(async move {
+                    let data = common::pattern(100 + t, (2 << 20) + 1024);
+                    let mut buf = AlignedBuf::from_slice(&data, 512);
+                    let off = (1 << 20) + t * (3 << 20) + 512;
+                    n.write(off, &[buf.iovec()]).await.expect("write");
+                });
+            }
+            exec.run().expect("run");
+            let _ = tx.send(());
+        })
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(120)).is_ok(),
+        "concurrent misaligned writes did not finish (waiting for bounce buffers?)"
+    );
+    writer.join().expect("writer");
+    for t in 0..24u64 {
+        let off = (1 << 20) + t * (3 << 20) + 512;
+        let want = common::pattern(100 + t, (2 << 20) + 1024);
+        assert_bytes_eq(
+            &read(&n, off, want.len()).unwrap(),
+            &want,
+            &format!("write {t}"),
+        );
+    }
+}

@@ -11,6 +11,7 @@ use super::{
     OpenFuture,
 };
 use crate::error::{BlockError, Result};
+use crate::io::bounce::BounceBuffer;
 use crate::io::iovec::{self, IoVec};
 use crate::node::{ChildRole, Node};
 use crate::probe;
@@ -104,19 +105,24 @@ async fn open_raw(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
 }
 
 impl RawDriver {
-    /// For a write into sector 0 of a guarded image: a copy of the bytes written there,
-    /// refused if they would probe as another format. The caller writes this copy, not the
-    /// caller's buffer, which the guest may change between the check and the write.
-    fn checked_sector0(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<Option<Vec<u8>>> {
+    /// For a write into sector 0 of a guarded image: a copy of the bytes written into the
+    /// first block (of the file's alignment), refused if sector 0 would probe as another
+    /// format. The caller writes this copy, not the caller's buffer, which the guest may
+    /// change between the check and the write. The copy is aligned for the file, so the file
+    /// node does not bounce it again.
+    fn checked_sector0(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<Option<BounceBuffer>> {
         if !self.guard_sector0 || offset >= SECTOR {
             return Ok(None);
         }
+        let block = u64::from(self.file.limits().request_alignment).max(SECTOR);
+        let n = (block - offset).min(iovec::total_len(iov)) as usize;
+        let mut head = BounceBuffer::new(n)?;
+        iovec::copy_from_iov(iov, 0, head.as_mut_slice());
         // Only the written part of sector 0 is known here; checking it alone is what QEMU does
         // too, since every image magic sits in the first bytes.
-        let n = (SECTOR - offset).min(iovec::total_len(iov)) as usize;
-        let mut head = vec![0u8; offset as usize + n];
-        iovec::copy_from_iov(iov, 0, &mut head[offset as usize..]);
-        if let Some(format) = probe::probe_format(&head) {
+        let mut sector0 = vec![0u8; offset as usize];
+        sector0.extend_from_slice(&head.as_slice()[..n.min((SECTOR - offset) as usize)]);
+        if let Some(format) = probe::probe_format(&sector0) {
             return Err(BlockError::new(
                 libc::EPERM,
                 format!(
@@ -125,7 +131,6 @@ impl RawDriver {
                 ),
             ));
         }
-        head.drain(..offset as usize);
         Ok(Some(head))
     }
 
@@ -151,8 +156,19 @@ impl BlockDriver for RawDriver {
             // As in QEMU's raw_refresh_limits: a probed image works in whole sectors, so a write
             // into sector 0 always shows check_sector0 the complete new sector (the node
             // read-modify-writes partial ones, serialised), and the magic cannot be assembled
-            // from several small writes.
-            request_alignment: if self.guard_sector0 { SECTOR as u32 } else { 1 },
+            // from several small writes. In whole blocks of the file, with its memory
+            // alignment: what this node bounces then goes down as it is, never bounced twice
+            // (which would copy again and hold two buffers of the thread's budget at once).
+            request_alignment: if self.guard_sector0 {
+                self.file.limits().request_alignment.max(SECTOR as u32)
+            } else {
+                1
+            },
+            min_mem_alignment: if self.guard_sector0 {
+                self.file.limits().min_mem_alignment
+            } else {
+                1
+            },
             max_transfer: self.file.limits().max_transfer,
             max_iov: self.file.limits().max_iov,
             ..Limits::default()
@@ -184,8 +200,8 @@ impl BlockDriver for RawDriver {
                 return self.write_window(offset, iov).await;
             };
             // The checked copy of sector 0 first, then the rest from the caller's buffers.
-            let n = head.len();
-            self.write_window(offset, &[IoVec::new(&mut head)]).await?;
+            let n = head.as_slice().len();
+            self.write_window(offset, &[head.iovec()]).await?;
             let len = iovec::total_len(iov);
             if len > n as u64 {
                 let rest = iovec::sub_iov(iov, n, (len - n as u64) as usize);
