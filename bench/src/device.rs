@@ -120,11 +120,11 @@ impl Device {
 
     /// The mapped buffer, to fill or check while no request is in flight.
     pub fn buf_slice(&mut self) -> &mut [u8] {
+        // No request is in flight while the slice is borrowed: requests are issued only
+        // through `&mut Device` (`io_batch` waits for them all) or by a run's workers on the
+        // queues from `take_queues`, which start after the run's last use of the slice.
         // SAFETY: the region is a read/write shared mapping of `len` bytes owned by `self`,
-        // and no request is in flight while the slice is borrowed: requests are only issued
-        // through `&mut Device` (`io_batch`, which waits for them all) or by the workers of
-        // a run on queues from `Device::take_queues`, which start after the run's last use
-        // of the slice.
+        // not written by any request while borrowed (above).
         unsafe { std::slice::from_raw_parts_mut(self.buf(), self.region.len) }
     }
 
