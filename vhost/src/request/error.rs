@@ -81,6 +81,10 @@ pub(crate) enum Refusal {
     },
     /// A read whose data does not fit the used ring's 32-bit length.
     TooLong,
+    /// More data segments than the device offers (`seg_max`).
+    TooManySegments { count: u32, max: u32 },
+    /// A data segment longer than the device offers (`size_max`).
+    SegmentTooLong { len: u64, max: u32 },
     /// The GET_ID buffer is not in guest memory.
     GetIdOutsideMemory,
     /// Discard or write-zeroes on an export that does not offer it.
@@ -104,6 +108,8 @@ impl Refusal {
             | Refusal::Unaligned { .. }
             | Refusal::BeyondEnd { .. }
             | Refusal::TooLong
+            | Refusal::TooManySegments { .. }
+            | Refusal::SegmentTooLong { .. }
             | Refusal::GetIdOutsideMemory => S_IOERR,
         }
     }
@@ -137,6 +143,13 @@ impl fmt::Display for Refusal {
                  ({capacity} bytes)"
             ),
             Refusal::TooLong => f.write_str("request longer than 4 GiB"),
+            Refusal::TooManySegments { count, max } => {
+                write!(f, "{count} data segments (the device offers at most {max})")
+            }
+            Refusal::SegmentTooLong { len, max } => write!(
+                f,
+                "a data segment of {len} bytes (the device offers at most {max})"
+            ),
             Refusal::GetIdOutsideMemory => f.write_str("GET_ID buffer outside guest memory"),
             Refusal::NotOffered(kind) => write!(f, "{} is not offered by this export", kind.name()),
             Refusal::BadSegments(kind, e) => write!(f, "{}: {e}", kind.name()),

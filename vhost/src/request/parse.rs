@@ -207,7 +207,28 @@ fn read_write(
     }
     let mut iov = std::mem::take(spare);
     iov.clear();
-    let len = to_iovecs(regions, data, &mut iov).ok_or(Refusal::DataOutsideMemory)?;
+    // The limits the device advertises, enforced: a driver that ignores them gets an error,
+    // not a request larger than the device said it would take.
+    let mut segments = 0u32;
+    let mut longest = 0u64;
+    let data = data.inspect(|&(_, len)| {
+        segments += u32::from(len > 0);
+        longest = longest.max(len);
+    });
+    let len = to_iovecs(regions, data, &mut iov);
+    if segments > cfg.seg_max {
+        return Err(Refusal::TooManySegments {
+            count: segments,
+            max: cfg.seg_max,
+        });
+    }
+    if cfg.size_max != 0 && longest > u64::from(cfg.size_max) {
+        return Err(Refusal::SegmentTooLong {
+            len: longest,
+            max: cfg.size_max,
+        });
+    }
+    let len = len.ok_or(Refusal::DataOutsideMemory)?;
     let offset = check_range(cfg, sector, len)?;
     if write {
         return Ok((Op::Write { offset, iov }, 0));
@@ -1026,6 +1047,70 @@ mod tests {
         let piece = (DATA, (SIZE - DATA) as u32, W);
         let chain = [(HDR, 16, R), piece, piece, piece, (STATUS, 1, W)];
         assert_eq!(refusal(g.request(&cfg, &chain)), Refusal::TooLong);
+    }
+
+    #[test]
+    fn seg_max_and_size_max_are_enforced() {
+        let g = Guest::new();
+        let mut cfg = config();
+        cfg.seg_max = 3;
+        for (t, dir) in [(VIRTIO_BLK_T_IN, W), (VIRTIO_BLK_T_OUT, R)] {
+            g.header(HDR, t, 0);
+            let seg = |i: u64| (DATA + 0x1000 * i, 512, dir);
+            let at_limit = [(HDR, 16, R), seg(0), seg(1), seg(2), (STATUS, 1, W)];
+            request(g.request(&cfg, &at_limit));
+            let over = [(HDR, 16, R), seg(0), seg(1), seg(2), seg(3), (STATUS, 1, W)];
+            let why = refusal(g.request(&cfg, &over));
+            assert_eq!(why, Refusal::TooManySegments { count: 4, max: 3 });
+            assert_eq!(why.status(), S_IOERR);
+            // Empty descriptors carry no data and do not count.
+            let with_empty = [
+                (HDR, 16, R),
+                seg(0),
+                (DATA, 0, dir),
+                seg(1),
+                seg(2),
+                (STATUS, 1, W),
+            ];
+            request(g.request(&cfg, &with_empty));
+        }
+        // A header descriptor that carries data too counts that data as one segment.
+        g.header(HDR, VIRTIO_BLK_T_OUT, 0);
+        let joined = [
+            (HDR, 16 + 512, R),
+            (DATA, 512, R),
+            (DATA, 512, R),
+            (STATUS, 1, W),
+        ];
+        request(g.request(&cfg, &joined));
+        let joined = [
+            (HDR, 16 + 512, R),
+            (DATA, 512, R),
+            (DATA, 512, R),
+            (DATA, 512, R),
+            (STATUS, 1, W),
+        ];
+        assert_eq!(
+            refusal(g.request(&cfg, &joined)),
+            Refusal::TooManySegments { count: 4, max: 3 }
+        );
+
+        // No SIZE_MAX offered (size_max 0): any segment length.
+        assert_eq!(cfg.size_max, 0);
+        request(g.simple(&cfg, VIRTIO_BLK_T_IN, 0, (DATA, 16384)));
+        cfg.size_max = 8192;
+        request(g.simple(&cfg, VIRTIO_BLK_T_IN, 0, (DATA, 8192)));
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            let why = refusal(g.simple(&cfg, t, 0, (DATA, 8704)));
+            assert_eq!(
+                why,
+                Refusal::SegmentTooLong {
+                    len: 8704,
+                    max: 8192
+                }
+            );
+            assert_eq!(why.status(), S_IOERR);
+        }
     }
 
     /// A discard or write-zeroes request with `segments` (written at DATA, one descriptor).
