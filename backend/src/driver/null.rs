@@ -1,8 +1,11 @@
 //! The `null-co` protocol driver: no storage, for benchmarks (QEMU's names and options).
 
+use io_uring::{opcode, types};
+
 use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, OpenContext, OpenFuture};
-use crate::error::Result;
+use crate::error::{BlockError, Result};
 use crate::io::iovec::{self, IoVec};
+use crate::io::reactor::Reactor;
 
 /// The `null-co` driver.
 pub const DRIVER: DriverInfo = DriverInfo {
@@ -36,6 +39,8 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 pub struct NullDriver {
     size: u64,
     read_zeroes: bool,
+    /// How long each request takes (QEMU's `latency-ns`; zero: done at once).
+    latency_ns: u64,
 }
 
 fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
@@ -48,7 +53,35 @@ fn open_null(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
     Ok(Box::new(NullDriver {
         size: ctx.options.take_size("size")?.unwrap_or(DEFAULT_SIZE),
         read_zeroes: ctx.options.take_bool("read-zeroes")?.unwrap_or(false),
+        latency_ns: ctx.options.take_u64("latency-ns")?.unwrap_or(0),
     }))
+}
+
+impl NullDriver {
+    /// A request's completion: at once, or after `latency_ns` on an io_uring timeout (the
+    /// worker's thread goes on with other requests meanwhile, as QEMU's timer does).
+    fn done(&self) -> IoFuture<'_, ()> {
+        if self.latency_ns == 0 {
+            return Box::pin(Done);
+        }
+        let latency = self.latency_ns;
+        Box::pin(async move {
+            let ts = types::Timespec::new()
+                .sec(latency / 1_000_000_000)
+                .nsec((latency % 1_000_000_000) as u32);
+            let reactor = Reactor::current()?;
+            // SAFETY: the entry points at `ts`, a local of this future that lives until the
+            // operation completes: the `.await` below, or the operation's drop, which waits
+            // for the kernel.
+            let res = unsafe { reactor.op(opcode::Timeout::new(&ts).build()) }.await?;
+            // A timeout that expires completes with ETIME.
+            if res < 0 && res != -libc::ETIME {
+                let e = std::io::Error::from_raw_os_error(-res);
+                return Err(BlockError::io(&e, "null-co latency timer failed"));
+            }
+            Ok(())
+        })
+    }
 }
 
 impl BlockDriver for NullDriver {
@@ -68,22 +101,22 @@ impl BlockDriver for NullDriver {
         if self.read_zeroes {
             iovec::zero_iov(iov, 0);
         }
-        Box::pin(Done)
+        self.done()
     }
 
     fn write<'a>(&'a self, _offset: u64, _iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
-        Box::pin(Done)
+        self.done()
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(Done)
+        self.done()
     }
 
     fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
-        Box::pin(Done)
+        self.done()
     }
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> IoFuture<'_, ()> {
-        Box::pin(Done)
+        self.done()
     }
 }

@@ -26,14 +26,16 @@ const RING_ENTRIES: u32 = 512;
 
 /// The only operations a ring accepts: what the drivers submit (IORING_REGISTER_RESTRICTIONS).
 /// Anything else (opening files, sockets, ...) fails with EACCES, so neither a bug nor an
-/// attacker who reached a ring can use it to do more than these.
-const ALLOWED_OPS: [u8; 6] = [
+/// attacker who reached a ring can use it to do more than these. Timeout (null-co's
+/// `latency-ns`) touches no file.
+const ALLOWED_OPS: [u8; 7] = [
     opcode::Read::CODE,
     opcode::Write::CODE,
     opcode::Readv::CODE,
     opcode::Writev::CODE,
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
+    opcode::Timeout::CODE,
 ];
 
 /// A ring, created disabled (so restrictions can be registered) when the kernel allows it;
