@@ -91,14 +91,16 @@ impl<'m> SplitRing<'m> {
         }
     }
 
-    /// Appends to `heads` the chain heads made available since the queue's `next_avail` and
-    /// moves `next_avail` past them. A driver that claims more new entries than the queue
-    /// holds is refused (nothing is taken).
+    /// Appends to `heads` the chain heads made available since the queue's `next_avail`, at
+    /// most `room` of them, and moves `next_avail` past those taken. Returns whether entries
+    /// were left for want of room. A driver that claims more new entries than the queue holds
+    /// is refused (nothing is taken).
     pub(crate) fn take_available(
         &self,
         queue: &mut Queue,
         heads: &mut Vec<u16>,
-    ) -> Result<(), &'static str> {
+        room: u16,
+    ) -> Result<bool, &'static str> {
         if self.size == 0 {
             return Err("queue size is zero");
         }
@@ -113,6 +115,8 @@ impl<'m> SplitRing<'m> {
         if count > self.size {
             return Err("available index is more than a queue size ahead");
         }
+        let left = count > room;
+        let count = count.min(room);
         heads.reserve(usize::from(count));
         for i in 0..count {
             let pos = usize::from(next.wrapping_add(i) % self.size);
@@ -122,8 +126,8 @@ impl<'m> SplitRing<'m> {
                 .ok_or("available ring outside guest memory")?;
             heads.push(u16::from_le(head));
         }
-        queue.set_next_avail(idx);
-        Ok(())
+        queue.set_next_avail(next.wrapping_add(count));
+        Ok(left)
     }
 
     /// Puts `(head, len)` entries in the used ring, then makes them visible to the driver with
@@ -240,11 +244,15 @@ mod tests {
         let mut regions = RegionCache::new(mem);
         let ring = SplitRing::new(&mut regions, &q);
         let mut heads = Vec::new();
-        ring.take_available(&mut q, &mut heads).expect("valid ring");
+        assert!(!ring
+            .take_available(&mut q, &mut heads, SIZE)
+            .expect("valid ring"));
         assert_eq!(heads, [3, 1, 7, 0, 5]);
         assert_eq!(q.next_avail(), 2);
         // Nothing new: nothing taken.
-        ring.take_available(&mut q, &mut heads).expect("valid ring");
+        assert!(!ring
+            .take_available(&mut q, &mut heads, SIZE)
+            .expect("valid ring"));
         assert_eq!(heads.len(), 5);
 
         ring.add_used(&mut q, heads.iter().map(|&h| (h, u32::from(h) * 100)))
@@ -273,6 +281,31 @@ mod tests {
     }
 
     #[test]
+    fn no_more_than_room_is_taken() {
+        let mem = one_region();
+        let mut q = queue(false);
+        make_available(&mem, 0, &[4, 2, 6, 1, 3]);
+        let mut regions = RegionCache::new(&mem);
+        let ring = SplitRing::new(&mut regions, &q);
+        let mut heads = Vec::new();
+        assert!(ring
+            .take_available(&mut q, &mut heads, 2)
+            .expect("valid ring"));
+        assert_eq!((heads.as_slice(), q.next_avail()), (&[4, 2][..], 2));
+        assert!(ring
+            .take_available(&mut q, &mut heads, 0)
+            .expect("valid ring"));
+        assert_eq!(q.next_avail(), 2);
+        assert!(!ring
+            .take_available(&mut q, &mut heads, 3)
+            .expect("valid ring"));
+        assert_eq!(
+            (heads.as_slice(), q.next_avail()),
+            (&[4, 2, 6, 1, 3][..], 5)
+        );
+    }
+
+    #[test]
     fn a_driver_claiming_too_many_entries_is_refused() {
         let mem = one_region();
         let mut q = queue(false);
@@ -281,7 +314,7 @@ mod tests {
         let mut regions = RegionCache::new(&mem);
         let ring = SplitRing::new(&mut regions, &q);
         let mut heads = Vec::new();
-        assert!(ring.take_available(&mut q, &mut heads).is_err());
+        assert!(ring.take_available(&mut q, &mut heads, SIZE).is_err());
         assert!(heads.is_empty());
         assert_eq!(q.next_avail(), 0);
     }
@@ -293,8 +326,8 @@ mod tests {
         let mut regions = RegionCache::new(&mem);
         let ring = SplitRing::new(&mut regions, &q);
         assert!(ring
-            .take_available(&mut q, &mut Vec::new())
-            .is_ok_and(|()| q.next_avail() == 0));
+            .take_available(&mut q, &mut Vec::new(), SIZE)
+            .is_ok_and(|left| !left && q.next_avail() == 0));
         assert!(ring.add_used(&mut q, [(0, 1)].into_iter()).is_err());
     }
 

@@ -100,6 +100,9 @@ pub(crate) struct Worker {
     backlog: Vec<usize>,
     /// The backlog being run.
     backlog_run: Vec<usize>,
+    /// Slots of the virtqueues with requests left because a queue's worth was in flight; they
+    /// go on the backlog when some of theirs complete.
+    out_of_room: Vec<usize>,
 }
 
 /// The requests taken from one virtqueue's available ring under one hold of its vring lock.
@@ -154,6 +157,7 @@ impl Worker {
             held: None,
             backlog: Vec::new(),
             backlog_run: Vec::new(),
+            out_of_room: Vec::new(),
         })
     }
 
@@ -191,6 +195,10 @@ impl Worker {
             // worker gets back to its epoll loop (other queues, exit events) whatever the ring
             // says.
             let taken = self.run_batch(dev, &mem, slot, vring);
+            if self.out_of_room.contains(&slot) {
+                // Nothing more can start until some complete; notifications stay off.
+                return;
+            }
             budget = budget.saturating_sub(taken.max(1));
             let more = {
                 let mut state = vring.get_mut();
@@ -234,6 +242,15 @@ impl Worker {
                 dev.cfg.id,
                 std::io::Error::last_os_error()
             );
+        }
+    }
+
+    /// Requests of the virtqueue in `slot` were published: if it had requests left for want of
+    /// room, come back to it.
+    fn room_made(&mut self, dev: &Device, slot: usize) {
+        if let Some(i) = self.out_of_room.iter().position(|&s| s == slot) {
+            self.out_of_room.swap_remove(i);
+            self.come_back_to(dev, slot);
         }
     }
 
@@ -283,7 +300,11 @@ impl Worker {
             self.submit();
             self.publish_finished(dev, &mut batch, &mut state);
         }
+        let published = batch.published;
         close_batch(dev, batch, state);
+        if published > 0 {
+            self.room_made(dev, slot);
+        }
         self.heads.len()
     }
 
@@ -324,9 +345,22 @@ impl Worker {
         // Entries published before this batch were all checked for a notification.
         let since = q.next_used();
         self.heads.clear();
-        if let Err(e) = ring.take_available(q, &mut self.heads) {
-            stop_broken_queue(dev, queue, q, &e);
-            return None;
+        // Never more requests in flight than the queue has entries: a driver that re-publishes
+        // entries before their requests complete (only a broken or hostile one can) waits for
+        // completions ([`Self::complete`] comes back to the queue).
+        let inflight = dev.state.inflight[queue].load(Ordering::Acquire);
+        let room = u16::try_from(usize::from(q.size()).saturating_sub(inflight)).unwrap_or(0);
+        match ring.take_available(q, &mut self.heads, room) {
+            Ok(true) => {
+                if !self.out_of_room.contains(&slot) {
+                    self.out_of_room.push(slot);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                stop_broken_queue(dev, queue, q, &e);
+                return None;
+            }
         }
         if self.heads.is_empty() {
             return None;
@@ -558,6 +592,9 @@ impl Worker {
             notify_if_asked(dev, &ring, queue, &mut state, &mut since);
             drop(state);
             dev.state.inflight[queue].fetch_sub(n, Ordering::AcqRel);
+            if n > 0 {
+                self.room_made(dev, slot);
+            }
         }
         self.ctx.all_published();
         true

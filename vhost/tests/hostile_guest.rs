@@ -99,12 +99,18 @@ struct Daemon {
 impl Daemon {
     /// Starts the daemon with one export per `(id, extra export options)`, on socket `<id>`.
     fn start(exports: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_nodes("", exports)
+    }
+
+    /// As [`Daemon::start`], with `node_extra` added to each null-co node's options.
+    fn start_with_nodes(node_extra: &str, exports: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("strata.log");
         let mut cmd = Command::new(strata_bin());
         for (id, extra) in exports {
-            cmd.arg("--blockdev")
-                .arg(format!("driver=null-co,node-name=n-{id},read-zeroes=on"));
+            cmd.arg("--blockdev").arg(format!(
+                "driver=null-co,node-name=n-{id},read-zeroes=on{node_extra}"
+            ));
             cmd.arg("--export").arg(format!(
                 "type=vhost-user-blk,id={id},node-name=n-{id},writable=on,addr.type=unix,\
                  addr.path={}{extra}",
@@ -626,5 +632,50 @@ fn used_lengths_count_only_the_bytes_written() {
     assert_eq!(g.byte(0, DATA), UNTOUCHED);
     assert_eq!(g.byte(0, STATUS), UNTOUCHED);
     // And the device still serves.
+    assert_eq!(g.read(0), Some((4097, S_OK)));
+}
+
+/// Issue 12, item 2: a driver that makes entries available again before their requests
+/// complete (here: a full queue more every 5 ms, on requests that take 300 ms) must not get
+/// more than a queue's worth of requests in flight. Before the fix the device took every
+/// round: thousands of requests in flight on a 256-entry queue, each holding memory.
+#[test]
+fn requests_in_flight_never_exceed_the_queue_size() {
+    let d = Daemon::start_with_nodes(",latency-ns=300000000", &[("a", ",num-queues=1")]);
+    let mut g = Guest::connect(&d.socket("a"), &[0]);
+    g.header(0, T_IN, 0);
+    g.desc(0, 0, HDR, 16, F_NEXT, 1);
+    g.desc(0, 1, DATA, 4096, F_NEXT | F_WRITE, 2);
+    g.desc(0, 2, STATUS, 1, F_WRITE, 0);
+    for slot in 0..u64::from(QSIZE) {
+        g.mem
+            .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
+            .expect("avail ring");
+    }
+    // Every entry of the ring names head 0; each round moves the index a queue further.
+    let mut completed = 0u64;
+    let mut last_used = 0u16;
+    let mut count_used = |g: &Guest| {
+        let used = g.used_idx(0);
+        completed += u64::from(used.wrapping_sub(last_used));
+        last_used = used;
+    };
+    for round in 1..=40u16 {
+        g.set_avail_idx(0, round.wrapping_mul(QSIZE));
+        std::thread::sleep(Duration::from_millis(5));
+        count_used(&g);
+    }
+    let deadline = Instant::now() + Duration::from_millis(900);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        count_used(&g);
+    }
+    assert!(
+        completed <= u64::from(QSIZE),
+        "{completed} requests completed within 1.1 s of 300 ms each on a {QSIZE}-entry queue"
+    );
+    // The connection ends cleanly and the next frontend is served.
+    drop(g);
+    let mut g = Guest::connect(&d.socket("a"), &[0]);
     assert_eq!(g.read(0), Some((4097, S_OK)));
 }
