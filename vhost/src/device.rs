@@ -23,6 +23,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::device_config::{DeviceConfig, WCE_OFFSET};
+use crate::memory_faults;
+use crate::relay::Connection;
 use crate::worker;
 
 /// Guest memory as vhost-user-backend shares it.
@@ -64,6 +66,10 @@ pub(crate) struct Device {
     handed_out_fds: Mutex<Vec<RawFd>>,
     /// A worker could not be set up (logged once).
     worker_failed: AtomicBool,
+    /// The frontend connection, once relayed (see [`Device::lose_connection`]).
+    conn: OnceLock<Arc<Connection>>,
+    /// The frontend shrank a memory file under the guest ([`memory_faults`]).
+    memory_lost: AtomicBool,
 }
 
 impl Device {
@@ -81,6 +87,7 @@ impl Device {
                 cfg.num_queues
             );
         }
+        memory_faults::install();
         let queues = usize::from(cfg.max_queues);
         let thread_queues = (0..threads)
             .map(|t| (0..queues).filter(|q| q % threads == t).collect())
@@ -103,7 +110,37 @@ impl Device {
             exit_events,
             handed_out_fds: Mutex::new(Vec::new()),
             worker_failed: AtomicBool::new(false),
+            conn: OnceLock::new(),
+            memory_lost: AtomicBool::new(false),
         })
+    }
+
+    /// Gives the device its frontend connection, which it closes when the guest's memory is
+    /// lost.
+    pub(crate) fn set_connection(&self, conn: Arc<Connection>) {
+        let _ = self.conn.set(conn);
+        if self.memory_lost.load(Ordering::Acquire) {
+            self.lose_connection();
+        }
+    }
+
+    /// Whether a shrunk memory file of this device's frontend was contained (see
+    /// [`memory_faults`]): if so, logs it (once) and closes the connection.
+    pub(crate) fn check_memory_faults(&self) {
+        if !memory_faults::faulted(self.instance) || self.memory_lost.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!(
+            "vhost-user-blk export '{}': the frontend shrank the file behind a guest memory              region while it was shared; the connection is closed",
+            self.cfg.id
+        );
+        self.lose_connection();
+    }
+
+    fn lose_connection(&self) {
+        if let Some(conn) = self.conn.get() {
+            conn.shutdown();
+        }
     }
 
     /// Remembers the epoll handlers, so workers can add their io_uring eventfd to them.
@@ -211,6 +248,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Drop for Device {
+    fn drop(&mut self) {
+        memory_faults::retain(self.instance, None);
+    }
+}
+
 impl VhostUserBackend for Device {
     type Bitmap = ();
     type Vring = VringMutex;
@@ -297,6 +340,7 @@ impl VhostUserBackend for Device {
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         let new = mem.memory().into_inner();
+        memory_faults::register(self.instance, &new);
         let old = std::mem::replace(&mut *lock(&self.mem_current), Arc::downgrade(&new));
         drop(new);
         log::debug!(
@@ -308,6 +352,7 @@ impl VhostUserBackend for Device {
         wait_until(&self.cfg.id, "the old memory table", || {
             old.strong_count() == 0
         });
+        memory_faults::retain(self.instance, Some(&mem.memory()));
         Ok(())
     }
 

@@ -9,8 +9,8 @@
 //! A frontend can still shrink the file later. A memfd sealed against shrinking
 //! (`F_SEAL_SHRINK`, which QEMU's memory-backend-memfd sets by default) cannot be shrunk; other
 //! files (memory-backend-file on /dev/shm or hugetlbfs) cannot be sealed, and refusing them
-//! would refuse common setups, so for them strata trusts the frontend not to truncate the
-//! memory under its own guest, as QEMU's vhost-user backends do (logged at debug level).
+//! would refuse common setups, so a later shrink is contained instead: the fault costs that
+//! connection, not the process ([`crate::memory_faults`]).
 
 use std::fs::File;
 use std::io;
@@ -67,8 +67,8 @@ fn check_region(i: usize, size: u64, offset: u64, fd: &OwnedFd) -> io::Result<()
     }
     if !sealed_against_shrinking(fd) {
         log::debug!(
-            "memory region {i}: its file is not sealed against shrinking; the frontend must \
-             not truncate it while it is shared"
+            "memory region {i}: its file is not sealed against shrinking; a truncation while \
+             it is shared would cost the connection"
         );
     }
     Ok(())

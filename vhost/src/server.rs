@@ -337,6 +337,9 @@ impl Serving {
         device.set_epoll_handlers(&daemon.get_epoll_handlers());
         match self.connect_relay(&frontend, &mut daemon) {
             Ok(relays) => {
+                if let Some(conn) = self.shared.conn() {
+                    device.set_connection(conn);
+                }
                 let result = daemon.wait();
                 if let Some(conn) = self.shared.conn() {
                     conn.shutdown();

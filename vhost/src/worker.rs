@@ -21,6 +21,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::Device;
+use crate::memory_faults;
 use crate::regions::RegionCache;
 use crate::request::{self, Desc, DescTable, Outcome};
 use crate::request_task::request_task;
@@ -103,6 +104,8 @@ pub(crate) struct Worker {
     /// Slots of the virtqueues with requests left because a queue's worth was in flight; they
     /// go on the backlog when some of theirs complete.
     out_of_room: Vec<usize>,
+    /// [`memory_faults::faults`] when this worker last looked.
+    faults_seen: u64,
 }
 
 /// The requests taken from one virtqueue's available ring under one hold of its vring lock.
@@ -158,6 +161,7 @@ impl Worker {
             backlog: Vec::new(),
             backlog_run: Vec::new(),
             out_of_room: Vec::new(),
+            faults_seen: memory_faults::faults(),
         })
     }
 
@@ -178,6 +182,12 @@ impl Worker {
         // Between events only requests in flight hold the memory table: update_memory
         // waits until nothing holds the one it replaced.
         self.held = None;
+        // A memory file shrunk under this event's accesses was contained: drop the connection.
+        let faults = memory_faults::faults();
+        if faults != self.faults_seen {
+            self.faults_seen = faults;
+            dev.check_memory_faults();
+        }
     }
 
     /// Takes the available requests of the virtqueue in `slot` and starts them, then turns

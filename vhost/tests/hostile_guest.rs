@@ -217,6 +217,8 @@ struct Queue {
 /// A guest with some virtqueues, each in its own QUEUE_SPAN of one memfd region.
 struct Guest {
     mem: GuestMemoryMmap,
+    /// The file behind `mem`.
+    memfd: File,
     fe: Frontend,
     queues: Vec<Queue>,
 }
@@ -224,10 +226,11 @@ struct Guest {
 impl Guest {
     /// Connects to `socket` and sets up the virtqueues `queues` (any of GET_QUEUE_NUM).
     fn connect(socket: &Path, queues: &[usize]) -> Guest {
+        let memfd = memfd(MEM);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
             MEM as usize,
-            Some(FileOffset::new(memfd(MEM), 0)),
+            Some(FileOffset::new(memfd.try_clone().expect("dup memfd"), 0)),
         )])
         .expect("guest memory");
         let mut fe = frontend(socket);
@@ -244,6 +247,7 @@ impl Guest {
         fe.set_mem_table(&regions).expect("set_mem_table");
         let mut g = Guest {
             mem,
+            memfd,
             fe,
             queues: Vec::new(),
         };
@@ -678,4 +682,37 @@ fn requests_in_flight_never_exceed_the_queue_size() {
     drop(g);
     let mut g = Guest::connect(&d.socket("a"), &[0]);
     assert_eq!(g.read(0), Some((4097, S_OK)));
+}
+
+/// Issue 12, item 4: a frontend that shrinks its memory file after sharing it. Before the fix
+/// the daemon's next access to the lost part (here: a read's data, zeroed by the daemon)
+/// killed the whole process, every export with it, with SIGBUS.
+#[test]
+fn a_memory_file_shrunk_after_sharing_loses_only_its_connection() {
+    let mut d = Daemon::start(&[("a", ""), ("b", "")]);
+    let mut g = Guest::connect(&d.socket("a"), &[0]);
+    assert_eq!(g.read(0), Some((4097, S_OK)));
+    // A read into the last MiB of guest memory, which the frontend then cuts off its file.
+    const FAR: u64 = MEM - (1 << 20);
+    g.header(0, T_IN, 0);
+    g.desc(0, 0, HDR, 16, F_NEXT, 1);
+    g.desc(0, 1, FAR, 4096, F_NEXT | F_WRITE, 2);
+    g.desc(0, 2, STATUS, 1, F_WRITE, 0);
+    g.memfd.set_len(FAR).expect("shrink the memfd");
+    g.push(0, 0);
+    let deadline = Instant::now() + TIMEOUT;
+    while !d.log_text().contains("shrank the file") {
+        assert!(d.alive(), "strata died; log:\n{}", d.log_text());
+        assert!(Instant::now() < deadline, "log:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(d.alive(), "strata died; log:\n{}", d.log_text());
+    // That connection is closed; the other export and the next frontend are served.
+    assert!(g.fe.get_features().is_err(), "the connection is still open");
+    let mut other = Guest::connect(&d.socket("b"), &[0]);
+    assert_eq!(other.read(0), Some((4097, S_OK)), "export b");
+    drop(g);
+    let mut g = Guest::connect(&d.socket("a"), &[0]);
+    assert_eq!(g.read(0), Some((4097, S_OK)), "the next frontend");
+    d.terminate_within(Duration::from_secs(2));
 }
