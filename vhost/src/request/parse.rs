@@ -1334,35 +1334,141 @@ mod tests {
             indirect_ok in proptest::prelude::any::<bool>(),
             writable in proptest::prelude::any::<bool>(),
         ) {
-            let g = Guest::new();
-            for (i, &(addr, len, flags, next)) in table.iter().enumerate() {
-                g.desc(TABLE, i as u16, addr, len, flags, next);
-            }
-            for (i, &(addr, len, flags, next)) in indirect.iter().enumerate() {
-                g.desc(INDIRECT, i as u16, addr, len, flags, next);
-            }
-            g.write(HDR, &header);
-            let cfg = config_with(writable, 512, DISK);
-            let inside = |p: usize, len: usize| {
-                [0u64, REGION].iter().any(|&base| {
-                    let start = g.host(base);
-                    p >= start && p + len <= start + REGION as usize
-                })
+            check_chain(&ChainCase { table, indirect, header, head, indirect_ok, writable, ..ChainCase::default() })?;
+        }
+    }
+
+    /// One guest-written chain: what the property test generates and a corpus file holds.
+    #[derive(Debug, Default)]
+    struct ChainCase {
+        /// Descriptors 0.. of the queue's table at TABLE: address, length, flags, next.
+        table: Vec<(u64, u32, u16, u16)>,
+        /// Descriptors of the table at INDIRECT.
+        indirect: Vec<(u64, u32, u16, u16)>,
+        /// The bytes at HDR.
+        header: [u8; 16],
+        /// More bytes of guest memory: address, bytes.
+        memory: Vec<(u64, Vec<u8>)>,
+        head: u16,
+        indirect_ok: bool,
+        writable: bool,
+        /// What must come of it (a corpus file says): "request", "refused" or "dropped".
+        expect: Option<String>,
+    }
+
+    /// Walks and parses `case`: no panic, and every buffer of a request in guest memory.
+    fn check_chain(case: &ChainCase) -> Result<(), proptest::test_runner::TestCaseError> {
+        let g = Guest::new();
+        for (i, &(addr, len, flags, next)) in case.table.iter().enumerate() {
+            g.desc(TABLE, i as u16, addr, len, flags, next);
+        }
+        for (i, &(addr, len, flags, next)) in case.indirect.iter().enumerate() {
+            g.desc(INDIRECT, i as u16, addr, len, flags, next);
+        }
+        g.write(HDR, &case.header);
+        for (addr, bytes) in &case.memory {
+            g.write(*addr, bytes);
+        }
+        let cfg = config_with(case.writable, 512, DISK);
+        let inside = |p: usize, len: usize| {
+            [0u64, REGION].iter().any(|&base| {
+                let start = g.host(base);
+                p >= start && p + len <= start + REGION as usize
+            })
+        };
+        let outcome = g.parse_head(&cfg, case.head, case.indirect_ok);
+        if let Some(expect) = &case.expect {
+            let got = match &outcome {
+                Outcome::Request(_) => "request",
+                Outcome::Refused(..) => "refused",
+                Outcome::Drop(_) => "dropped",
             };
-            if let Outcome::Request(parsed) = g.parse_head(&cfg, head, indirect_ok) {
-                let p = parsed.status.0.as_ptr() as usize;
-                proptest::prop_assert!(inside(p, 1), "status byte outside guest memory");
-                let iov: &[IoVec<'_>] = match &parsed.op {
-                    Op::Read { iov, .. } | Op::Write { iov, .. } | Op::GetId { iov } => iov,
-                    _ => &[],
-                };
-                for v in iov {
-                    proptest::prop_assert!(
-                        inside(v.as_ptr() as usize, v.len()),
-                        "buffer outside guest memory"
-                    );
-                }
+            proptest::prop_assert_eq!(got, expect.as_str(), "{:?}", outcome);
+        }
+        if let Outcome::Request(parsed) = outcome {
+            let p = parsed.status.0.as_ptr() as usize;
+            proptest::prop_assert!(inside(p, 1), "status byte outside guest memory");
+            let iov: &[IoVec<'_>] = match &parsed.op {
+                Op::Read { iov, .. } | Op::Write { iov, .. } | Op::GetId { iov } => iov,
+                _ => &[],
+            };
+            let mut in_len = 0u64;
+            for v in iov {
+                proptest::prop_assert!(
+                    inside(v.as_ptr() as usize, v.len()),
+                    "buffer outside guest memory"
+                );
+                in_len += v.len() as u64;
+            }
+            if let Op::Read { .. } = parsed.op {
+                proptest::prop_assert_eq!(u64::from(parsed.in_len), in_len, "used length");
             }
         }
+        Ok(())
+    }
+
+    /// Reads a chain corpus file: lines `table|indirect ADDR LEN FLAGS NEXT`, `header` and 16
+    /// bytes, `memory ADDR BYTES...`, `head N`, `indirect_ok`, `writable` and
+    /// `expect request|refused|dropped`; `#`
+    /// starts a comment. Numbers
+    /// are decimal or 0x-prefixed hex.
+    fn read_chain_case(text: &str) -> ChainCase {
+        let mut case = ChainCase::default();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let num = |i: usize| -> u64 {
+                let w = words[i];
+                match w.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => w.parse(),
+                }
+                .unwrap_or_else(|e| panic!("bad number {w:?} in {line:?}: {e}"))
+            };
+            match words.first().copied() {
+                None => {}
+                Some(kind @ ("table" | "indirect")) => {
+                    let d = (num(1), num(2) as u32, num(3) as u16, num(4) as u16);
+                    if kind == "table" {
+                        case.table.push(d);
+                    } else {
+                        case.indirect.push(d);
+                    }
+                }
+                Some("header") => {
+                    for (i, b) in case.header.iter_mut().enumerate() {
+                        *b = num(i + 1) as u8;
+                    }
+                }
+                Some("memory") => {
+                    let bytes = (2..words.len()).map(|i| num(i) as u8).collect();
+                    case.memory.push((num(1), bytes));
+                }
+                Some("head") => case.head = num(1) as u16,
+                Some("indirect_ok") => case.indirect_ok = true,
+                Some("writable") => case.writable = true,
+                Some("expect") => case.expect = words.get(1).map(|w| w.to_string()),
+                Some(other) => panic!("unknown corpus line {other:?}"),
+            }
+        }
+        case
+    }
+
+    /// Every shape in the committed corpus (vhost/fuzz-corpus/chains: the hostile chains
+    /// found so far) goes through the property test's checks and has the outcome its file
+    /// expects.
+    #[test]
+    fn the_chain_corpus_parses_without_panic_and_within_memory() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-corpus/chains");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+            let path = entry.expect("corpus entry").path();
+            let text = std::fs::read_to_string(&path).expect("corpus file");
+            if let Err(e) = check_chain(&read_chain_case(&text)) {
+                panic!("{}: {e}", path.display());
+            }
+            n += 1;
+        }
+        assert!(n >= 8, "only {n} corpus files in {}", dir.display());
     }
 }
