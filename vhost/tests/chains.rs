@@ -1,71 +1,35 @@
 //! Hand-built descriptor chains, valid and malformed, sent through a real vhost-user
-//! connection (vhost's `Frontend`) into a split virtqueue in memfd-backed "guest" memory.
+//! connection (common/frontend.rs) into a split virtqueue in memfd-backed "guest" memory.
 //! Every malformed chain must be completed with IOERR when it has a status byte (or returned
 //! untouched when it has none), and the daemon must go on serving the next request.
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::frontend::*;
 use common::*;
 use strata_vhost::BlkExport;
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const DISK: u64 = 16 << 20;
 const QSIZE: u16 = 16;
 const REGION: u64 = 1 << 20;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
 const HDR: u64 = 0x3000;
 const STATUS: u64 = 0x3100;
 const DATA: u64 = 0x10000;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-const UNTOUCHED: u8 = 0xAA;
-
-fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create takes a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: `fd` is a fresh descriptor we own.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).expect("size memfd");
-    f
-}
 
 /// A frontend with one virtqueue in two adjacent 1 MiB regions of shared memory (GPA 0 and
 /// GPA 1 MiB), so buffers can cross a region boundary.
 struct Guest {
     mem: GuestMemoryMmap,
     fe: Frontend,
-    kick: EventFd,
-    _call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
+    vring: Vring,
 }
 
 impl Guest {
@@ -75,83 +39,22 @@ impl Guest {
 
     /// Sets up virtqueue `queue` only (a frontend may use any of GET_QUEUE_NUM queues).
     fn connect_queue(export_socket: &std::path::Path, features_mask: u64, queue: usize) -> Guest {
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[
-            (
-                GuestAddress(0),
-                REGION as usize,
-                Some(FileOffset::new(memfd(REGION), 0)),
-            ),
-            (
-                GuestAddress(REGION),
-                REGION as usize,
-                Some(FileOffset::new(memfd(REGION), 0)),
-            ),
-        ])
-        .expect("guest memory");
-        let mut fe = Frontend::connect(export_socket, 64).expect("connect");
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe.set_owner().expect("set_owner");
-        let features = fe.get_features().expect("get_features");
-        assert_ne!(
-            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-            0
-        );
-        fe.set_features(features & features_mask)
-            .expect("set_features");
-        let proto = fe.get_protocol_features().expect("protocol features");
-        fe.set_protocol_features(proto)
-            .expect("set protocol features");
-        let regions: Vec<_> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
-            .collect();
-        fe.set_mem_table(&regions).expect("set_mem_table");
-        let va = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).expect("va") as u64;
-        fe.set_vring_num(queue, QSIZE).expect("vring num");
-        fe.set_vring_addr(
-            queue,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: va(DESC),
-                used_ring_addr: va(USED),
-                avail_ring_addr: va(AVAIL),
-                log_addr: None,
-            },
-        )
-        .expect("vring addr");
-        fe.set_vring_base(queue, 0).expect("vring base");
-        let kick = EventFd::new(0).expect("eventfd");
-        let call = EventFd::new(0).expect("eventfd");
-        fe.set_vring_call(queue, &call).expect("call");
-        fe.set_vring_kick(queue, &kick).expect("kick");
-        fe.set_vring_enable(queue, true).expect("enable");
-        Guest {
-            mem,
-            fe,
-            kick,
-            _call: call,
-            avail_idx: 0,
-            used_seen: 0,
-        }
+        let mem = guest_memory(&[(0, REGION), (REGION, REGION)]);
+        let (mut fe, _) = negotiate(export_socket, features_mask);
+        fe.set_mem_table(&region_infos(&mem))
+            .expect("set_mem_table");
+        let vring = Vring::setup(&mut fe, &mem, queue, 0, QSIZE);
+        Guest { mem, fe, vring }
     }
 
     fn desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(table + 16 * u64::from(index));
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, at).expect("write desc");
+        Vring::write_desc(&self.mem, table, index, addr, len, flags, next);
     }
 
     fn header(&self, typ: u32, sector: u64) {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&typ.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&h, GuestAddress(HDR)).expect("header");
+        self.mem
+            .write_slice(&blk_header(typ, sector), GuestAddress(HDR))
+            .expect("header");
         self.mem
             .write_obj(UNTOUCHED, GuestAddress(STATUS))
             .expect("status");
@@ -159,50 +62,12 @@ impl Guest {
 
     /// Makes `head` available and kicks.
     fn push(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot))
-            .expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(AVAIL + 2),
-                Ordering::Release,
-            )
-            .expect("avail idx");
-        self.kick.write(1).expect("kick");
+        self.vring.push(&self.mem, head);
     }
 
     /// Waits for the next `n` used entries: (descriptor id, length).
     fn used(&mut self, n: u16) -> Vec<(u32, u32)> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let idx: u16 = self
-                .mem
-                .load(GuestAddress(USED + 2), Ordering::Acquire)
-                .expect("used idx");
-            if idx.wrapping_sub(self.used_seen) >= n {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for used entries"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let seen = self.used_seen;
-        let out = (0..n)
-            .map(|i| {
-                let slot = u64::from(seen.wrapping_add(i) % QSIZE);
-                let at = USED + 4 + 8 * slot;
-                let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
-                let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
-                (id, len)
-            })
-            .collect();
-        self.used_seen = seen.wrapping_add(n);
-        out
+        self.vring.used(&self.mem, n)
     }
 
     fn status(&self) -> u8 {
@@ -443,13 +308,7 @@ fn malformed_chains_get_ioerr_or_are_dropped() {
         (1, S_UNSUPP),
         "unknown type"
     );
-    let seg = |sector: u64, num: u32, flags: u32| {
-        let mut s = [0u8; 16];
-        s[0..8].copy_from_slice(&sector.to_le_bytes());
-        s[8..12].copy_from_slice(&num.to_le_bytes());
-        s[12..16].copy_from_slice(&flags.to_le_bytes());
-        s
-    };
+    let seg = zero_discard_segment;
     g.mem
         .write_slice(&seg(0, 8, 1), GuestAddress(DATA))
         .expect("seg");
@@ -496,7 +355,7 @@ fn malformed_chains_get_ioerr_or_are_dropped() {
 
     // GET_VRING_BASE stops the ring after its requests finished; then a new connection.
     let base = g.fe.get_vring_base(0).expect("get_vring_base");
-    assert_eq!(base as u16, g.avail_idx);
+    assert_eq!(base as u16, g.vring.avail_idx);
     drop(g);
     let mut g = Guest::connect(&disk.socket(), all_features());
     // Nested indirect tables are refused.
@@ -630,9 +489,7 @@ fn queue_writes(g: &mut Guest, n: u16, len: u32) {
         let table = 0x4000 + u64::from(i) * 0x100;
         let hdr = 0x8000 + u64::from(i) * 0x20;
         let status = 0x8010 + u64::from(i) * 0x20;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
-        h[8..16].copy_from_slice(&(u64::from(i) * u64::from(len) / 512).to_le_bytes());
+        let h = blk_header(T_OUT, u64::from(i) * u64::from(len) / 512);
         g.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
         g.mem
             .write_obj(UNTOUCHED, GuestAddress(status))
@@ -667,9 +524,7 @@ fn wait_taken(g: &Guest, n: u16) -> u16 {
 }
 
 fn used_idx(g: &Guest) -> u16 {
-    g.mem
-        .load(GuestAddress(USED + 2), Ordering::Acquire)
-        .expect("used idx")
+    g.vring.used_idx(&g.mem)
 }
 
 #[test]
@@ -698,12 +553,8 @@ fn requests_drain_before_get_vring_base_and_memory_changes() {
     g.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
     queue_writes(&mut g, QSIZE, 512 * 1024);
     let done_before_table = wait_taken(&g, QSIZE);
-    let regions: Vec<_> = g
-        .mem
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
-        .collect();
-    g.fe.set_mem_table(&regions).expect("set_mem_table");
+    g.fe.set_mem_table(&region_infos(&g.mem))
+        .expect("set_mem_table");
     assert_eq!(
         used_idx(&g),
         QSIZE,

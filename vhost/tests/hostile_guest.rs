@@ -2,290 +2,59 @@
 //! kill it, or starve other queues, and the used lengths it reports must be honest.
 //!
 //! The guest is a hand-built split virtqueue in memfd-backed memory, driven through vhost's
-//! `Frontend` (as in `chains.rs`), with every socket read bounded by a timeout so that a wedged
-//! daemon fails the test instead of hanging it.
+//! `Frontend` (common/frontend.rs), with every socket read bounded by a timeout so that a
+//! wedged daemon fails the test instead of hanging it.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserHeaderFlag;
+use common::daemon::Daemon;
+use common::frontend::*;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 256;
 const MEM: u64 = 4 << 20;
 /// Each queue's rings and buffers: descriptors, avail, used, header, status, data.
 const QUEUE_SPAN: u64 = 0x2_0000;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
 const HDR: u64 = 0x3000;
 const STATUS: u64 = 0x3100;
 const DATA: u64 = 0x4000;
 /// An indirect table of 4096 descriptors.
 const FLOOD_TABLE: u64 = 0x8000;
 
-const T_IN: u32 = 0;
-const T_GET_ID: u32 = 8;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const UNTOUCHED: u8 = 0xAA;
 /// The null-co node's size: 1 GiB.
 const DISK_SECTORS: u64 = (1 << 30) / 512;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `strata` binary of this build, built (or brought up to date) once per test run.
-fn strata_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // This test runs from <target>/<profile>/deps.
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let target = profile_dir.parent().expect("target dir");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "strata",
-            "--bin",
-            "strata",
-            "--target-dir",
-        ]);
-        build.arg(target);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let mut child = build.spawn().expect("run cargo build");
-        let deadline = Instant::now() + Duration::from_secs(900);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for cargo build") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("cargo build of the strata binary did not finish in 15 minutes");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        assert!(status.success(), "cargo build of the strata binary failed");
-        profile_dir.join("strata")
-    })
-}
-
-/// A running `strata` daemon with the given exports, each of its own null-co node (1 GiB,
-/// reads return zeroes), its log in a file.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Starts the daemon with one export per `(id, extra export options)`, on socket `<id>`.
-    fn start(exports: &[(&str, &str)]) -> Daemon {
-        Daemon::start_with_nodes("", exports)
-    }
-
-    /// As [`Daemon::start`], with `node_extra` added to each null-co node's options.
-    fn start_with_nodes(node_extra: &str, exports: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("strata.log");
-        let mut cmd = Command::new(strata_bin());
-        for (id, extra) in exports {
-            cmd.arg("--blockdev").arg(format!(
-                "driver=null-co,node-name=n-{id},read-zeroes=on{node_extra}"
-            ));
-            cmd.arg("--export").arg(format!(
-                "type=vhost-user-blk,id={id},node-name=n-{id},writable=on,addr.type=unix,\
-                 addr.path={}{extra}",
-                dir.path().join(id).display()
-            ));
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file"))
-            .spawn()
-            .expect("run strata");
-        let mut d = Daemon { child, dir, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while d.log_text().matches("serving node").count() < exports.len() {
-            assert!(
-                d.alive() && Instant::now() < deadline,
-                "strata did not start:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn socket(&self, id: &str) -> PathBuf {
-        self.dir.path().join(id)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// CPU time (user + system) the daemon used so far, in clock ticks.
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("/proc/<pid>/stat");
-        // Fields after the command name (which ends at the last ')'): state is field 3, utime
-        // and stime fields 14 and 15.
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-    }
-
-    /// Sends SIGTERM and waits up to `limit` for a clean exit.
-    fn terminate_within(mut self, limit: Duration) {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(r, 0, "kill");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert!(status.success(), "strata exited with {status}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "strata ignored SIGTERM for {limit:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create takes a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: `fd` is a fresh descriptor we own.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).expect("size memfd");
-    f
-}
-
-/// A frontend connection whose reads time out, so that a wedged daemon fails the test.
-fn frontend(socket: &Path) -> Frontend {
-    let sock = UnixStream::connect(socket).expect("connect");
-    sock.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-    let fe = Frontend::from_stream(sock, 64);
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    fe
-}
-
-/// One virtqueue of the guest: where its rings are, its eventfds and its indices.
-struct Queue {
-    base: u64,
-    kick: EventFd,
-    _call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
 /// A guest with some virtqueues, each in its own QUEUE_SPAN of one memfd region.
 struct Guest {
     mem: GuestMemoryMmap,
-    /// The file behind `mem`.
-    memfd: File,
+    /// Its connection: dropping it disconnects.
     fe: Frontend,
-    queues: Vec<Queue>,
+    queues: Vec<Vring>,
 }
 
 impl Guest {
     /// Connects to `socket` and sets up the virtqueues `queues` (any of GET_QUEUE_NUM).
-    fn connect(socket: &Path, queues: &[usize]) -> Guest {
-        let memfd = memfd(MEM);
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM as usize,
-            Some(FileOffset::new(memfd.try_clone().expect("dup memfd"), 0)),
-        )])
-        .expect("guest memory");
-        let mut fe = frontend(socket);
-        fe.set_owner().expect("set_owner");
-        let features = fe.get_features().expect("get_features");
-        fe.set_features(features).expect("set_features");
-        let proto = fe.get_protocol_features().expect("protocol features");
-        fe.set_protocol_features(proto)
-            .expect("set protocol features");
-        let regions: Vec<_> = mem
+    fn connect(socket: &std::path::Path, queues: &[usize]) -> Guest {
+        let mem = guest_memory(&[(0, MEM)]);
+        let (mut fe, _) = negotiate(socket, u64::MAX);
+        fe.set_mem_table(&region_infos(&mem))
+            .expect("set_mem_table");
+        let queues = queues
             .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
+            .enumerate()
+            .map(|(k, &index)| Vring::setup(&mut fe, &mem, index, k as u64 * QUEUE_SPAN, QSIZE))
             .collect();
-        fe.set_mem_table(&regions).expect("set_mem_table");
-        let mut g = Guest {
-            mem,
-            memfd,
-            fe,
-            queues: Vec::new(),
-        };
-        for (k, &index) in queues.iter().enumerate() {
-            let base = k as u64 * QUEUE_SPAN;
-            let q = Queue {
-                base,
-                kick: EventFd::new(0).expect("eventfd"),
-                _call: EventFd::new(0).expect("eventfd"),
-                avail_idx: 0,
-                used_seen: 0,
-            };
-            let va = |gpa: u64| {
-                g.mem
-                    .get_host_address(GuestAddress(base + gpa))
-                    .expect("va") as u64
-            };
-            g.fe.set_vring_num(index, QSIZE).expect("vring num");
-            g.fe.set_vring_addr(
-                index,
-                &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
-                    flags: 0,
-                    desc_table_addr: va(DESC),
-                    used_ring_addr: va(USED),
-                    avail_ring_addr: va(AVAIL),
-                    log_addr: None,
-                },
-            )
-            .expect("vring addr");
-            g.fe.set_vring_base(index, 0).expect("vring base");
-            g.fe.set_vring_call(index, &q._call).expect("call");
-            g.fe.set_vring_kick(index, &q.kick).expect("kick");
-            g.fe.set_vring_enable(index, true).expect("enable");
-            g.queues.push(q);
-        }
-        g
+        Guest { mem, fe, queues }
     }
 
     /// Writes descriptor `index` of queue `k`'s table (`addr` relative to the queue's base).
@@ -310,24 +79,23 @@ impl Guest {
         next: u16,
     ) {
         let base = self.queues[k].base;
-        let at = GuestAddress(base + table + 16 * u64::from(index));
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&(base + addr).to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, at).expect("write desc");
+        Vring::write_desc(
+            &self.mem,
+            base + table,
+            index,
+            base + addr,
+            len,
+            flags,
+            next,
+        );
     }
 
     /// Writes a request header into queue `k`'s header buffer and fills its status and data
     /// buffers with UNTOUCHED.
     fn header(&self, k: usize, typ: u32, sector: u64) {
         let base = self.queues[k].base;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&typ.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
         self.mem
-            .write_slice(&h, GuestAddress(base + HDR))
+            .write_slice(&blk_header(typ, sector), GuestAddress(base + HDR))
             .expect("header");
         self.mem
             .write_obj(UNTOUCHED, GuestAddress(base + STATUS))
@@ -335,6 +103,14 @@ impl Guest {
         self.mem
             .write_slice(&[UNTOUCHED; 8192], GuestAddress(base + DATA))
             .expect("data");
+    }
+
+    /// Truncates the file behind guest memory to `len` bytes, as a hostile frontend may
+    /// after sharing it. The guest must not touch memory past `len` afterwards.
+    fn shrink_memory_file(&self, len: u64) {
+        let region = self.mem.iter().next().expect("a region");
+        let file = region.file_offset().expect("file-backed memory").file();
+        file.set_len(len).expect("shrink the memory file");
     }
 
     fn byte(&self, k: usize, at: u64) -> u8 {
@@ -345,54 +121,22 @@ impl Guest {
 
     /// Stores queue `k`'s available index as is and kicks.
     fn set_avail_idx(&mut self, k: usize, idx: u16) {
-        let q = &mut self.queues[k];
-        q.avail_idx = idx;
-        self.mem
-            .store(
-                idx.to_le(),
-                GuestAddress(q.base + AVAIL + 2),
-                Ordering::Release,
-            )
-            .expect("avail idx");
-        q.kick.write(1).expect("kick");
+        self.queues[k].set_avail_idx(&self.mem, idx);
     }
 
     /// Makes `head` available on queue `k` and kicks.
     fn push(&mut self, k: usize, head: u16) {
-        let q = &self.queues[k];
-        let slot = u64::from(q.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(q.base + AVAIL + 4 + 2 * slot))
-            .expect("avail ring");
-        let idx = q.avail_idx.wrapping_add(1);
-        self.set_avail_idx(k, idx);
+        self.queues[k].push(&self.mem, head);
     }
 
     fn used_idx(&self, k: usize) -> u16 {
-        self.mem
-            .load(
-                GuestAddress(self.queues[k].base + USED + 2),
-                Ordering::Acquire,
-            )
-            .expect("used idx")
+        self.queues[k].used_idx(&self.mem)
     }
 
     /// Waits for the next used entry of queue `k`: (descriptor id, length); None after
     /// `timeout`.
     fn next_used(&mut self, k: usize, timeout: Duration) -> Option<(u32, u32)> {
-        let deadline = Instant::now() + timeout;
-        while self.used_idx(k) == self.queues[k].used_seen {
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let q = &mut self.queues[k];
-        let at = q.base + USED + 4 + 8 * u64::from(q.used_seen % QSIZE);
-        q.used_seen = q.used_seen.wrapping_add(1);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
-        Some((id, len))
+        self.queues[k].next_used(&self.mem, timeout)
     }
 
     /// A 4 KiB read of sector 0 on queue `k` (descriptors 0..3: header, data, status): its used
@@ -472,13 +216,7 @@ fn a_memory_region_beyond_its_file_is_refused() {
         mmap_handle: short.as_raw_fd(),
     };
     for add in [false, true] {
-        let mut fe = frontend(&d.socket("a"));
-        fe.set_owner().expect("set_owner");
-        let features = fe.get_features().expect("get_features");
-        fe.set_features(features).expect("set_features");
-        let proto = fe.get_protocol_features().expect("protocol features");
-        fe.set_protocol_features(proto)
-            .expect("set protocol features");
+        let (mut fe, _) = negotiate(&d.socket("a"), u64::MAX);
         let refused = if add {
             fe.add_mem_region(&region).is_err()
         } else {
@@ -698,7 +436,7 @@ fn a_memory_file_shrunk_after_sharing_loses_only_its_connection() {
     g.desc(0, 0, HDR, 16, F_NEXT, 1);
     g.desc(0, 1, FAR, 4096, F_NEXT | F_WRITE, 2);
     g.desc(0, 2, STATUS, 1, F_WRITE, 0);
-    g.memfd.set_len(FAR).expect("shrink the memfd");
+    g.shrink_memory_file(FAR);
     g.push(0, 0);
     let deadline = Instant::now() + TIMEOUT;
     while !d.log_text().contains("shrank the file") {

@@ -1,6 +1,9 @@
 //! Shared helpers: image files, block nodes, exports, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod frontend;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
