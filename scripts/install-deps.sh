@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what strata's tests need on Debian 12 (as root): QEMU (test guests,
 # qemu-storage-daemon, qemu-img), a kernel, busybox-static and fio for the test guest,
-# cpio to pack it. Does nothing when everything is already there.
+# cpio to pack it, gcc and libc6-dev for its static BLKZEROOUT tool. Does nothing when
+# everything is already there.
 #
 # qemu-system-x86 and qemu-utils must come in ONE apt-get command and at the SAME version:
 # these machines may ship a newer (backported) qemu-utils whose Breaks: on qemu-system-common
@@ -15,6 +16,7 @@ have_all() {
     command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null \
         && command -v qemu-storage-daemon >/dev/null && command -v fio >/dev/null \
         && command -v cpio >/dev/null && command -v losetup >/dev/null \
+        && command -v gcc >/dev/null && [[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] \
         && busybox --list 2>/dev/null | grep -x insmod >/dev/null \
         && ! ldd "$(command -v busybox)" >/dev/null 2>&1 \
         && "$here/../tests/guest/kernel-path.sh" >/dev/null 2>&1
@@ -33,6 +35,6 @@ v="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')"
 [[ -n "$v" && "$v" != "(none)" ]] || { echo "install-deps: no qemu-system-x86 candidate" >&2; exit 1; }
 apt-get install -y -q --allow-downgrades \
     "qemu-system-x86=$v" "qemu-system-common=$v" "qemu-utils=$v" "qemu-block-extra=$v" \
-    linux-image-amd64 busybox-static fio cpio util-linux
+    linux-image-amd64 busybox-static fio cpio util-linux gcc libc6-dev
 have_all || { echo "install-deps: still missing something after apt-get" >&2; exit 1; }
 echo "install-deps: done (qemu $v)"

@@ -145,6 +145,10 @@ fi
 # --- init, helpers, tests ---------------------------------------------------
 install -m 0755 "$here/initramfs/init" "$stage/init"
 install -m 0644 "$here/initramfs/lib.sh" "$stage/strata/lib.sh"
+# BLKZEROOUT for the discard test (busybox cannot issue it): a static C tool.
+command -v gcc >/dev/null || die "gcc not found (apt-get install gcc libc6-dev)"
+gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/zeroout" "$here/initramfs/zeroout.c" \
+    || die "could not build zeroout.c (static: needs libc6-dev's libc.a)"
 ntests=0
 for t in "$here"/tests/*.sh; do
     [[ -e "$t" ]] || continue

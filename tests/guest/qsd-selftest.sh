@@ -97,6 +97,15 @@ if [[ $quick -eq 0 ]]; then
     expect pass fio-512 --socket "$s512" --test fio --timeout 300
 fi
 expect pass discard-512 --socket "$s512" --test discard --seed 7
+# What the discard test left (pattern, discarded and BLKZEROOUT-zeroed ranges), in the image.
+if "$here/host-check-discard.sh" "$work/d512.img" raw 7 512 $((256 * mib)) >"$work/host-check-discard.out" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   host-check-discard-512"
+else
+    failed=$((failed + 1))
+    echo "FAIL host-check-discard-512"
+    sed 's/^/     /' "$work/host-check-discard.out"
+fi
 expect pass write-pattern-512 --socket "$s512" --test write-pattern --seed 7
 expect pass check-pattern-512 --socket "$s512" --test check-pattern --seed 7
 expect "pattern mismatch at lba 0 9 " check-pattern-512-other-seed --socket "$s512" --test check-pattern --seed 8

@@ -6,8 +6,9 @@
 #   2. the same over a loop device with 4096-byte sectors, logical block size 4096;
 #   3. the same on a qcow2 overlay (made by strata img create) over a raw base image;
 #   4. the same on a qcow2 overlay with logical block size 4096.
-#   Each runs a guest discard test (blkdiscard, fio trim) on a node with discard=unmap.
-#   After each, the pattern the guest wrote is checked in the image on the host.
+#   Each runs a guest discard test (blkdiscard, fio trim, BLKZEROOUT) on a node with
+#   discard=unmap. After each, the pattern the guest wrote and the discard test's zeroes are
+#   checked in the image on the host.
 #
 #   run-all.sh STRATA_BINARY
 set -euo pipefail
@@ -76,6 +77,7 @@ scenario() { # name lbs size image format blockdev-args...
     stop_daemon
     # What the guest wrote is in the image itself, not only as strata reads it back.
     "$here/host-check-pattern.sh" "$image" "$format" 7 "$lbs" "$size"
+    "$here/host-check-discard.sh" "$image" "$format" 7 "$lbs" "$size"
 }
 
 size=$((256 << 20))

@@ -81,3 +81,20 @@ gen_pattern() {
         }
     }'
 }
+
+# The discard test's layout, in its 2 MiB range starting at discard_start_lba:
+# [256K, 768K) discarded by blkdiscard, [1M, 1.5M) by fio's trim, [1.625M, 1.875M) zeroed by
+# BLKZEROOUT (WRITE_ZEROES); the rest holds the 2 MiB pattern written first.
+# discard_start_lba SIZE LBS: the range's first LBA (a quarter into the disk, MiB-aligned).
+discard_start_lba() { echo $(( $1 / 4 / 1048576 * 1048576 / $2 )); }
+# discard_expect PATTERN_FILE: the bytes the range must hold after the test, on stdout.
+discard_expect() {
+    _k=262144
+    dd if="$1" bs=$_k count=1 2>/dev/null
+    dd if=/dev/zero bs=$_k count=2 2>/dev/null
+    dd if="$1" bs=$_k skip=3 count=1 2>/dev/null
+    dd if=/dev/zero bs=$_k count=2 2>/dev/null
+    dd if="$1" bs=$(( _k / 2 )) skip=12 count=1 2>/dev/null
+    dd if=/dev/zero bs=$_k count=1 2>/dev/null
+    dd if="$1" bs=$(( _k / 2 )) skip=15 count=1 2>/dev/null
+}
