@@ -9,6 +9,8 @@
 #   Each runs a guest discard test (blkdiscard, fio trim, BLKZEROOUT) on a node with
 #   discard=unmap. After each, the pattern the guest wrote and the discard test's zeroes are
 #   checked in the image on the host.
+#   After scenario 1, a QEMU is killed with SIGKILL in the middle of fio: strata must survive
+#   and serve the next QEMU, which runs fio without EVENT_IDX (event_idx=off).
 #
 #   run-all.sh STRATA_BINARY
 set -euo pipefail
@@ -19,6 +21,8 @@ work="$(mktemp -d /tmp/strata-guest.XXXXXX)"
 daemon_pid="" loopdev=""
 
 cleanup() {
+    # A QEMU left running by a failed qemu_killed_mid_fio.
+    [[ -s "$work/qemu.pid" ]] && kill -KILL "$(cat "$work/qemu.pid")" 2>/dev/null || true
     stop_daemon
     [[ -n "$loopdev" ]] && losetup -d "$loopdev" 2>/dev/null || true
     rm -rf "$work"
@@ -80,11 +84,52 @@ scenario() { # name lbs size image format blockdev-args...
     "$here/host-check-discard.sh" "$image" "$format" 7 "$lbs" "$size"
 }
 
+# A frontend that dies mid-I/O: QEMU killed with SIGKILL while the guest runs fio. strata must
+# stay up and serve the next QEMU, which runs a short fio with verification without
+# EVENT_IDX (the device's event_idx=off): notifications and data end to end without it.
+qemu_killed_mid_fio() { # lbs size
+    local lbs="$1" size="$2" log="$work/killed-guest.log" started="fio randwrite+verify"
+    echo "== QEMU killed with SIGKILL in the middle of fio"
+    "$here/run-guest.sh" --socket "$work/vm.sock" --test fio --queues 2 --lbs "$lbs" \
+        --size "$size" --seed 7 --timeout 300 --log "$log" --pidfile "$work/qemu.pid" \
+        >/dev/null 2>&1 &
+    local guest_pid=$!
+    for _ in $(seq 1500); do
+        grep -aq "$started" "$log" 2>/dev/null && break
+        kill -0 "$guest_pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if ! grep -aq "$started" "$log" 2>/dev/null; then
+        echo "fio did not start in the guest; its log:" >&2
+        tail -n 40 "$log" >&2
+        return 1
+    fi
+    sleep 2
+    kill -KILL "$(cat "$work/qemu.pid")"
+    rm -f "$work/qemu.pid"
+    if wait "$guest_pid"; then
+        echo "the guest passed although its QEMU was killed" >&2
+        return 1
+    fi
+    if ! kill -0 "$daemon_pid" 2>/dev/null; then
+        echo "strata died when its frontend was killed; its log:" >&2
+        tail -n 40 "$work/strata.log" >&2
+        return 1
+    fi
+    guest fio "$lbs" "$size" --device-opts event_idx=off --append "strata.fio_size=8388608"
+}
+
 size=$((256 << 20))
 truncate -s "$size" "$work/disk.img"
 scenario "raw file, 512-byte blocks" 512 "$size" "$work/disk.img" raw \
     --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
+
+start_daemon 512 \
+    --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on" \
+    --blockdev driver=raw,node-name=d0,file=f0
+qemu_killed_mid_fio 512 "$size"
+stop_daemon
 
 truncate -s "$size" "$work/disk4k.img"
 loopdev="$(losetup --sector-size 4096 -f --show "$work/disk4k.img")"

@@ -5,7 +5,8 @@
 #   run-guest.sh --socket PATH --test NAME [--queues N] [--lbs N] [--size BYTES]
 #                [--seed N] [--wc back|through] [--timeout SECS]
 #                [--append "extra kernel params"] [--log PATH]
-#                [--smp N] [--mem MiB] [--queue-size N] [--verbose]
+#                [--smp N] [--mem MiB] [--queue-size N] [--device-opts OPTS]
+#                [--pidfile PATH] [--verbose]
 #
 # Exit 0 only when the guest console shows `STRATA-RESULT: PASS`.
 #
@@ -18,6 +19,9 @@
 #              the export); this only tells the guest what to expect.
 # --size BYTES strata.expect_size=BYTES.  --seed N: strata.seed=N.
 # --wc MODE    strata.expect_wc=MODE (write cache the guest should see).
+# --device-opts OPTS  more properties of the vhost-user-blk-pci device, e.g.
+#              event_idx=off.
+# --pidfile PATH  QEMU writes its pid there (to kill it from outside).
 #
 # Environment: STRATA_GUEST_DIR (default <repo>/target/guest) caches the
 # initramfs (rebuilt when missing or older than the guest scripts) and holds
@@ -35,7 +39,7 @@ usage() {
 die() { echo "run-guest: error: $*" >&2; exit 2; }
 
 socket="" test="" queues="" lbs="" size="" seed="" wc="" timeout_s=300
-append="" log="" smp=2 mem=1024 queue_size="" verbose=0
+append="" log="" smp=2 mem=1024 queue_size="" device_opts="" pidfile="" verbose=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --socket) socket="${2:?}"; shift 2 ;;
@@ -51,6 +55,8 @@ while [[ $# -gt 0 ]]; do
         --smp) smp="${2:?}"; shift 2 ;;
         --mem) mem="${2:?}"; shift 2 ;;
         --queue-size) queue_size="${2:?}"; shift 2 ;;
+        --device-opts) device_opts="${2:?}"; shift 2 ;;
+        --pidfile) pidfile="${2:?}"; shift 2 ;;
         --verbose|-v) verbose=1; shift ;;
         -h|--help) usage ;;
         *) echo "run-guest: unknown argument '$1'" >&2; usage ;;
@@ -103,6 +109,7 @@ cmdline="console=ttyS0 panic=-1 loglevel=4 strata.test=$test strata.expect_queue
 
 dev="vhost-user-blk-pci,chardev=c0,num-queues=$queues"
 [[ -z "$queue_size" ]] || dev+=",queue-size=$queue_size"
+[[ -z "$device_opts" ]] || dev+=",$device_opts"
 
 qemu_args=(
     -accel tcg -m "$mem" -smp "$smp" -nographic -no-reboot
@@ -113,6 +120,7 @@ qemu_args=(
     -device "$dev"
     -nic none
 )
+[[ -z "$pidfile" ]] || qemu_args+=(-pidfile "$pidfile")
 {
     printf 'run-guest: %s' "$qemu"
     printf ' %q' "${qemu_args[@]}"
