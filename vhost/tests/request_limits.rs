@@ -171,7 +171,6 @@ fn reads_and_writes_with_seg_max_segments_are_served() {
 }
 
 #[test]
-#[ignore = "needs seg_max enforcement (lead)"]
 fn one_segment_more_than_seg_max_is_refused() {
     let disk = Disk::new(DISK, "");
     let _export = disk.export(|c| c.queue_size = QSIZE);
