@@ -137,6 +137,20 @@ impl Device {
         self.lose_connection();
     }
 
+    /// Tells the frontend that `queue` failed, through the vring's error eventfd when it gave
+    /// one (SET_VRING_ERR).
+    pub(crate) fn signal_queue_error(&self, queue: usize) {
+        let Some(conn) = self.conn.get() else {
+            return;
+        };
+        if let Err(e) = conn.signal_vring_error(queue) {
+            log::warn!(
+                "vhost-user-blk export '{}': queue {queue}: could not signal its error                  eventfd: {e}",
+                self.cfg.id
+            );
+        }
+    }
+
     fn lose_connection(&self) {
         if let Some(conn) = self.conn.get() {
             conn.shutdown();

@@ -33,6 +33,8 @@ pub(crate) struct Connection {
     internal: UnixStream,
     backend_channel: Mutex<Option<UnixStream>>,
     protocol_features: AtomicU64,
+    /// Duplicates of the vrings' error eventfds (SET_VRING_ERR), by queue index.
+    vring_err: Mutex<Vec<Option<OwnedFd>>>,
 }
 
 impl Connection {
@@ -42,6 +44,7 @@ impl Connection {
             internal: internal.try_clone()?,
             backend_channel: Mutex::new(None),
             protocol_features: AtomicU64::new(0),
+            vring_err: Mutex::new(Vec::new()),
         })
     }
 
@@ -74,7 +77,28 @@ impl Connection {
         Ok(true)
     }
 
+    /// Signals the error eventfd the frontend gave `queue` (SET_VRING_ERR), if any: the
+    /// vhost-user way to say a virtqueue failed (QEMU logs "vhost vring error in virtqueue N").
+    /// Returns whether there was one.
+    pub(crate) fn signal_vring_error(&self, queue: usize) -> io::Result<bool> {
+        let errs = self.vring_err.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Some(fd)) = errs.get(queue) else {
+            return Ok(false);
+        };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local array to an eventfd we hold open.
+        let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+
     fn sniff(&self, request: u32, payload: &[u8], fds: &[OwnedFd]) {
+        if request == u32::from(FrontendReq::SET_VRING_ERR) {
+            self.keep_vring_err(payload, fds);
+            return;
+        }
         if request == u32::from(FrontendReq::SET_PROTOCOL_FEATURES) {
             if let Some(bytes) = payload.get(..8) {
                 let mut v = [0u8; 8];
@@ -95,6 +119,35 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+impl Connection {
+    /// Keeps a duplicate of the error eventfd of a SET_VRING_ERR message (its payload: the
+    /// queue index in bits 0-7, bit 8 set when no descriptor comes with it).
+    fn keep_vring_err(&self, payload: &[u8], fds: &[OwnedFd]) {
+        let Some(bytes) = payload.get(..8) else {
+            return;
+        };
+        let mut v = [0u8; 8];
+        v.copy_from_slice(bytes);
+        let v = u64::from_le_bytes(v);
+        let queue = (v & 0xff) as usize;
+        let fd = match fds {
+            [fd] if v & 0x100 == 0 => match fd.try_clone() {
+                Ok(dup) => Some(dup),
+                Err(e) => {
+                    log::warn!("could not keep the error eventfd of queue {queue}: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut errs = self.vring_err.lock().unwrap_or_else(|p| p.into_inner());
+        if errs.len() <= queue {
+            errs.resize_with(queue + 1, || None);
+        }
+        errs[queue] = fd;
     }
 }
 

@@ -643,11 +643,13 @@ impl Worker {
 /// a ring outside guest memory): nothing more is taken from it, and the failure is logged once,
 /// as the queue stays stopped. Its requests in flight still complete; the other queues and the
 /// connection go on. The frontend restarts the queue (GET_VRING_BASE, then SET_VRING_KICK) or
-/// reconnects. Nothing tells the frontend: vhost-user carries the device status (and its
-/// NEEDS_RESET bit) only with the STATUS protocol feature, and the vring's error eventfd
-/// (SET_VRING_ERR) only inside vhost-user-backend, which offers neither.
+/// reconnects. The frontend hears of it through the vring's error eventfd (SET_VRING_ERR) when
+/// it gave one, vhost-user's signal of a failed virtqueue; the device status and its
+/// NEEDS_RESET bit travel only with the STATUS protocol feature, which vhost-user-backend
+/// does not offer.
 fn stop_broken_queue(dev: &Device, queue: usize, q: &mut Queue, why: &dyn std::fmt::Display) {
     q.set_ready(false);
+    dev.signal_queue_error(queue);
     log::error!(
         "vhost-user-blk export '{}': queue {queue}: bad available ring: {why}; the queue is \
          stopped until the frontend restarts it",

@@ -164,8 +164,13 @@ fn an_avail_index_jump_stops_only_that_queue() {
     assert_eq!(g.read(0), Some((4097, S_OK)));
     assert_eq!(g.read(1), Some((4097, S_OK)));
 
+    // The frontend's error eventfd for queue 0 (SET_VRING_ERR) hears of the failure.
+    let err = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    g.fe.set_vring_err(0, &err).expect("set_vring_err");
+    assert!(err.read().is_err(), "error signalled before the ring broke");
     g.set_avail_idx(0, 300);
     std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(err.read().ok(), Some(1), "queue 0's error eventfd");
     // The worker's other queue and the other export are served.
     assert_eq!(g.read(1), Some((4097, S_OK)), "queue 1 after queue 0 broke");
     let mut other = Guest::connect(&d.socket("b"), &[0]);
