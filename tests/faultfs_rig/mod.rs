@@ -49,6 +49,8 @@ pub struct Rig {
     pub format: Format,
     pub size: u64,
     pub mount: Option<Mount>,
+    /// Extra options of the format node (`key=value,...`).
+    pub format_options: String,
 }
 
 impl Rig {
@@ -62,6 +64,7 @@ impl Rig {
             format,
             size,
             mount: None,
+            format_options: String::new(),
         };
         match format {
             Format::Raw => std::fs::File::create(rig.backing_image())
@@ -134,7 +137,15 @@ impl Rig {
                 onoff(direct)
             ))
             .arg("--blockdev")
-            .arg(format!("driver={fmt},node-name=d0,file=f0"))
+            .arg(format!(
+                "driver={fmt},node-name=d0,file=f0{}{}",
+                if self.format_options.is_empty() {
+                    ""
+                } else {
+                    ","
+                },
+                self.format_options
+            ))
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},\
@@ -355,6 +366,10 @@ impl Client {
 
     pub fn flush(&mut self) -> i32 {
         self.run1(|q| q.flush(0, ReqFlags::empty()))
+    }
+
+    pub fn discard(&mut self, offset: u64, len: u64) -> i32 {
+        self.run1(|q| q.discard(offset, len, 0, ReqFlags::empty()))
     }
 
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> i32 {
