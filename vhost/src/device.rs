@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device_config::{DeviceConfig, WCE_OFFSET};
+use crate::inflight;
 use crate::memory_faults;
 use crate::relay::Connection;
 use crate::worker;
@@ -70,6 +71,8 @@ pub(crate) struct Device {
     conn: OnceLock<Arc<Connection>>,
     /// The frontend shrank a memory file under the guest ([`memory_faults`]).
     memory_lost: AtomicBool,
+    /// The in-flight buffer the frontend keeps across reconnects ([`inflight`]).
+    pub inflight: Arc<inflight::Shared>,
 }
 
 impl Device {
@@ -112,6 +115,7 @@ impl Device {
             worker_failed: AtomicBool::new(false),
             conn: OnceLock::new(),
             memory_lost: AtomicBool::new(false),
+            inflight: Arc::default(),
         })
     }
 

@@ -23,6 +23,7 @@ mod device;
 mod device_config;
 mod error;
 mod export_config;
+mod inflight;
 mod memory_faults;
 mod memory_files;
 mod regions;

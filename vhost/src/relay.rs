@@ -14,18 +14,23 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserProtocolFeatures, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::inflight;
 use crate::memory_files;
 
 const HEADER_LEN: usize = 12;
 /// Header flags: protocol version 1.
 const VERSION_1: u32 = 0x1;
+/// Header flags: a reply.
+const REPLY: u32 = 0x4;
+/// Header flags: the frontend wants an acknowledgement (REPLY_ACK).
+const NEED_REPLY: u32 = 0x8;
 
 /// One frontend connection as the export sees it.
 pub(crate) struct Connection {
@@ -35,16 +40,23 @@ pub(crate) struct Connection {
     protocol_features: AtomicU64,
     /// Duplicates of the vrings' error eventfds (SET_VRING_ERR), by queue index.
     vring_err: Mutex<Vec<Option<OwnedFd>>>,
+    /// The device's in-flight buffer, which GET/SET_INFLIGHT_FD make and install.
+    inflight: Arc<inflight::Shared>,
 }
 
 impl Connection {
-    pub(crate) fn new(frontend: &UnixStream, internal: &UnixStream) -> io::Result<Self> {
+    pub(crate) fn new(
+        frontend: &UnixStream,
+        internal: &UnixStream,
+        inflight: Arc<inflight::Shared>,
+    ) -> io::Result<Self> {
         Ok(Connection {
             frontend: frontend.try_clone()?,
             internal: internal.try_clone()?,
             backend_channel: Mutex::new(None),
             protocol_features: AtomicU64::new(0),
             vring_err: Mutex::new(Vec::new()),
+            inflight,
         })
     }
 
@@ -123,6 +135,66 @@ impl Connection {
 }
 
 impl Connection {
+    /// Answers GET_INFLIGHT_FD and SET_INFLIGHT_FD here (vhost-user-backend does not
+    /// implement them), replying on `frontend`; returns whether `request` was one of them.
+    fn handle_inflight(
+        &self,
+        frontend: &UnixStream,
+        request: u32,
+        flags: u32,
+        payload: &[u8],
+        fds: &[OwnedFd],
+    ) -> io::Result<bool> {
+        let reply = |body: &[u8], fds: &[OwnedFd]| {
+            let mut header = [0u8; HEADER_LEN];
+            header[0..4].copy_from_slice(&request.to_le_bytes());
+            header[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+            header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+            send_all(frontend, &header, body, fds)
+        };
+        if request == u32::from(FrontendReq::GET_INFLIGHT_FD) {
+            let made = inflight::Description::parse(payload)
+                .ok_or_else(|| io::Error::other("malformed request"))
+                .and_then(|req| inflight::Region::create(&req));
+            match made {
+                Ok((region, fd, desc)) => {
+                    self.inflight.set(region);
+                    reply(&desc.to_bytes(), std::slice::from_ref(&fd))?;
+                }
+                Err(e) => {
+                    // A zero size tells the frontend there is no buffer.
+                    log::warn!("GET_INFLIGHT_FD refused: {e}");
+                    reply(&[0u8; inflight::Description::LEN], &[])?;
+                }
+            }
+            return Ok(true);
+        }
+        if request == u32::from(FrontendReq::SET_INFLIGHT_FD) {
+            let opened = match (inflight::Description::parse(payload), fds) {
+                (Some(desc), [fd]) => inflight::Region::open(fd, &desc),
+                _ => Err(io::Error::other("malformed message")),
+            };
+            let ok = match opened {
+                Ok(region) => {
+                    self.inflight.set(region);
+                    true
+                }
+                Err(e) => {
+                    log::warn!(
+                        "SET_INFLIGHT_FD refused: {e}; requests in flight at a disconnect \
+                         will not be resubmitted"
+                    );
+                    false
+                }
+            };
+            if flags & NEED_REPLY != 0 {
+                reply(&u64::from(!ok).to_le_bytes(), &[])?;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Keeps a duplicate of the error eventfd of a SET_VRING_ERR message (its payload: the
     /// queue index in bits 0-7, bit 8 set when no descriptor comes with it).
     fn keep_vring_err(&self, payload: &[u8], fds: &[OwnedFd]) {
@@ -197,9 +269,29 @@ fn relay_messages(from: &UnixStream, to: &UnixStream, conn: Option<&Connection>)
                 log::error!("vhost-user message {request} refused, frontend disconnected: {e}");
                 return Err(e);
             }
+            let flags = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            if conn.handle_inflight(from, request, flags, body, &fds)? {
+                continue;
+            }
             conn.sniff(request, body, &fds);
         }
         send_all(to, &header, body, &fds)?;
+        if conn.is_some() && request == u32::from(FrontendReq::SET_VRING_KICK) {
+            kick(&fds);
+        }
+    }
+}
+
+/// Writes the kick eventfd a SET_VRING_KICK just passed on (if it had one), so the worker
+/// looks at the queue as soon as it starts: requests in flight at a disconnect are
+/// resubmitted at once, not at the driver's next kick (it kicked for them already). A kick
+/// with nothing to do is harmless.
+fn kick(fds: &[OwnedFd]) {
+    if let [fd] = fds {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local array to the eventfd the frontend passed,
+        // which `fds` holds open.
+        let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 

@@ -20,6 +20,7 @@ use crate::device::Device;
 use crate::device_config::DeviceConfig;
 use crate::error::Error;
 use crate::export_config::BlkExportConfig;
+use crate::inflight;
 use crate::relay::{self, Connection};
 
 mod listen;
@@ -335,7 +336,7 @@ impl Serving {
             }
         };
         device.set_epoll_handlers(&daemon.get_epoll_handlers());
-        match self.connect_relay(&frontend, &mut daemon) {
+        match self.connect_relay(&frontend, &mut daemon, device.inflight.clone()) {
             Ok(relays) => {
                 if let Some(conn) = self.shared.conn() {
                     device.set_connection(conn);
@@ -374,6 +375,7 @@ impl Serving {
         &mut self,
         frontend: &UnixStream,
         daemon: &mut VhostUserDaemon<Arc<Device>>,
+        inflight: Arc<inflight::Shared>,
     ) -> Result<Vec<JoinHandle<io::Result<()>>>, String> {
         let internal = UnixStream::connect(&self.internal_path)
             .map_err(|e| format!("could not connect to the private socket: {e}"))?;
@@ -381,7 +383,7 @@ impl Serving {
             .start(&mut self.internal)
             .map_err(|e| format!("could not start the vhost-user handler: {e}"))?;
         let conn = Arc::new(
-            Connection::new(frontend, &internal)
+            Connection::new(frontend, &internal, inflight)
                 .map_err(|e| format!("could not duplicate a socket: {e}"))?,
         );
         self.shared.set_conn(Some(conn.clone()));

@@ -21,6 +21,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::Device;
+use crate::inflight::Tracker;
 use crate::memory_faults;
 use crate::regions::RegionCache;
 use crate::request::{self, Desc, DescTable, Outcome};
@@ -106,6 +107,8 @@ pub(crate) struct Worker {
     out_of_room: Vec<usize>,
     /// [`memory_faults::faults`] when this worker last looked.
     faults_seen: u64,
+    /// In-flight tracking in the frontend's buffer ([`crate::inflight`]).
+    tracker: Tracker,
 }
 
 /// The requests taken from one virtqueue's available ring under one hold of its vring lock.
@@ -142,6 +145,7 @@ impl Worker {
             "vhost-user-blk export '{}': worker {thread_id} runs queues {queues:?}",
             dev.cfg.id
         );
+        let slots = queues.len();
         Ok(Worker {
             device: dev.instance(),
             exec,
@@ -162,6 +166,7 @@ impl Worker {
             backlog_run: Vec::new(),
             out_of_room: Vec::new(),
             faults_seen: memory_faults::faults(),
+            tracker: Tracker::new(slots),
         })
     }
 
@@ -329,17 +334,25 @@ impl Worker {
         slot: usize,
         state: &mut VringState,
     ) -> Option<Batch<'m>> {
-        if !state.is_enabled() {
+        if !state.is_enabled() || !state.get_queue().ready() {
+            self.tracker.stopped(slot);
             return None;
         }
         let q = state.get_queue_mut();
-        if !q.ready() {
-            return None;
-        }
         let _ = q.disable_notification(mem);
+        self.tracker.refresh(&dev.inflight);
+        let in_flight = dev.state.inflight[queue].load(Ordering::Acquire);
+        let resubmitted = self.tracker.start(slot, queue, q, mem, in_flight);
+        if resubmitted > 0 {
+            log::info!(
+                "vhost-user-blk export '{}': queue {queue}: resubmitting {resubmitted} \
+                 requests that were in flight at the last disconnect",
+                dev.cfg.id
+            );
+        }
         // The common busy-poll round finds nothing new: one load, no region lookups.
         match q.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 == q.next_avail() => return None,
+            Ok(idx) if idx.0 == q.next_avail() && !self.tracker.has_resubmit(slot) => return None,
             Ok(_) => {}
             Err(e) => {
                 stop_broken_queue(dev, queue, q, &e);
@@ -358,8 +371,9 @@ impl Worker {
         // Never more requests in flight than the queue has entries: a driver that re-publishes
         // entries before their requests complete (only a broken or hostile one can) waits for
         // completions ([`Self::complete`] comes back to the queue).
-        let inflight = dev.state.inflight[queue].load(Ordering::Acquire);
-        let room = u16::try_from(usize::from(q.size()).saturating_sub(inflight)).unwrap_or(0);
+        let room = u16::try_from(usize::from(q.size()).saturating_sub(in_flight)).unwrap_or(0);
+        // Requests resubmitted after a reconnect go first, in their original order.
+        let room = room - self.tracker.take_resubmit(slot, room, &mut self.heads);
         match ring.take_available(q, &mut self.heads, room) {
             Ok(true) => {
                 if !self.out_of_room.contains(&slot) {
@@ -375,6 +389,7 @@ impl Worker {
         if self.heads.is_empty() {
             return None;
         }
+        self.tracker.mark(slot, queue, q.size(), &self.heads);
         // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it too, so
         // its drain sees every request taken before.
         dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
@@ -623,8 +638,16 @@ impl Worker {
         if !self.ctx.take_done(slot, &mut self.spare) {
             return 0;
         }
+        let size = state.get_queue().size();
+        let heads = || self.spare.iter().map(|d| d.head);
+        self.tracker.begin_publish(queue, size, heads());
         let entries = self.spare.iter().map(|d| (d.head, d.len));
-        if let Err(e) = ring.add_used(state.get_queue_mut(), entries) {
+        let added = ring.add_used(state.get_queue_mut(), entries);
+        if added.is_ok() {
+            let used = state.get_queue().next_used();
+            self.tracker.end_publish(queue, size, heads(), used);
+        }
+        if let Err(e) = added {
             self.ctx.log_failure(
                 &format!(
                     "queue {queue}: could not complete {} requests",

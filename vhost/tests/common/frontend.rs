@@ -121,6 +121,19 @@ impl Vring {
         base: u64,
         size: u16,
     ) -> Vring {
+        Self::setup_at(fe, mem, index, base, size, 0)
+    }
+
+    /// As [`Vring::setup`], with the rings' indices at `next` (SET_VRING_BASE), as a
+    /// frontend does when it reconnects.
+    pub fn setup_at(
+        fe: &mut Frontend,
+        mem: &GuestMemoryMmap,
+        index: usize,
+        base: u64,
+        size: u16,
+        next: u16,
+    ) -> Vring {
         let va = |gpa: u64| mem.get_host_address(GuestAddress(base + gpa)).expect("va") as u64;
         fe.set_vring_num(index, size).expect("vring num");
         fe.set_vring_addr(
@@ -136,14 +149,14 @@ impl Vring {
             },
         )
         .expect("vring addr");
-        fe.set_vring_base(index, 0).expect("vring base");
+        fe.set_vring_base(index, next).expect("vring base");
         let q = Vring {
             base,
             size,
             kick: EventFd::new(0).expect("eventfd"),
             call: EventFd::new(0).expect("eventfd"),
-            avail_idx: 0,
-            used_seen: 0,
+            avail_idx: next,
+            used_seen: next,
         };
         fe.set_vring_call(index, &q.call).expect("call");
         fe.set_vring_kick(index, &q.kick).expect("kick");
