@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,18 @@ pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 /// How long GET_VRING_BASE, a memory table change or a disconnect wait for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// DRAIN_TIMEOUT, or the milliseconds in `STRATA_DRAIN_TIMEOUT_MS` (for tests that need a
+/// request to outlast it).
+fn drain_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        std::env::var("STRATA_DRAIN_TIMEOUT_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(DRAIN_TIMEOUT, Duration::from_millis)
+    })
+}
+
 /// Device state shared by the control thread and the workers of one connection.
 pub(crate) struct DevState {
     /// The guest's write cache enable (config-space `writeback`); false means every write is
@@ -41,6 +53,10 @@ pub(crate) struct DevState {
     pub writeback: AtomicBool,
     /// Requests taken from each virtqueue and not yet put in its used ring.
     pub inflight: Box<[AtomicUsize]>,
+    /// Per virtqueue, how many times the device gave up waiting for its requests when it
+    /// stopped (GET_VRING_BASE): a request taken in an earlier epoch is never put in the used
+    /// ring, which by then belongs to the frontend again.
+    pub epoch: Box<[AtomicU32]>,
 }
 
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
@@ -103,6 +119,7 @@ impl Device {
             state: Arc::new(DevState {
                 writeback: AtomicBool::new(!cfg.writethrough),
                 inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
+                epoch: (0..queues).map(|_| AtomicU32::new(0)).collect(),
             }),
             cfg,
             mem,
@@ -236,18 +253,19 @@ impl Device {
     }
 }
 
-/// Polls `done` until it holds, for at most DRAIN_TIMEOUT; logs while waiting.
+/// Polls `done` until it holds, for at most [`drain_timeout`]; logs while waiting.
 fn wait_until(id: &str, what: &str, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut nap = Duration::from_micros(20);
     let mut told = false;
     while !done() {
         let waited = start.elapsed();
-        if waited > DRAIN_TIMEOUT {
+        let limit = drain_timeout();
+        if waited > limit {
             log::error!(
                 "vhost-user-blk export '{id}': requests of {what} still in flight after {}s; \
                  going on without them",
-                DRAIN_TIMEOUT.as_secs()
+                limit.as_secs_f64()
             );
             return false;
         }
@@ -413,9 +431,14 @@ impl VhostUserBackend for Device {
         let Some(n) = self.state.inflight.get(queue_index as usize) else {
             return Ok(());
         };
-        wait_until(&self.cfg.id, &format!("queue {queue_index}"), || {
+        let drained = wait_until(&self.cfg.id, &format!("queue {queue_index}"), || {
             n.load(Ordering::Acquire) == 0
         });
+        if !drained {
+            if let Some(epoch) = self.state.epoch.get(queue_index as usize) {
+                epoch.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use strata_backend::io::iovec;
 use strata_backend::{BlockError, IoVec, Node};
 
 use crate::request::{Op, Parsed, Segment, StatusByte, S_IOERR, S_OK};
-use crate::task_ctx::{HeldMem, TaskCtx};
+use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
 /// Bytes per virtio sector.
 const SECTOR: u64 = 512;
@@ -30,10 +30,12 @@ pub(crate) struct RequestTask<F> {
     in_len: u32,
     slot: usize,
     head: u16,
+    /// The queue's epoch when the request was taken.
+    epoch: u32,
 }
 
-/// The task that runs `parsed`, the chain at `head` of the virtqueue in `slot`, whose buffers
-/// lie in `mem`.
+/// The task that runs `parsed`, the chain at `head` of the virtqueue in `slot` (taken in its
+/// `epoch`), whose buffers lie in `mem`.
 #[inline]
 pub(crate) fn request_task(
     ctx: Rc<TaskCtx>,
@@ -41,6 +43,7 @@ pub(crate) fn request_task(
     parsed: Parsed,
     slot: usize,
     head: u16,
+    epoch: u32,
 ) -> RequestTask<impl Future<Output = u8>> {
     let Parsed { op, status, in_len } = parsed;
     RequestTask {
@@ -51,6 +54,7 @@ pub(crate) fn request_task(
         in_len,
         slot,
         head,
+        epoch,
     }
 }
 
@@ -71,7 +75,12 @@ impl<F: Future<Output = u8>> Future for RequestTask<F> {
         // SAFETY: `this._mem` is the map parse found the byte in, held as long as the task.
         unsafe { this.status.write(code) };
         let len = if code == S_OK { this.in_len + 1 } else { 1 };
-        this.ctx.finish(this.slot, this.head, len, &this._mem);
+        let done = Done {
+            head: this.head,
+            len,
+            epoch: this.epoch,
+        };
+        this.ctx.finish(this.slot, done, &this._mem);
         Poll::Ready(())
     }
 }

@@ -21,6 +21,8 @@ const LOGGED_FAILURES: u64 = 20;
 pub(crate) struct Done {
     pub head: u16,
     pub len: u32,
+    /// The queue's epoch when the request was taken ([`DevState::epoch`]).
+    pub epoch: u32,
 }
 
 /// A memory table held by the requests of one worker, each through an `Rc` (a plain
@@ -89,9 +91,9 @@ impl TaskCtx {
     /// Queues the used-ring entry of a finished request of the virtqueue in `slot`, whose
     /// buffers lie in `mem`; `mem` stays held until the entry is published.
     #[inline]
-    pub(crate) fn finish(&self, slot: usize, head: u16, len: u32, mem: &Rc<HeldMem>) {
+    pub(crate) fn finish(&self, slot: usize, done: Done, mem: &Rc<HeldMem>) {
         if let Some(list) = self.done.borrow_mut().get_mut(slot) {
-            list.push(Done { head, len });
+            list.push(done);
             self.any_done.set(true);
             let mut held = self.unpublished_mem.borrow_mut();
             if held.last().is_none_or(|m| !Rc::ptr_eq(m, mem)) {

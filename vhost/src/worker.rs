@@ -124,6 +124,8 @@ struct Batch<'m> {
     since: u16,
     /// Requests of the batch already in the used ring.
     published: usize,
+    /// The queue's epoch ([`crate::device::DevState::epoch`]) its requests are taken in.
+    epoch: u32,
 }
 
 impl Worker {
@@ -401,6 +403,7 @@ impl Worker {
             ring,
             since,
             published: 0,
+            epoch: dev.state.epoch[queue].load(Ordering::Acquire),
         })
     }
 
@@ -426,7 +429,7 @@ impl Worker {
         head: u16,
     ) {
         let ctx = &self.ctx;
-        let (queue, slot) = (batch.queue, batch.slot);
+        let (queue, slot, epoch) = (batch.queue, batch.slot, batch.epoch);
         let size = batch.desc_table.size;
         if head >= size {
             // Not a descriptor: there is nothing to complete. Forget it.
@@ -455,14 +458,25 @@ impl Worker {
         };
         match outcome {
             Outcome::Request(parsed) => {
-                self.exec
-                    .spawn(request_task(ctx.clone(), held.clone(), parsed, slot, head));
+                self.exec.spawn(request_task(
+                    ctx.clone(),
+                    held.clone(),
+                    parsed,
+                    slot,
+                    head,
+                    epoch,
+                ));
             }
             Outcome::Refused(status, why) => {
                 ctx.log_failure(&format!("queue {queue}: refused request"), &why);
                 // SAFETY: `held`, the map parse found the byte in, is held for this call.
                 unsafe { status.write(why.status()) };
-                ctx.finish(slot, head, 1, held);
+                let done = Done {
+                    head,
+                    len: 1,
+                    epoch,
+                };
+                ctx.finish(slot, done, held);
             }
             Outcome::Drop(why) => {
                 ctx.log_failure(
@@ -470,7 +484,12 @@ impl Worker {
                     &why,
                 );
                 // Nothing to write a status into; return the chain so the ring does not leak.
-                ctx.finish(slot, head, 0, held);
+                let done = Done {
+                    head,
+                    len: 0,
+                    epoch,
+                };
+                ctx.finish(slot, done, held);
             }
         }
     }
@@ -487,7 +506,7 @@ impl Worker {
     /// closes would leave a sleeping driver idle while a whole batch of large requests is
     /// parsed.
     fn publish_finished(&mut self, dev: &Device, batch: &mut Batch<'_>, state: &mut VringState) {
-        let n = self.publish(&batch.ring, batch.queue, batch.slot, state);
+        let n = self.publish(dev, &batch.ring, batch.queue, batch.slot, state);
         if n > 0 && batch.published == 0 {
             notify_if_asked(dev, &batch.ring, batch.queue, state, &mut batch.since);
         }
@@ -613,7 +632,7 @@ impl Worker {
             let mut regions = RegionCache::new(&mem);
             let ring = SplitRing::new(&mut regions, state.get_queue());
             let mut since = state.get_queue().next_used();
-            let n = self.publish(&ring, queue, slot, &mut state);
+            let n = self.publish(dev, &ring, queue, slot, &mut state);
             notify_if_asked(dev, &ring, queue, &mut state, &mut since);
             drop(state);
             dev.state.inflight[queue].fetch_sub(n, Ordering::AcqRel);
@@ -630,6 +649,7 @@ impl Worker {
     /// caller notifies the driver and takes them off the in-flight count.
     fn publish(
         &mut self,
+        dev: &Device,
         ring: &SplitRing<'_>,
         queue: usize,
         slot: usize,
@@ -637,6 +657,24 @@ impl Worker {
     ) -> usize {
         if !self.ctx.take_done(slot, &mut self.spare) {
             return 0;
+        }
+        let n = self.spare.len();
+        // Requests of an epoch the device gave up on when the queue stopped: the ring is the
+        // frontend's again (and may be another one now); they stay marked in the in-flight
+        // buffer for the next daemon.
+        let epoch = dev.state.epoch[queue].load(Ordering::Acquire);
+        self.spare.retain(|d| d.epoch == epoch);
+        if self.spare.len() < n {
+            self.ctx.log_failure(
+                &format!(
+                    "queue {queue}: dropped {} late completions",
+                    n - self.spare.len()
+                ),
+                &"the queue was stopped without them",
+            );
+            if self.spare.is_empty() {
+                return n;
+            }
         }
         let size = state.get_queue().size();
         let heads = || self.spare.iter().map(|d| d.head);
@@ -656,7 +694,6 @@ impl Worker {
                 &e,
             );
         }
-        let n = self.spare.len();
         self.spare.clear();
         n
     }

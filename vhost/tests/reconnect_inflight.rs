@@ -32,9 +32,17 @@ const GET_ID: u16 = 12;
 
 /// A strata daemon serving export `a` (one queue) on `socket`, each request taking 400 ms.
 fn start(socket: &Path) -> Daemon {
+    start_with(socket, 400, &[])
+}
+
+/// As [`start`], each request taking `latency_ms`, with `env` for the daemon.
+fn start_with(socket: &Path, latency_ms: u64, env: &[(&str, &str)]) -> Daemon {
     let args = [
         "--blockdev".to_string(),
-        "driver=null-co,node-name=n,read-zeroes=on,latency-ns=400000000".to_string(),
+        format!(
+            "driver=null-co,node-name=n,read-zeroes=on,latency-ns={}",
+            latency_ms * 1_000_000
+        ),
         "--export".to_string(),
         format!(
             "type=vhost-user-blk,id=a,node-name=n,writable=on,num-queues=1,addr.type=unix,\
@@ -42,7 +50,7 @@ fn start(socket: &Path) -> Daemon {
             socket.display()
         ),
     ];
-    Daemon::start_in(tempfile::tempdir().expect("tempdir"), &args, 1)
+    Daemon::start_in_with_env(tempfile::tempdir().expect("tempdir"), &args, 1, env)
 }
 
 /// Writes the chain at `head`: header (`typ`), 4 KiB of data (device-writable), status.
@@ -156,4 +164,43 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
     assert!(d
         .log_text()
         .contains("resubmitting 4 requests that were in flight"));
+}
+
+/// Issue 14: a queue stopped (GET_VRING_BASE) while a request is still in flight after the
+/// drain timeout belongs to the frontend again: the late completion must not be written into
+/// its used ring. Before the fix it was.
+#[test]
+fn a_request_that_outlasts_the_stop_never_touches_the_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("a.sock");
+    let mem = guest_memory(&[(0, MEM)]);
+    let d = start_with(&socket, 1500, &[("STRATA_DRAIN_TIMEOUT_MS", "300")]);
+    let (mut fe, _) = negotiate(&socket, u64::MAX);
+    fe.set_mem_table(&region_infos(&mem))
+        .expect("set_mem_table");
+    let mut q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
+    chain(&mem, &q, 0, T_IN);
+    q.push(&mem, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    // The device gives up waiting after 300 ms and hands the ring back at index 1.
+    assert_eq!(fe.get_vring_base(0).expect("GET_VRING_BASE"), 1);
+    let used = GuestAddress(USED);
+    let sentinel = [0xEEu8; 4 + 8 * QSIZE as usize];
+    mem.write_slice(&sentinel, used).expect("used ring");
+    // The read completes 1.5 s after it started.
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut now = sentinel;
+    mem.read_slice(&mut now, used).expect("used ring");
+    let changed: Vec<usize> = (0..now.len()).filter(|&i| now[i] != sentinel[i]).collect();
+    assert!(
+        changed.is_empty(),
+        "the used ring was written after the queue stopped: bytes {changed:?}; log:\n{}",
+        d.log_text()
+    );
+    assert_eq!(q.used_idx(&mem), 0xEEEE);
+    assert!(
+        d.log_text().contains("dropped 1 late completions"),
+        "{}",
+        d.log_text()
+    );
 }

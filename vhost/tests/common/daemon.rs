@@ -85,9 +85,20 @@ impl Daemon {
     /// Starts the daemon with `args` in `dir` (where its sockets should be) and waits until
     /// its `exports` exports serve.
     pub fn start_in(dir: tempfile::TempDir, args: &[String], exports: usize) -> Daemon {
+        Self::start_in_with_env(dir, args, exports, &[])
+    }
+
+    /// As [`Daemon::start_in`], with `env` added to the daemon's environment.
+    pub fn start_in_with_env(
+        dir: tempfile::TempDir,
+        args: &[String],
+        exports: usize,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.path().join("strata.log");
         let child = Command::new(strata_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"))
             .spawn()
