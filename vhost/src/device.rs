@@ -96,7 +96,7 @@ impl Device {
         // One worker per queue, but no more workers than CPUs this process may run on: two
         // workers sharing a CPU only take it from each other (a busy-polling one for a whole
         // scheduler slice), while one worker serving both queues batches them.
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = cfg.cpus;
         let threads = usize::from(cfg.num_queues).min(cpus).max(1);
         if threads < usize::from(cfg.num_queues) {
             log::info!(

@@ -61,6 +61,9 @@ pub(crate) struct DeviceConfig {
     pub max_iov: usize,
     /// Busy-poll window of a worker after its last activity (0: never poll).
     pub poll_max_ns: u64,
+    /// CPUs this process may run on, read when the export starts: finding them reads cgroup
+    /// files, which a sandbox (Landlock) may put out of reach once the export serves.
+    pub cpus: usize,
 }
 
 /// The largest `request_alignment` of the node and the storage below it (its file children):
@@ -128,6 +131,7 @@ impl DeviceConfig {
             max_transfer,
             max_iov: limits.max_iov.max(1),
             poll_max_ns: c.poll_max_ns,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 

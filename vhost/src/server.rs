@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -55,10 +55,58 @@ impl Shared {
     }
 }
 
+/// An export that listens but serves nobody yet: its socket accepts connections (they wait in
+/// the backlog) and no thread of its own runs, so the caller can still restrict the process
+/// (e.g. with Landlock, which covers only the calling thread and those it starts later)
+/// before [`serve`](Self::serve).
+pub struct ListeningExport {
+    shared: Arc<Shared>,
+    serving: Serving,
+}
+
+impl ListeningExport {
+    /// The export id.
+    pub fn id(&self) -> &str {
+        self.shared.id()
+    }
+
+    /// The socket file the export created (None for an inherited socket): it removes it at
+    /// the end.
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.serving.bound.as_ref().map(BoundSocket::path)
+    }
+
+    /// The private directory holding the socket between the relay and vhost-user-backend: it
+    /// is removed at the end.
+    pub fn private_dir(&self) -> &Path {
+        &self.serving._private.path
+    }
+
+    /// Starts serving frontends on threads of the export, one after the other, until
+    /// [`BlkExport::stop`].
+    pub fn serve(self) -> Result<BlkExport, Error> {
+        let serving = self.serving;
+        let thread = thread::Builder::new()
+            .name(thread_name("vu-blk", self.shared.id()))
+            .spawn(move || serving.run())
+            .map_err(|e| Error::io("Could not start the export thread", e))?;
+        Ok(BlkExport {
+            shared: self.shared,
+            thread: Some(thread),
+        })
+    }
+}
+
 impl BlkExport {
-    /// Validates the settings, starts listening and returns; frontends are served on threads
-    /// of the export, one after the other, until [`stop`](Self::stop).
+    /// Validates the settings, starts listening and serving, and returns; frontends are served
+    /// on threads of the export, one after the other, until [`stop`](Self::stop).
     pub fn start(config: BlkExportConfig, listen: Listen) -> Result<BlkExport, Error> {
+        Self::listen(config, listen)?.serve()
+    }
+
+    /// Validates the settings and starts listening, without serving yet (see
+    /// [`ListeningExport`]).
+    pub fn listen(config: BlkExportConfig, listen: Listen) -> Result<ListeningExport, Error> {
         let cfg = Arc::new(DeviceConfig::new(&config)?);
         let id = cfg.id.clone();
         let (listener, bound) = listen::open(listen, &config)?;
@@ -112,14 +160,7 @@ impl BlkExport {
             internal_path,
             _private: private,
         };
-        let thread = thread::Builder::new()
-            .name(thread_name("vu-blk", &id))
-            .spawn(move || serving.run())
-            .map_err(|e| Error::io("Could not start the export thread", e))?;
-        Ok(BlkExport {
-            shared,
-            thread: Some(thread),
-        })
+        Ok(ListeningExport { shared, serving })
     }
 
     /// The export id.
