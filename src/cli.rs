@@ -50,6 +50,20 @@ pub struct DaemonArgs {
     pub pidfile: Option<PathBuf>,
     #[command(flatten)]
     pub backing: BackingArgs,
+    /// Confine the daemon once its exports listen: Landlock and a seccomp filter.
+    #[arg(long, value_enum, default_value_t = Sandbox::On)]
+    pub sandbox: Sandbox,
+}
+
+/// `--sandbox on|off`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Sandbox {
+    /// Landlock limits the filesystem to the images and what the daemon removes at exit, and
+    /// a seccomp filter allows only the system calls serving needs.
+    #[default]
+    On,
+    /// No confinement beyond the user's own permissions.
+    Off,
 }
 
 /// Which backing files images may name (strata's own options; QEMU follows any name).
@@ -102,6 +116,9 @@ pub struct ServeArgs {
     pub cached: bool,
     #[command(flatten)]
     pub backing: BackingArgs,
+    /// Confine the daemon once it listens: Landlock and a seccomp filter.
+    #[arg(long, value_enum, default_value_t = Sandbox::On)]
+    pub sandbox: Sandbox,
 }
 
 /// `strata img ...`.

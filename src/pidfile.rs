@@ -75,6 +75,11 @@ impl PidFile {
             path.display()
         ))
     }
+
+    /// Where the pidfile is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for PidFile {

@@ -1,16 +1,17 @@
 //! Running the daemon: qemu-storage-daemon style, or `strata serve IMAGE`.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use strata::sandbox;
 use strata_backend::driver::BackingPolicy;
 use strata_backend::probe::{probe_format, PROBE_BUF_SIZE};
 use strata_backend::{Graph, Options};
-use strata_vhost::{BlkExport, BlkExportConfig, Listen};
+use strata_vhost::{BlkExport, BlkExportConfig, Listen, ListeningExport};
 
-use crate::cli::{BackingArgs, DaemonArgs, ServeArgs};
+use crate::cli::{BackingArgs, DaemonArgs, Sandbox, ServeArgs};
 use crate::export_options;
 use crate::iothreads::IoThreads;
 use crate::pidfile::{self, PidFile};
@@ -51,7 +52,7 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
         );
     }
     export_options::check_distinct(&exports)?;
-    run(exports, args.pidfile.as_deref())
+    run(exports, args.pidfile.as_deref(), &graph, args.sandbox)
 }
 
 /// `strata serve IMAGE --socket PATH`: the image is raw unless `--format` says otherwise, never
@@ -88,7 +89,12 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     config.num_queues = args.queues;
     config.logical_block_size = args.logical_block_size;
     print_qemu_hint(&args.socket, args.queues);
-    run(vec![(config, Listen::UnixPath(args.socket.clone()))], None)
+    run(
+        vec![(config, Listen::UnixPath(args.socket.clone()))],
+        None,
+        &graph,
+        args.sandbox,
+    )
 }
 
 /// Warns when a raw image starts like another format's image. It is still served as raw, its
@@ -149,18 +155,35 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
     );
 }
 
-/// Starts every export, writes the pidfile once they all listen, then waits for SIGTERM/SIGINT:
-/// stop, drain, flush, remove the pidfile, exit.
-fn run(configs: Vec<(BlkExportConfig, Listen)>, pidfile: Option<&Path>) -> Result<(), String> {
+/// Starts every export listening, writes the pidfile once they all do, enters the sandbox
+/// (unless `--sandbox off`), starts serving, then waits for SIGTERM/SIGINT: stop, drain,
+/// flush, remove the pidfile, exit.
+fn run(
+    configs: Vec<(BlkExportConfig, Listen)>,
+    pidfile: Option<&Path>,
+    graph: &Graph,
+    sandbox: Sandbox,
+) -> Result<(), String> {
     let mut signals = Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("Could not install signal handlers: {e}"))?;
-    let mut exports = Vec::new();
+    let mut listening = Vec::new();
     for (config, listen) in configs {
         let id = config.id.clone();
-        let export = BlkExport::start(config, listen).map_err(|e| format!("export '{id}': {e}"))?;
-        exports.push(export);
+        let export =
+            BlkExport::listen(config, listen).map_err(|e| format!("export '{id}': {e}"))?;
+        listening.push(export);
     }
     let pidfile = pidfile.map(PidFile::write).transpose()?;
+    match sandbox {
+        Sandbox::On => sandbox::enter(&sandbox_policy(graph, &listening, pidfile.as_ref()))
+            .map_err(|e| format!("sandbox: {e} (--sandbox off serves without it)"))?,
+        Sandbox::Off => log::info!("sandbox: off"),
+    }
+    let mut exports = Vec::new();
+    for export in listening {
+        let id = export.id().to_string();
+        exports.push(export.serve().map_err(|e| format!("export '{id}': {e}"))?);
+    }
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
@@ -177,3 +200,34 @@ fn run(configs: Vec<(BlkExportConfig, Listen)>, pidfile: Option<&Path>) -> Resul
     drop(pidfile);
     result
 }
+
+/// What the sandboxed daemon may still reach: the files its nodes opened, and what it removes
+/// at exit (sockets, private directories, the pidfile).
+fn sandbox_policy(
+    graph: &Graph,
+    exports: &[ListeningExport],
+    pidfile: Option<&PidFile>,
+) -> sandbox::Policy {
+    let images = graph
+        .query()
+        .into_iter()
+        .filter(|node| FILE_DRIVERS.contains(&node.driver.as_str()))
+        .map(|node| (PathBuf::from(node.filename), !node.read_only))
+        .collect();
+    let mut removed_files: Vec<PathBuf> = exports
+        .iter()
+        .filter_map(|e| e.socket_path().map(Path::to_path_buf))
+        .collect();
+    removed_files.extend(pidfile.map(|p| p.path().to_path_buf()));
+    sandbox::Policy {
+        images,
+        removed_files,
+        removed_dirs: exports
+            .iter()
+            .map(|e| e.private_dir().to_path_buf())
+            .collect(),
+    }
+}
+
+/// Drivers whose nodes open a file or device by name.
+const FILE_DRIVERS: [&str; 2] = ["file", "host_device"];

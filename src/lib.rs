@@ -1,0 +1,3 @@
+//! The parts of the `strata` binary that its integration tests call as the daemon does.
+
+pub mod sandbox;

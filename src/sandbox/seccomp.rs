@@ -1,0 +1,223 @@
+//! The seccomp half of the sandbox: the system calls the serving threads make, and no other.
+//!
+//! The list comes from tracing the daemon (strace -f) through libblkio and QEMU guest sessions:
+//! connect, every kind of request, disconnect, reconnect, SIGTERM. A call outside it traps
+//! (SIGSYS): the handler names it on stderr and makes it fail with EPERM (see `sigsys.rs`).
+//! What is left out on purpose: starting programs (execve), new processes (fork, clone
+//! without CLONE_THREAD), sockets other than Unix ones, new listening sockets, executable
+//! memory, tracing other processes (ptrace, process_vm_*), mounts, credentials, signals to
+//! other processes.
+//!
+//! Only x86_64 has a filter; elsewhere [`apply`] warns that system calls are not restricted.
+
+/// Installs the filter on every thread of the process (TSYNC); threads started later inherit
+/// it. A kernel without seccomp filters is a warning, any other failure an error.
+#[cfg(target_arch = "x86_64")]
+pub fn apply() -> Result<(), String> {
+    use seccompiler::{apply_filter_all_threads, BpfProgram, Error};
+
+    let allowlist: BpfProgram = x86_64::allowlist()?;
+    let no_clone3: BpfProgram = x86_64::clone3_unavailable()?;
+    super::sigsys::install()?;
+    for filter in [&no_clone3, &allowlist] {
+        match apply_filter_all_threads(filter) {
+            Ok(()) => {}
+            Err(Error::Seccomp(e) | Error::Prctl(e))
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) =>
+            {
+                log::warn!(
+                    "sandbox: this kernel lacks seccomp filters ({e}): system calls are not \
+                     restricted"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(format!("Could not install the seccomp filter: {e}")),
+        }
+    }
+    log::info!("sandbox: seccomp allows only the system calls serving needs, on every thread");
+    Ok(())
+}
+
+/// No filter for this architecture: says so.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn apply() -> Result<(), String> {
+    log::warn!(
+        "sandbox: no seccomp filter for {}: system calls are not restricted",
+        std::env::consts::ARCH
+    );
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    use std::collections::BTreeMap;
+
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+
+    /// BLKDISCARD (the file driver on block devices); libc lacks it.
+    const BLKDISCARD: u64 = 0x1277;
+
+    /// PROT_EXEC: never asked for, so never granted.
+    const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+
+    /// The allowlist: a call not in it traps.
+    pub(super) fn allowlist() -> Result<BpfProgram, String> {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for &call in UNCONDITIONAL {
+            rules.insert(call, Vec::new());
+        }
+        // Allowed here so that the other filter's ENOSYS decides: a trap would win over it.
+        rules.insert(libc::SYS_clone3, Vec::new());
+        // Threads only: vhost-user-backend starts its workers for every frontend.
+        rules.insert(
+            libc::SYS_clone,
+            vec![rule(&[masked_eq(
+                0,
+                libc::CLONE_THREAD as u64,
+                libc::CLONE_THREAD as u64,
+            )])?],
+        );
+        // Memory, never executable (no code is loaded after start-up).
+        for call in [libc::SYS_mmap, libc::SYS_mprotect] {
+            rules.insert(call, vec![rule(&[masked_eq(2, PROT_EXEC, 0)])?]);
+        }
+        // Unix sockets only: the relay connects to its private socket on each connection.
+        rules.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+        // Duplicated descriptors, the memory files' seals, the images' locks (QEMU's OFD locks),
+        // directories read at exit (fdopendir).
+        rules.insert(
+            libc::SYS_fcntl,
+            any_of(
+                1,
+                &[
+                    libc::F_DUPFD_CLOEXEC,
+                    libc::F_GETFL,
+                    libc::F_SETFD,
+                    libc::F_GET_SEALS,
+                    libc::F_OFD_GETLK,
+                    libc::F_OFD_SETLK,
+                ]
+                .map(|c| c as u64),
+            )?,
+        );
+        // Blocking sockets again after accept; discards on block devices (helper threads).
+        rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO, BLKDISCARD])?);
+        // Thread names (set by each new thread, read by the SIGSYS report).
+        rules.insert(
+            libc::SYS_prctl,
+            any_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?,
+        );
+        // Signals to the daemon's own threads only (abort, a panic's raise).
+        rules.insert(
+            libc::SYS_tgkill,
+            any_of(0, &[u64::from(std::process::id())])?,
+        );
+        compile(rules, SeccompAction::Trap, SeccompAction::Allow)
+    }
+
+    /// A second filter that makes clone3 fail with ENOSYS, so that glibc creates threads with
+    /// clone, whose flags (unlike clone3's, in memory) a filter can check. Of two filters'
+    /// verdicts the kernel takes the stricter, and this one's ENOSYS is stricter than the
+    /// allowlist's Allow.
+    pub(super) fn clone3_unavailable() -> Result<BpfProgram, String> {
+        let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+        compile(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+        )
+    }
+
+    /// Calls allowed whatever their arguments (Landlock confines the paths). Block I/O,
+    /// flushes, fallocate and the memory table's checks go through io_uring or these.
+    const UNCONDITIONAL: &[i64] = &[
+        // Requests (io_uring), the frontend's messages and memory tables, notifications.
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_close,
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_eventfd2,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_poll,
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_getsockopt,
+        // Removing the sockets, private directories and pidfile at exit.
+        libc::SYS_openat,
+        libc::SYS_getdents64,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        // Memory and threads.
+        libc::SYS_munmap,
+        libc::SYS_madvise,
+        libc::SYS_mremap,
+        libc::SYS_brk,
+        libc::SYS_futex,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_sigaltstack,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_getrandom,
+        // Waiting (retries, draining) and clocks (when the vDSO cannot answer).
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_gettime,
+        // Signals (SIGTERM through signal-hook, glibc's own handlers) and exits.
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ];
+
+    fn compile(
+        rules: BTreeMap<i64, Vec<SeccompRule>>,
+        mismatch: SeccompAction,
+        matched: SeccompAction,
+    ) -> Result<BpfProgram, String> {
+        SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+            .and_then(BpfProgram::try_from)
+            .map_err(|e| format!("Could not build the seccomp filter: {e}"))
+    }
+
+    fn rule(conditions: &[Result<SeccompCondition, String>]) -> Result<SeccompRule, String> {
+        let conditions = conditions.iter().cloned().collect::<Result<Vec<_>, _>>()?;
+        SeccompRule::new(conditions).map_err(|e| format!("Could not build a seccomp rule: {e}"))
+    }
+
+    /// One rule per value: argument `arg` equals one of `values`.
+    fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
+        values
+            .iter()
+            .map(|&v| rule(&[condition(arg, SeccompCmpOp::Eq, v)]))
+            .collect()
+    }
+
+    fn masked_eq(arg: u8, mask: u64, value: u64) -> Result<SeccompCondition, String> {
+        condition(arg, SeccompCmpOp::MaskedEq(mask), value)
+    }
+
+    /// A condition on the low 32 bits of argument `arg`: every argument checked here is an
+    /// int or the low flags of one, and the kernel ignores the upper bits of an int.
+    fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .map_err(|e| format!("Could not build a seccomp condition: {e}"))
+    }
+}
