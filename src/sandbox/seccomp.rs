@@ -86,7 +86,7 @@ mod x86_64 {
         }
         // Unix sockets only: the relay connects to its private socket on each connection.
         rules.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
-        // Duplicated descriptors, the memory files' seals, the images' locks (QEMU's OFD locks),
+        // Duplicated descriptors, the memory files' and in-flight buffer's seals, the images' locks (QEMU's OFD locks),
         // directories read at exit (fdopendir).
         rules.insert(
             libc::SYS_fcntl,
@@ -97,6 +97,7 @@ mod x86_64 {
                     libc::F_GETFL,
                     libc::F_SETFD,
                     libc::F_GET_SEALS,
+                    libc::F_ADD_SEALS,
                     libc::F_OFD_GETLK,
                     libc::F_OFD_SETLK,
                 ]
@@ -161,6 +162,9 @@ mod x86_64 {
         libc::SYS_getdents64,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
+        // The in-flight buffer a frontend asks for (GET_INFLIGHT_FD): a sealed memfd.
+        libc::SYS_memfd_create,
+        libc::SYS_ftruncate,
         // Memory and threads.
         libc::SYS_munmap,
         libc::SYS_madvise,
