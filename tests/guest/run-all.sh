@@ -11,6 +11,10 @@
 #   checked in the image on the host.
 #   After scenario 1, a QEMU is killed with SIGKILL in the middle of fio: strata must survive
 #   and serve the next QEMU, which runs fio without EVENT_IDX (event_idx=off).
+#   Last, strata is restarted 10 times under a guest running verified random writes with
+#   reconnect=1 (restart.sh): raw and qcow2 write-through exports, 1 and 2 queues, SIGKILL (a
+#   crash) and SIGTERM (an upgrade). Every configuration runs; the failed ones are listed at
+#   the end. STRATA_LONG_TESTS=1: all eight configurations, 30 restarts each.
 #
 #   run-all.sh STRATA_BINARY
 set -euo pipefail
@@ -154,4 +158,25 @@ scenario "qcow2 overlay, 4096-byte logical blocks" 4096 "$size" "$work/overlay4k
     --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay4k.qcow2"
 
-echo "guest tests: 4 scenarios passed"
+# The daemon restarted under a running guest (issue 14): format, queues, signal.
+restart_configs=("raw 2 KILL" "qcow2 1 KILL" "qcow2 2 KILL" "raw 1 TERM" "qcow2 2 TERM")
+restarts=10 restart_size=$((256 << 20))
+if [[ "${STRATA_LONG_TESTS:-}" == 1 ]]; then
+    restart_configs=("raw 1 KILL" "raw 2 KILL" "qcow2 1 KILL" "qcow2 2 KILL"
+        "raw 1 TERM" "raw 2 TERM" "qcow2 1 TERM" "qcow2 2 TERM")
+    # room for every round in a region of its own (restart-fio.sh says why)
+    restarts=30 restart_size=$((1 << 30))
+fi
+restart_failed=()
+for config in "${restart_configs[@]}"; do
+    read -r fmt queues sig <<<"$config"
+    echo "=== strata restarted $restarts times with SIG$sig: $fmt, $queues queue(s), write-through"
+    "$here/restart.sh" "$strata" --format "$fmt" --queues "$queues" --signal "$sig" \
+        --restarts "$restarts" --size "$restart_size" || restart_failed+=("$fmt/${queues}q/$sig")
+done
+if ((${#restart_failed[@]} > 0)); then
+    echo "guest tests: restart configurations failed: ${restart_failed[*]}" >&2
+    exit 1
+fi
+
+echo "guest tests: 4 scenarios and ${#restart_configs[@]} restart configurations passed"

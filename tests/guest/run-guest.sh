@@ -6,7 +6,7 @@
 #                [--seed N] [--wc back|through] [--timeout SECS]
 #                [--append "extra kernel params"] [--log PATH]
 #                [--smp N] [--mem MiB] [--queue-size N] [--device-opts OPTS]
-#                [--pidfile PATH] [--verbose]
+#                [--pidfile PATH] [--chardev-opts OPTS] [--stdin PATH] [--verbose]
 #
 # Exit 0 only when the guest console shows `STRATA-RESULT: PASS`.
 #
@@ -22,6 +22,10 @@
 # --device-opts OPTS  more properties of the vhost-user-blk-pci device, e.g.
 #              event_idx=off.
 # --pidfile PATH  QEMU writes its pid there (to kill it from outside).
+# --chardev-opts OPTS  more options of the socket chardev, e.g. reconnect=1
+#              (QEMU reconnects when the backend goes away).
+# --stdin PATH QEMU's stdin (default /dev/null): what is written there reaches
+#              the guest's console, so a FIFO lets the host talk to the test.
 #
 # Environment: STRATA_GUEST_DIR (default <repo>/target/guest) caches the
 # initramfs (rebuilt when missing or older than the guest scripts) and holds
@@ -40,6 +44,7 @@ die() { echo "run-guest: error: $*" >&2; exit 2; }
 
 socket="" test="" queues="" lbs="" size="" seed="" wc="" timeout_s=300
 append="" log="" smp=2 mem=1024 queue_size="" device_opts="" pidfile="" verbose=0
+chardev_opts="" stdin=/dev/null
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --socket) socket="${2:?}"; shift 2 ;;
@@ -57,6 +62,8 @@ while [[ $# -gt 0 ]]; do
         --queue-size) queue_size="${2:?}"; shift 2 ;;
         --device-opts) device_opts="${2:?}"; shift 2 ;;
         --pidfile) pidfile="${2:?}"; shift 2 ;;
+        --chardev-opts) chardev_opts="${2:?}"; shift 2 ;;
+        --stdin) stdin="${2:?}"; shift 2 ;;
         --verbose|-v) verbose=1; shift ;;
         -h|--help) usage ;;
         *) echo "run-guest: unknown argument '$1'" >&2; usage ;;
@@ -118,7 +125,7 @@ qemu_args=(
     -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on"
     -numa "node,memdev=mem"
-    -chardev "socket,id=c0,path=$socket"
+    -chardev "socket,id=c0,path=$socket${chardev_opts:+,$chardev_opts}"
     -device "$dev"
     -nic none
 )
@@ -132,10 +139,10 @@ qemu_args=(
 start=$(date +%s.%N)
 set +e
 if [[ $verbose -eq 1 ]]; then
-    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" </dev/null 2>&1 | tee -a "$log"
+    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" <"$stdin" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
 else
-    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" </dev/null >>"$log" 2>&1
+    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" <"$stdin" >>"$log" 2>&1
     rc=$?
 fi
 set -e
