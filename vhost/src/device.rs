@@ -89,6 +89,8 @@ pub(crate) struct Device {
     memory_lost: AtomicBool,
     /// The in-flight buffer the frontend keeps across reconnects ([`inflight`]).
     pub inflight: Arc<inflight::Shared>,
+    /// The export is stopping: workers take no new requests ([`Device::quiesce`]).
+    quiescing: AtomicBool,
 }
 
 impl Device {
@@ -133,6 +135,7 @@ impl Device {
             conn: OnceLock::new(),
             memory_lost: AtomicBool::new(false),
             inflight: Arc::default(),
+            quiescing: AtomicBool::new(false),
         })
     }
 
@@ -235,6 +238,19 @@ impl Device {
     }
 
     /// Waits until no request of any queue is in flight; false on timeout.
+    /// Stops taking requests and waits (at most the drain timeout) until those in flight are
+    /// in their used rings.
+    pub(crate) fn quiesce(&self) -> bool {
+        self.quiescing.store(true, Ordering::Release);
+        self.drain_all()
+    }
+
+    /// Whether the device takes no new requests ([`Device::quiesce`]).
+    #[inline]
+    pub(crate) fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn drain_all(&self) -> bool {
         wait_until(&self.cfg.id, "all queues", || self.inflight_total() == 0)
     }

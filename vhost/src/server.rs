@@ -7,7 +7,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ struct Shared {
     stopping: AtomicBool,
     stop_event: OwnedFd,
     conn: Mutex<Option<Arc<Connection>>>,
+    /// The device of the current connection.
+    device: Mutex<Weak<Device>>,
 }
 
 impl Shared {
@@ -52,6 +54,17 @@ impl Shared {
 
     fn conn(&self) -> Option<Arc<Connection>> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_device(&self, device: Weak<Device>) {
+        *self.device.lock().unwrap_or_else(|p| p.into_inner()) = device;
+    }
+
+    fn device(&self) -> Option<Arc<Device>> {
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .upgrade()
     }
 }
 
@@ -136,6 +149,7 @@ impl BlkExport {
             stopping: AtomicBool::new(false),
             stop_event,
             conn: Mutex::new(None),
+            device: Mutex::new(Weak::new()),
         });
         log::info!(
             "vhost-user-blk export '{id}': serving node '{}' ({} bytes, {}) on {}, poll-max-ns={}",
@@ -168,9 +182,11 @@ impl BlkExport {
         self.shared.id()
     }
 
-    /// Asks the export to stop: no new frontend is accepted, the current one is disconnected,
-    /// its requests drain and the node is flushed; then [`join`](Self::join) returns. Callable
-    /// from any thread (e.g. one waiting for SIGTERM), any number of times.
+    /// Asks the export to stop: no new frontend is accepted; the current one's device takes no
+    /// new requests and finishes (and completes) those in flight before it is disconnected,
+    /// so the rings it hands back are complete and a daemon that takes over has nothing to
+    /// resubmit; then the node is flushed and [`join`](Self::join) returns. Callable from any
+    /// thread (e.g. one waiting for SIGTERM), any number of times; blocks while it drains.
     pub fn stop(&self) {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
             log::info!("vhost-user-blk export '{}': stopping", self.id());
@@ -184,6 +200,9 @@ impl BlkExport {
                 8,
             )
         };
+        if let Some(device) = self.shared.device() {
+            device.quiesce();
+        }
         if let Some(conn) = self.shared.conn() {
             conn.shutdown();
         }
@@ -377,6 +396,7 @@ impl Serving {
             }
         };
         device.set_epoll_handlers(&daemon.get_epoll_handlers());
+        self.shared.set_device(Arc::downgrade(&device));
         match self.connect_relay(&frontend, &mut daemon, device.inflight.clone()) {
             Ok(relays) => {
                 if let Some(conn) = self.shared.conn() {

@@ -340,6 +340,9 @@ impl Worker {
             self.tracker.stopped(slot);
             return None;
         }
+        if dev.quiescing() {
+            return None;
+        }
         let q = state.get_queue_mut();
         let _ = q.disable_notification(mem);
         self.tracker.refresh(&dev.inflight);

@@ -204,3 +204,44 @@ fn a_request_that_outlasts_the_stop_never_touches_the_ring() {
         d.log_text()
     );
 }
+
+/// Issue 14, the upgrade path: on SIGTERM the daemon finishes the requests in flight and puts
+/// them in the used ring before it disconnects, so the frontend gets back a complete ring and
+/// the next daemon has nothing to resubmit. Before the fix it disconnected first and completed
+/// into the ring afterwards.
+#[test]
+fn sigterm_completes_requests_in_flight_before_it_disconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("a.sock");
+    let mem = guest_memory(&[(0, MEM)]);
+    let d = start_with(&socket, 500, &[]);
+    let (mut fe, _) = negotiate(&socket, u64::MAX);
+    fe.set_mem_table(&region_infos(&mem))
+        .expect("set_mem_table");
+    let mut q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
+    for head in READS {
+        chain(&mem, &q, head, T_IN);
+        q.push(&mem, head);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill has no memory-safety preconditions; the pid is the daemon's.
+    assert_eq!(
+        unsafe { libc::kill(d.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    // Wait for the disconnect: any request fails once the socket is closed.
+    let start = std::time::Instant::now();
+    while fe.get_features().is_ok() {
+        assert!(
+            start.elapsed() < REPLY_TIMEOUT,
+            "the daemon did not disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        q.used_idx(&mem),
+        READS.len() as u16,
+        "the frontend was disconnected with requests still in flight"
+    );
+    d.terminate_within(Duration::from_secs(5));
+}
