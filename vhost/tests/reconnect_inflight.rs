@@ -225,10 +225,8 @@ fn sigterm_completes_requests_in_flight_before_it_disconnects() {
     }
     std::thread::sleep(Duration::from_millis(100));
     // SAFETY: kill has no memory-safety preconditions; the pid is the daemon's.
-    assert_eq!(
-        unsafe { libc::kill(d.pid() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let sent = unsafe { libc::kill(d.pid() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
     // Wait for the disconnect: any request fails once the socket is closed.
     let start = std::time::Instant::now();
     while fe.get_features().is_ok() {
