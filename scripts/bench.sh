@@ -5,6 +5,10 @@
 # Backends: file (a fully allocated 1 GiB raw image, aio=io_uring, cache.direct=on), null
 # (null-co, per-request overhead only; no io_uring row) and qcow2 (a 1 GiB qcow2 image, 64k
 # clusters, every cluster allocated with data, on the same file driver; no io_uring row).
+# ram: a loop device over a 1 GiB file in /dev/shm (set up and torn down by the script, as
+# root), served with driver=host_device (aio=io_uring, cache.direct=on) + raw: a block device
+# in RAM, stable and CPU-bound, so the daemons' own cost shows (the file rows ride on this
+# machine's virtio disk, whose speed swings); io_uring runs directly on the loop device.
 # Workloads: 4k randread/randwrite at QD1 and QD32, 128k sequential read/write at QD8, 4k
 # randread QD32 on 2 queues; qcow2 runs randread-4k-qd1, randread-4k-qd32 and randwrite-4k-qd32
 # (all of --workloads when that is given). qcow2 writes write the data already there, so the
@@ -17,7 +21,7 @@
 #   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
-#            --targets strata,qsd,io_uring  --backends file,null,qcow2  --workloads W1,W2,...
+#            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram  --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
@@ -91,7 +95,8 @@ fi
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
 [[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
 for b in ${BACKENDS//,/ }; do
-    [[ $b == file || $b == null || $b == qcow2 ]] || die "unknown backend '$b' (file, null, qcow2)"
+    [[ $b == file || $b == null || $b == qcow2 || $b == ram ]] ||
+        die "unknown backend '$b' (file, null, qcow2, ram)"
 done
 if ((WORKLOADS_SET)); then
     QCOW2_WORKLOADS=$WORKLOADS
@@ -192,6 +197,20 @@ if has_target io_uring || has_backend file; then
     fi
 fi
 
+# The RAM loop device: a 1 GiB file in /dev/shm behind a loop device, removed at exit.
+RAMDEV=""
+RAMFILE=""
+if has_backend ram; then
+    ((EUID == 0)) || die "the ram backend needs root (losetup)"
+    RAMFILE=$(mktemp /dev/shm/strata-bench-ram.XXXXXX)
+    truncate -s "$IMAGE_SIZE" "$RAMFILE" || die "cannot size $RAMFILE"
+    # Written once, so that reads touch real pages.
+    dd if=/dev/zero of="$RAMFILE" bs=4M count=$((IMAGE_SIZE / 4194304)) conv=notrunc status=none ||
+        die "cannot fill $RAMFILE"
+    RAMDEV=$(losetup -f --show "$RAMFILE") || die "losetup failed for $RAMFILE"
+    echo "bench: ram backend: $RAMDEV over $RAMFILE" >&2
+fi
+
 # The qcow2 image: converted with qemu-img from a raw source that strata-bench fills with its
 # source pattern (every 8 bytes: their own offset XOR a constant; no zero blocks, so every
 # cluster is allocated with data). Both are reused between runs. The "$QCOW2_IMG.ok" stamp says
@@ -260,6 +279,11 @@ daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
         else
             CMD+=(--blockdev "driver=null-co,node-name=n0,size=$IMAGE_SIZE")
         fi
+        ;;
+    ram)
+        node=d0
+        CMD+=(--blockdev "driver=host_device,node-name=f0,filename=$RAMDEV,aio=io_uring,cache.direct=on"
+            --blockdev "driver=raw,node-name=d0,file=f0")
         ;;
     qcow2)
         node=d0
@@ -334,6 +358,10 @@ cleanup() {
         wait "$DPID" 2>/dev/null || true
     fi
     rm -rf "$RUNDIR"
+    if [[ -n $RAMDEV ]]; then
+        losetup -d "$RAMDEV" 2>/dev/null || true
+    fi
+    [[ -z $RAMFILE ]] || rm -f "$RAMFILE"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -355,10 +383,14 @@ queues_of() { # WORKLOAD -> number of queues
 targets_for() { # BACKEND -> targets that apply
     local t out=()
     for t in ${TARGETS//,/ }; do
-        [[ $1 != file && $t == io_uring ]] && continue
+        [[ $1 != file && $1 != ram && $t == io_uring ]] && continue
         out+=("$t")
     done
     echo "${out[@]}"
+}
+
+image_of() { # BACKEND -> the image io_uring runs on directly (file, ram)
+    if [[ $1 == ram ]]; then echo "$RAMDEV"; else echo "$IMAGE"; fi
 }
 
 workloads_for() { # BACKEND -> its workloads, space-separated
@@ -399,13 +431,14 @@ echo "bench: results -> $RESULTS" >&2
 for backend in ${BACKENDS//,/ }; do
     for target in $(targets_for "$backend"); do
         if [[ $target == io_uring ]]; then
-            client verify --target io_uring --backend file --path "$IMAGE" --expect-size "$IMAGE_SIZE"
+            client verify --target io_uring --backend "$backend" --path "$(image_of "$backend")" \
+                --expect-size "$IMAGE_SIZE"
             continue
         fi
         start_daemon "$target" "$backend" 1
-        if [[ $backend == file ]]; then
-            client verify --target "$target" --backend file --path "$SOCK" \
-                --expect-size "$IMAGE_SIZE" --check-file "$IMAGE"
+        if [[ $backend == file || $backend == ram ]]; then
+            client verify --target "$target" --backend "$backend" --path "$SOCK" \
+                --expect-size "$IMAGE_SIZE" --check-file "$(image_of "$backend")"
         elif [[ $backend == qcow2 ]]; then
             client verify --target "$target" --backend qcow2 --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC"
@@ -435,7 +468,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                     common+=(--write-source)
                 fi
                 if [[ $target == io_uring ]]; then
-                    client run "${common[@]}" --path "$IMAGE"
+                    client run "${common[@]}" --path "$(image_of "$backend")"
                 else
                     start_daemon "$target" "$backend" "$nq"
                     client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
@@ -463,7 +496,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Report.
 report_args=(--results "$RESULTS" --json "$OUT/summary-$STAMP.json" --markdown "$OUT/summary-$STAMP.md"
-    --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd" --expect "qcow2=strata,qsd")
+    --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd" --expect "qcow2=strata,qsd"
+    --expect "ram=strata,qsd,io_uring")
 for m in "${MISSING[@]}"; do
     report_args+=(--missing "$m")
 done

@@ -11,7 +11,7 @@ use crate::error::Result;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
-const BACKEND_ORDER: &[&str] = &["file", "null", "qcow2"];
+const BACKEND_ORDER: &[&str] = &["file", "ram", "null", "qcow2"];
 /// Runs with more busy CPU than this outside the daemon and client (fraction of one CPU) are
 /// counted as disturbed in the report header.
 const NOISY: f64 = 0.25;
@@ -238,7 +238,55 @@ pub fn report(opts: &Options) -> Result<()> {
         let cpu = get("null", w, "strata", "client_cpu_s_per_io")?;
         Some(iops * cpu * 100.0)
     };
+    let rw32 = "randwrite-4k-qd32";
+    let ram_added = |t: &str| match (
+        get("ram", rr1, t, "p50_us"),
+        get("ram", rr1, "io_uring", "p50_us"),
+    ) {
+        (Some(a), Some(d)) => Some(a - d),
+        _ => None,
+    };
     let ratios = vec![
+        Ratio {
+            name: "ram randread-4k-qd32 IOPS, strata / io_uring direct",
+            value: div(
+                get("ram", rr32, "strata", "iops"),
+                get("ram", rr32, "io_uring", "iops"),
+            ),
+            goal: Some((">=", 0.97)),
+            inputs: format!(
+                "median IOPS; QSD / direct: {}",
+                fmt_opt(div(
+                    get("ram", rr32, "qsd", "iops"),
+                    get("ram", rr32, "io_uring", "iops")
+                ))
+            ),
+        },
+        Ratio {
+            name: "ram randwrite-4k-qd32 IOPS, strata / io_uring direct",
+            value: div(
+                get("ram", rw32, "strata", "iops"),
+                get("ram", rw32, "io_uring", "iops"),
+            ),
+            goal: Some((">=", 0.97)),
+            inputs: format!(
+                "median IOPS; QSD / direct: {}",
+                fmt_opt(div(
+                    get("ram", rw32, "qsd", "iops"),
+                    get("ram", rw32, "io_uring", "iops")
+                ))
+            ),
+        },
+        Ratio {
+            name: "ram randread-4k-qd1 p50 added over direct, strata (µs)",
+            value: ram_added("strata"),
+            goal: Some(("<=", 5.0)),
+            inputs: format!(
+                "added p50 µs: strata {}, qsd {}",
+                fmt_opt(ram_added("strata")),
+                fmt_opt(ram_added("qsd"))
+            ),
+        },
         Ratio {
             name: "file randread-4k-qd32 IOPS, strata / io_uring direct",
             value: div(
