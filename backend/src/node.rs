@@ -495,6 +495,21 @@ impl Node {
         result
     }
 
+    /// Resizes the node to `size` bytes (QMP's `block_resize`); the parents that follow their
+    /// child's size (raw without `size`) see the new size at once.
+    pub async fn truncate(&self, size: u64) -> Result<()> {
+        if self.flags.read_only {
+            return Err(BlockError::new(
+                libc::EACCES,
+                format!("Cannot resize node '{}': it is read-only", self.name),
+            ));
+        }
+        self.driver
+            .truncate(size)
+            .await
+            .map_err(|e| e.context(format!("Could not resize node '{}'", self.name)))
+    }
+
     /// Whether a flush of this node failed before (then no later flush can succeed).
     pub fn flush_failed(&self) -> bool {
         self.flush_failure.load(Ordering::Acquire) != 0

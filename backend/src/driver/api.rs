@@ -89,6 +89,17 @@ pub trait BlockDriver: Send + Sync {
         false
     }
 
+    /// Changes the size to `size` bytes (QMP's `block_resize`); the node checks that it is
+    /// writable first. Drivers that cannot resize keep this default, which says so.
+    fn truncate(&self, _size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async {
+            Err(crate::error::BlockError::new(
+                libc::ENOTSUP,
+                "this driver cannot resize its node",
+            ))
+        })
+    }
+
     /// Reads into `iov` from `offset`.
     fn read<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()>;
 

@@ -49,6 +49,18 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 /// Largest chunk written at once when zeroes must be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// The size of block device `file` (BLKGETSIZE64).
+fn device_size(file: &File, filename: &str) -> Result<u64> {
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`, a valid local.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
+        return Err(BlockError::last_os_error(format!(
+            "Could not get the size of '{filename}'"
+        )));
+    }
+    Ok(bytes)
+}
+
 fn probe_device(filename: &str) -> u32 {
     match std::fs::metadata(filename) {
         Ok(m) if m.file_type().is_block_device() => 100,
@@ -140,14 +152,7 @@ fn open_common(
         )?;
     }
     let size = if block_device {
-        let mut bytes: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`, a valid local.
-        if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
-            return Err(BlockError::last_os_error(format!(
-                "Could not get the size of '{filename}'"
-            )));
-        }
-        bytes
+        device_size(&file, &filename)?
     } else {
         meta.len()
     };
@@ -445,6 +450,33 @@ impl BlockDriver for FileDriver {
 
     fn file_id(&self) -> Option<FileId> {
         Some(self.id)
+    }
+
+    /// A regular file is truncated (grown sparse or shrunk); a block device cannot change
+    /// size, so its size is read again (it may have been grown underneath) and `size` must
+    /// not exceed it, as in QEMU.
+    fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.block_device {
+                let actual = device_size(&self.file, &self.filename)?;
+                self.size.store(actual, Ordering::Release);
+                if size > actual {
+                    return Err(BlockError::new(
+                        libc::EINVAL,
+                        format!(
+                            "Cannot grow device files: '{}' has {actual} bytes",
+                            self.filename
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
+            self.file
+                .set_len(size)
+                .map_err(|e| BlockError::io(&e, format!("Could not resize '{}'", self.filename)))?;
+            self.size.store(size, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn limits(&self) -> Limits {

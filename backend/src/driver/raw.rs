@@ -59,7 +59,9 @@ const SECTOR: u64 = 512;
 pub struct RawDriver {
     file: Arc<Node>,
     offset: u64,
-    size: u64,
+    /// The window's size when `size` was given; else the window runs to the file's end and
+    /// follows it when the file is resized.
+    fixed_size: Option<u64>,
     guard_sector0: bool,
 }
 
@@ -78,15 +80,15 @@ async fn open_raw(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
              size of the containing file ({file_size})"
         )));
     }
-    let size = match size {
-        Some(size) if offset.checked_add(size).is_some_and(|end| end <= file_size) => size,
+    let fixed_size = match size {
+        Some(size) if offset.checked_add(size).is_some_and(|end| end <= file_size) => Some(size),
         Some(size) => {
             return Err(BlockError::invalid(format!(
                 "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the \
                  actual size of the containing file ({file_size})"
             )))
         }
-        None => file_size - offset,
+        None => None,
     };
     if ctx.probed {
         log::warn!(
@@ -99,7 +101,7 @@ async fn open_raw(ctx: &mut OpenContext<'_>) -> Result<Box<dyn BlockDriver>> {
     Ok(Box::new(RawDriver {
         file,
         offset,
-        size,
+        fixed_size,
         guard_sector0: ctx.probed,
     }))
 }
@@ -137,7 +139,7 @@ impl RawDriver {
     /// Writes `iov` at `offset` of the window, dropping what lies past its end.
     async fn write_window(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         let len = iovec::total_len(iov);
-        let keep = self.size.saturating_sub(offset).min(len);
+        let keep = self.size().saturating_sub(offset).min(len);
         if keep == len {
             return self.file.write(self.offset + offset, iov).await;
         }
@@ -148,7 +150,26 @@ impl RawDriver {
 
 impl BlockDriver for RawDriver {
     fn size(&self) -> u64 {
-        self.size
+        self.fixed_size
+            .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
+    }
+
+    fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.fixed_size.is_some() {
+                return Err(BlockError::new(
+                    libc::ENOTSUP,
+                    "Cannot resize fixed-size raw disks",
+                ));
+            }
+            let file_size = self.offset.checked_add(size).ok_or_else(|| {
+                BlockError::invalid(format!(
+                    "size {size} is too large at offset {}",
+                    self.offset
+                ))
+            })?;
+            self.file.truncate(file_size).await
+        })
     }
 
     fn limits(&self) -> Limits {
@@ -184,7 +205,7 @@ impl BlockDriver for RawDriver {
             // Sector-widened requests may reach past a size that is not a multiple of 512:
             // that part reads as zeroes.
             let len = iovec::total_len(iov);
-            let keep = self.size.saturating_sub(offset).min(len);
+            let keep = self.size().saturating_sub(offset).min(len);
             if keep == len {
                 return self.file.read(self.offset + offset, iov).await;
             }
