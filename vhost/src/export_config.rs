@@ -61,6 +61,10 @@ pub struct BlkExportConfig {
     pub socket_mode: u32,
     /// Group of that socket (`socket-group=`, a strata extension; none: the daemon's group).
     pub socket_group: Option<u32>,
+    /// Where the export makes its private directory (the socket between the relay and
+    /// vhost-user-backend); None: the temporary directory. A sandboxed daemon that adds
+    /// exports at run time gives a directory its sandbox lets it write.
+    pub private_dir_parent: Option<std::path::PathBuf>,
 }
 
 impl BlkExportConfig {
@@ -78,6 +82,7 @@ impl BlkExportConfig {
             poll_max_ns: DEFAULT_POLL_MAX_NS,
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
+            private_dir_parent: None,
         }
     }
 

@@ -126,7 +126,7 @@ impl BlkExport {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("Could not make the listening socket non-blocking", e))?;
-        let private = PrivateDir::new()?;
+        let private = PrivateDir::new(config.private_dir_parent.as_deref())?;
         let internal_path = private.path.join("vhost-user.sock");
         let internal = UnixListener::bind(&internal_path).map_err(|e| {
             Error::io(
@@ -222,6 +222,16 @@ impl BlkExport {
                 })
             }),
         }
+    }
+
+    /// The exported node.
+    pub fn node(&self) -> &Arc<strata_backend::Node> {
+        &self.shared.cfg.node
+    }
+
+    /// Whether a frontend is connected now (QMP's `block-export-del` in safe mode refuses then).
+    pub fn has_frontend(&self) -> bool {
+        self.shared.conn().is_some()
     }
 
     /// Tells the connected frontend that the disk size changed (read live from the node), over
@@ -512,10 +522,11 @@ struct PrivateDir {
 }
 
 impl PrivateDir {
-    fn new() -> Result<PrivateDir, Error> {
-        let mut base = std::env::temp_dir();
+    /// A new directory in `parent`, or else in the temporary directory.
+    fn new(parent: Option<&Path>) -> Result<PrivateDir, Error> {
+        let mut base = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
         // Unix socket paths are limited to 107 bytes.
-        if base.as_os_str().len() > 64 {
+        if parent.is_none() && base.as_os_str().len() > 64 {
             base = PathBuf::from("/tmp");
         }
         let template = base.join("strata-vhost-XXXXXX");
