@@ -37,12 +37,17 @@ pub struct DaemonArgs {
     /// says (strata runs a worker per queue whatever the iothread).
     #[arg(long, value_name = "OPTIONS")]
     pub object: Vec<String>,
-    /// A QMP monitor (not available yet; strata refuses it rather than ignoring it).
+    /// A QMP monitor: chardev=ID[,pretty=on] (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub monitor: Vec<String>,
-    /// A chardev for the monitor (not available yet).
+    /// A monitor's socket: socket,id=ID,path=PATH,server=on,wait=off (or fd=N for an
+    /// inherited listening socket) (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub chardev: Vec<String>,
+    /// With a monitor and the sandbox on: a directory where QMP commands may open images and
+    /// create export sockets at run time (repeatable; without it they can use none).
+    #[arg(long, value_name = "DIR")]
+    pub sandbox_allow_dir: Vec<PathBuf>,
     /// Write the daemon's PID to this file once every export listens; the file is locked while
     /// the daemon runs (a second daemon with it refuses to start), never written through a
     /// symbolic link, and removed at exit.

@@ -15,7 +15,16 @@ pub fn parse(
     graph: &Graph,
     iothreads: &IoThreads,
 ) -> Result<(BlkExportConfig, Listen), String> {
-    let mut o = Options::parse(text, Some("type")).map_err(|e| e.to_string())?;
+    let o = Options::parse(text, Some("type")).map_err(|e| e.to_string())?;
+    from_options(o, graph, iothreads)
+}
+
+/// The same from options already split into keys (QMP's `block-export-add`, flattened).
+pub fn from_options(
+    mut o: Options,
+    graph: &Graph,
+    iothreads: &IoThreads,
+) -> Result<(BlkExportConfig, Listen), String> {
     let err = |e: strata_backend::BlockError| e.to_string();
     match o.take("type").as_deref() {
         Some("vhost-user-blk") => {}

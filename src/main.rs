@@ -1,10 +1,13 @@
 //! strata: a vhost-user-blk storage daemon with qemu-storage-daemon's command line.
 
 mod cli;
+mod daemon;
 mod export_options;
+mod exports;
 mod img;
 mod iothreads;
 mod pidfile;
+mod qmp;
 mod serve;
 
 use std::process::ExitCode;

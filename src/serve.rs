@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -12,20 +13,27 @@ use strata_backend::{Graph, Options};
 use strata_vhost::{BlkExport, BlkExportConfig, Listen, ListeningExport};
 
 use crate::cli::{BackingArgs, DaemonArgs, Sandbox, ServeArgs};
+use crate::daemon::Daemon;
 use crate::export_options;
+use crate::exports::Exports;
 use crate::iothreads::IoThreads;
 use crate::pidfile::{self, PidFile};
+use crate::qmp::{self, Clients, ListeningMonitor};
 
 /// Size of the image `strata serve` creates when none exists.
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
 /// `strata --blockdev ... --export ...`.
 pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
-    if !args.monitor.is_empty() || !args.chardev.is_empty() {
-        return Err("--monitor/--chardev (QMP) are not available yet".into());
+    let monitors = qmp::config::parse(&args.chardev, &args.monitor)?;
+    if args.export.is_empty() && monitors.is_empty() {
+        return Err("nothing to serve: give --export (with --blockdev) or --monitor, or use 'strata serve IMAGE'; see --help".into());
     }
-    if args.export.is_empty() {
-        return Err("nothing to serve: give --export (with --blockdev), or use 'strata serve IMAGE'; see --help".into());
+    if !args.sandbox_allow_dir.is_empty() && (monitors.is_empty() || args.sandbox == Sandbox::Off) {
+        return Err(
+            "--sandbox-allow-dir is for QMP under the sandbox: give a --monitor, with --sandbox on"
+                .into(),
+        );
     }
     if let Some(path) = &args.pidfile {
         pidfile::check(path)?;
@@ -52,7 +60,52 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
         );
     }
     export_options::check_distinct(&exports)?;
-    run(exports, args.pidfile.as_deref(), &graph, args.sandbox)
+    let sandboxed_qmp = !monitors.is_empty() && args.sandbox == Sandbox::On;
+    let daemon = Daemon {
+        graph,
+        iothreads,
+        exports: Exports::default(),
+        runtime_dir: if sandboxed_qmp {
+            Some(RuntimeDir::create()?)
+        } else {
+            None
+        },
+        sandbox_dirs: sandboxed_qmp.then(|| args.sandbox_allow_dir.clone()),
+    };
+    let runtime_dir = daemon.runtime_dir.clone().map(RuntimeDir);
+    let result = run(
+        Arc::new(daemon),
+        exports,
+        monitors,
+        args.pidfile.as_deref(),
+        args.sandbox,
+    );
+    drop(runtime_dir);
+    result
+}
+
+/// The directory where exports added by QMP make their private directories, so that the
+/// sandbox can allow that there and nowhere else; removed at exit.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create() -> Result<PathBuf, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("strata-qmp-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("Could not create {}: {e}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            log::warn!("Could not remove {}: {e}", self.0.display());
+        }
+    }
 }
 
 /// `strata serve IMAGE --socket PATH`: the image is raw unless `--format` says otherwise, never
@@ -89,10 +142,18 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
     config.num_queues = args.queues;
     config.logical_block_size = args.logical_block_size;
     print_qemu_hint(&args.socket, args.queues);
+    let daemon = Daemon {
+        graph,
+        iothreads: IoThreads::default(),
+        exports: Exports::default(),
+        runtime_dir: None,
+        sandbox_dirs: None,
+    };
     run(
+        Arc::new(daemon),
         vec![(config, Listen::UnixPath(args.socket.clone()))],
+        Vec::new(),
         None,
-        &graph,
         args.sandbox,
     )
 }
@@ -155,13 +216,14 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
     );
 }
 
-/// Starts every export listening, writes the pidfile once they all do, enters the sandbox
-/// (unless `--sandbox off`), starts serving, then waits for SIGTERM/SIGINT: stop, drain,
-/// flush, remove the pidfile, exit.
+/// Starts every export and monitor listening, writes the pidfile once they all do, enters the
+/// sandbox (unless `--sandbox off`), starts serving and the monitors, then waits for
+/// SIGTERM/SIGINT: stop, drain, flush, remove the sockets and pidfile, exit.
 fn run(
+    daemon: Arc<Daemon>,
     configs: Vec<(BlkExportConfig, Listen)>,
+    monitors: Vec<qmp::MonitorConfig>,
     pidfile: Option<&Path>,
-    graph: &Graph,
     sandbox: Sandbox,
 ) -> Result<(), String> {
     let mut signals = Signals::new([SIGTERM, SIGINT])
@@ -173,32 +235,64 @@ fn run(
             BlkExport::listen(config, listen).map_err(|e| format!("export '{id}': {e}"))?;
         listening.push(export);
     }
+    let mut monitor_sockets = MonitorSockets(Vec::new());
+    let mut listening_monitors = Vec::new();
+    for config in monitors {
+        let monitor = ListeningMonitor::listen(config)?;
+        monitor_sockets
+            .0
+            .extend(monitor.socket_path().map(Path::to_path_buf));
+        listening_monitors.push(monitor);
+    }
     let pidfile = pidfile.map(PidFile::write).transpose()?;
     match sandbox {
-        Sandbox::On => sandbox::enter(&sandbox_policy(graph, &listening, pidfile.as_ref()))
-            .map_err(|e| format!("sandbox: {e} (--sandbox off serves without it)"))?,
+        Sandbox::On => {
+            let mut policy = sandbox_policy(&daemon.graph, &listening, pidfile.as_ref());
+            policy
+                .removed_files
+                .extend(monitor_sockets.0.iter().cloned());
+            if !listening_monitors.is_empty() {
+                policy.qmp = Some(sandbox::QmpPolicy {
+                    allowed_dirs: daemon.sandbox_dirs.clone().unwrap_or_default(),
+                    runtime_dir: daemon.runtime_dir.clone(),
+                });
+            }
+            sandbox::enter(&policy)
+                .map_err(|e| format!("sandbox: {e} (--sandbox off serves without it)"))?
+        }
         Sandbox::Off => log::info!("sandbox: off"),
     }
-    let mut exports = Vec::new();
     for export in listening {
         let id = export.id().to_string();
-        exports.push(export.serve().map_err(|e| format!("export '{id}': {e}"))?);
+        let export = export.serve().map_err(|e| format!("export '{id}': {e}"))?;
+        if daemon.exports.add(export).is_err() {
+            return Err(format!("export '{id}': the id is used twice"));
+        }
+    }
+    let clients = Arc::new(Clients::default());
+    for monitor in listening_monitors {
+        monitor.serve(daemon.clone(), clients.clone())?;
     }
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
-    for export in &exports {
-        export.stop();
-    }
-    let mut result = Ok(());
-    for export in exports {
-        let id = export.id().to_string();
-        if let Err(e) = export.join() {
-            result = Err(format!("export '{id}': {e}"));
-        }
-    }
+    let result = daemon.exports.stop_all();
+    drop(monitor_sockets);
     drop(pidfile);
     result
+}
+
+/// The monitors' socket files, removed at exit.
+struct MonitorSockets(Vec<PathBuf>);
+
+impl Drop for MonitorSockets {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("Could not remove {}: {e}", path.display());
+            }
+        }
+    }
 }
 
 /// What the sandboxed daemon may still reach: the files its nodes opened, and what it removes
@@ -226,6 +320,7 @@ fn sandbox_policy(
             .iter()
             .map(|e| e.private_dir().to_path_buf())
             .collect(),
+        qmp: None,
     }
 }
 

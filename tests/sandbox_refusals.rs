@@ -109,6 +109,7 @@ fn probe(dir: &Path) -> ExitCode {
         images: vec![(dir.join("image"), true)],
         removed_files: vec![dir.join("socket")],
         removed_dirs: Vec::new(),
+        qmp: None,
     };
     if let Err(e) = sandbox::enter(&policy) {
         eprintln!("enter: {e}");

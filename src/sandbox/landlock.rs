@@ -72,6 +72,31 @@ fn ruleset(policy: &Policy) -> Result<landlock::RestrictionStatus, RulesetError>
             AccessFs::ReadDir | AccessFs::RemoveFile | AccessFs::RemoveDir,
         ));
     }
+    if let Some(qmp) = &policy.qmp {
+        for dir in &qmp.allowed_dirs {
+            rules.push((
+                dir.as_path(),
+                AccessFs::ReadFile
+                    | AccessFs::WriteFile
+                    | AccessFs::Truncate
+                    | AccessFs::IoctlDev
+                    | AccessFs::ReadDir
+                    | AccessFs::MakeSock
+                    | AccessFs::RemoveFile,
+            ));
+        }
+        if let Some(dir) = &qmp.runtime_dir {
+            rules.push((
+                dir.as_path(),
+                AccessFs::ReadDir
+                    | AccessFs::MakeDir
+                    | AccessFs::MakeSock
+                    | AccessFs::RemoveDir
+                    | AccessFs::RemoveFile,
+            ));
+            rules.push((parent(dir), AccessFs::RemoveDir.into()));
+        }
+    }
     let mut created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(ABI_HANDLED))?

@@ -28,6 +28,19 @@ pub struct Policy {
     pub removed_files: Vec<PathBuf>,
     /// Directories the daemon removes at exit, with the files in them.
     pub removed_dirs: Vec<PathBuf>,
+    /// What QMP may still do at run time, when a monitor is configured.
+    pub qmp: Option<QmpPolicy>,
+}
+
+/// What a daemon with a QMP monitor does at run time besides serving: open images, create
+/// export sockets and their private directories, resize files.
+#[derive(Debug, Default, Clone)]
+pub struct QmpPolicy {
+    /// `--sandbox-allow-dir`: images may be opened (read, written, resized) and sockets
+    /// created and removed anywhere beneath these.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Where new exports make (and remove) their private directories.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// Confines the process: Landlock as `policy` says, then the seccomp filter. A kernel that
@@ -35,5 +48,5 @@ pub struct Policy {
 /// and the daemon goes on without it; any other failure is an error.
 pub fn enter(policy: &Policy) -> Result<(), String> {
     landlock::restrict(policy)?;
-    seccomp::apply()
+    seccomp::apply(policy.qmp.is_some())
 }

@@ -12,11 +12,14 @@
 
 /// Installs the filter on every thread of the process (TSYNC); threads started later inherit
 /// it. A kernel without seccomp filters is a warning, any other failure an error.
+/// With `qmp`, the calls that QMP commands make at run time are allowed too: listening on new
+/// Unix sockets (block-export-add), making directories, setting a socket's mode and group,
+/// and sizing block devices (blockdev-add, block_resize).
 #[cfg(target_arch = "x86_64")]
-pub fn apply() -> Result<(), String> {
+pub fn apply(qmp: bool) -> Result<(), String> {
     use seccompiler::{apply_filter_all_threads, BpfProgram, Error};
 
-    let allowlist: BpfProgram = x86_64::allowlist()?;
+    let allowlist: BpfProgram = x86_64::allowlist(qmp)?;
     let no_clone3: BpfProgram = x86_64::clone3_unavailable()?;
     super::sigsys::install()?;
     for filter in [&no_clone3, &allowlist] {
@@ -40,7 +43,7 @@ pub fn apply() -> Result<(), String> {
 
 /// No filter for this architecture: says so.
 #[cfg(not(target_arch = "x86_64"))]
-pub fn apply() -> Result<(), String> {
+pub fn apply(_qmp: bool) -> Result<(), String> {
     log::warn!(
         "sandbox: no seccomp filter for {}: system calls are not restricted",
         std::env::consts::ARCH
@@ -60,14 +63,46 @@ mod x86_64 {
     /// BLKDISCARD (the file driver on block devices); libc lacks it.
     const BLKDISCARD: u64 = 0x1277;
 
+    /// BLKGETSIZE64 and BLKSSZGET: a block device's size and logical block size, read when
+    /// QMP opens or resizes one.
+    const BLKGETSIZE64: u64 = 0x8008_1272;
+    const BLKSSZGET: u64 = 0x1268;
+
+    /// What QMP commands add at run time (Landlock still confines the paths): new listening
+    /// sockets and the directories, modes and groups of export sockets; writing back files
+    /// a new node opened.
+    const QMP_RUNTIME: &[i64] = &[
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_chmod,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchown,
+        libc::SYS_fchownat,
+        libc::SYS_lseek,
+        libc::SYS_pread64,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_fstat,
+        libc::SYS_lstat,
+        libc::SYS_stat,
+    ];
+
     /// PROT_EXEC: never asked for, so never granted.
     const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
     /// The allowlist: a call not in it traps.
-    pub(super) fn allowlist() -> Result<BpfProgram, String> {
+    pub(super) fn allowlist(qmp: bool) -> Result<BpfProgram, String> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for &call in UNCONDITIONAL {
             rules.insert(call, Vec::new());
+        }
+        if qmp {
+            for &call in QMP_RUNTIME {
+                rules.insert(call, Vec::new());
+            }
         }
         // Allowed here so that the other filter's ENOSYS decides: a trap would win over it.
         rules.insert(libc::SYS_clone3, Vec::new());
@@ -105,7 +140,11 @@ mod x86_64 {
             )?,
         );
         // Blocking sockets again after accept; discards on block devices (helper threads).
-        rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO, BLKDISCARD])?);
+        let mut ioctls = vec![libc::FIONBIO, BLKDISCARD];
+        if qmp {
+            ioctls.extend([BLKGETSIZE64, BLKSSZGET]);
+        }
+        rules.insert(libc::SYS_ioctl, any_of(1, &ioctls)?);
         // Thread names (set by each new thread, read by the SIGSYS report).
         rules.insert(
             libc::SYS_prctl,

@@ -1,0 +1,5 @@
+//! The commands, one file per family.
+
+pub mod control;
+pub mod exports;
+pub mod nodes;
