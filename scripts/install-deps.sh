@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what strata's tests need on Debian 12 (as root): QEMU (test guests,
 # qemu-storage-daemon, qemu-img), a kernel, busybox-static and fio for the test guest,
-# cpio to pack it, gcc and libc6-dev for its static BLKZEROOUT tool. Does nothing when
+# cpio to pack it, gcc and libc6-dev for its static BLKZEROOUT tool, and QEMU's Python QMP
+# client (qemu.qmp, from PyPI) for the QMP tests. Does nothing when
 # everything is already there.
 #
 # qemu-system-x86 and qemu-utils must come in ONE apt-get command and at the SAME version:
@@ -13,7 +14,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 have_all() {
-    command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null \
+    python3 -c 'import qemu.qmp' 2>/dev/null && command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null \
         && command -v qemu-storage-daemon >/dev/null && command -v fio >/dev/null \
         && command -v cpio >/dev/null && command -v losetup >/dev/null \
         && command -v gcc >/dev/null && [[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] \
@@ -36,5 +37,8 @@ v="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')"
 apt-get install -y -q --allow-downgrades \
     "qemu-system-x86=$v" "qemu-system-common=$v" "qemu-utils=$v" "qemu-block-extra=$v" \
     linux-image-amd64 busybox-static fio cpio util-linux gcc libc6-dev
+# QEMU's QMP client library, for the QMP conformance tests (tests/qmp.rs).
+python3 -c 'import qemu.qmp' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore qemu.qmp
 have_all || { echo "install-deps: still missing something after apt-get" >&2; exit 1; }
 echo "install-deps: done (qemu $v)"

@@ -74,6 +74,10 @@ mod x86_64 {
     const QMP_RUNTIME: &[i64] = &[
         libc::SYS_bind,
         libc::SYS_listen,
+        // The monitor's write timeout on each client (SO_SNDTIMEO).
+        libc::SYS_setsockopt,
+        // Export sockets are created owner-only (umask) before they get their mode.
+        libc::SYS_umask,
         libc::SYS_mkdir,
         libc::SYS_mkdirat,
         libc::SYS_chmod,
