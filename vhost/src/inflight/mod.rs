@@ -158,7 +158,16 @@ impl Region {
             num_queues: req.num_queues,
             queue_size: req.queue_size,
         };
-        Ok((Region::map(file, &desc)?, fd, desc))
+        let region = Region::map(file, &desc)?;
+        // Born initialised: a daemon that dies before a queue's first start still leaves a
+        // buffer whose marks the next one recovers (a zero version means "new, ignore").
+        for queue in 0..usize::from(req.num_queues) {
+            if let Some(log) = region.queue(queue, req.queue_size) {
+                log.store16(DESC_NUM_AT, req.queue_size);
+                log.store16(VERSION_AT, VERSION);
+            }
+        }
+        Ok((region, fd, desc))
     }
 
     /// Maps the buffer a frontend hands back (SET_INFLIGHT_FD). It must be a file sealed
@@ -410,7 +419,7 @@ mod tests {
     fn requests_in_flight_come_back_in_the_order_they_were_taken() {
         let r = region(2, 8);
         let log = r.queue(1, 8).expect("queue 1");
-        assert!(log.recover(0).is_none(), "a new log");
+        assert!(log.recover(0).expect("born initialised").heads.is_empty());
         // Taken: 6, 1, 4, 3; 1 completed out of order.
         for (i, h) in [6u16, 1, 4, 3].into_iter().enumerate() {
             log.mark(h, i as u64);
@@ -421,16 +430,36 @@ mod tests {
         assert_eq!(got.heads, [6, 4, 3]);
         assert_eq!(got.counter, 4);
         // The other queue's log is separate and new.
-        assert!(r.queue(0, 8).expect("queue 0").recover(0).is_none());
+        assert!(r
+            .queue(0, 8)
+            .expect("queue 0")
+            .recover(0)
+            .expect("in use")
+            .heads
+            .is_empty());
         assert!(r.queue(2, 8).is_none());
         assert!(r.queue(0, 16).is_none());
+    }
+
+    /// A daemon can mark requests before the queue's first start is handled (its first look
+    /// found no buffer yet): the next daemon must still find them.
+    #[test]
+    fn marks_made_before_a_first_start_are_recovered() {
+        let r = region(1, 8);
+        let log = r.queue(0, 8).expect("queue");
+        log.mark(3, 0);
+        log.mark(5, 1);
+        assert_eq!(log.recover(0).expect("born initialised").heads, [3, 5]);
+        // A zero version (a buffer no daemon initialised) is still new.
+        log.store16(VERSION_AT, 0);
+        assert!(log.recover(0).is_none());
     }
 
     #[test]
     fn a_batch_published_but_not_cleared_is_done() {
         let r = region(1, 8);
         let log = r.queue(0, 8).expect("queue");
-        assert!(log.recover(5).is_none());
+        assert!(log.recover(5).expect("in use").heads.is_empty());
         for (i, h) in [2u16, 5, 7, 0].into_iter().enumerate() {
             log.mark(h, 10 + i as u64);
         }
@@ -446,7 +475,7 @@ mod tests {
     fn a_log_scribbled_by_the_frontend_is_bounded() {
         let r = region(1, 4);
         let log = r.queue(0, 4).expect("queue");
-        assert!(log.recover(0).is_none());
+        assert!(log.recover(0).expect("in use").heads.is_empty());
         log.mark(1, 1);
         // Links that point outside the table or loop, and a used index far ahead.
         log.store16(LAST_BATCH_HEAD_AT, 3);

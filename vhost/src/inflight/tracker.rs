@@ -70,6 +70,11 @@ impl Tracker {
         if self.started.get(slot).copied().unwrap_or(true) {
             return 0;
         }
+        // No buffer yet (or none for this queue): the start is handled when one comes, so a
+        // buffer installed after the queue's first look still gets its marks recovered.
+        if self.log(queue, q.size()).is_none() {
+            return 0;
+        }
         self.started[slot] = true;
         if in_flight != 0 {
             return 0;
