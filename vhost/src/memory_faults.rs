@@ -191,11 +191,10 @@ fn contain(addr: usize) -> bool {
         if addr < start || addr - start >= len {
             continue;
         }
-        // SAFETY: [start, start + len) is a guest memory mapping that the faulting thread is
-        // using (it holds the memory table, so the mapping cannot be unmapped meanwhile).
-        // Replacing it with anonymous memory of the same size keeps every pointer into it
-        // valid; its former contents are lost to this process only, which drops the
+        // Replacing the mapping with anonymous memory of the same size keeps every pointer into
+        // it valid; its former contents are lost to this process only, which drops the
         // connection. mmap is async-signal-safe in practice (a plain system call).
+        // SAFETY: [start, start + len) is a guest mapping the faulting thread holds mapped.
         let p = unsafe {
             libc::mmap(
                 start as *mut libc::c_void,
