@@ -210,8 +210,9 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
     println!(
         "Attach a VM with:\n  qemu-system-x86_64 -m 1G \
          -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
-         -chardev socket,id=c0,path={} \
-         -device vhost-user-blk-pci,chardev=c0,num-queues={queues} ...",
+         -chardev socket,id=c0,path={},reconnect=1 \
+         -device vhost-user-blk-pci,chardev=c0,num-queues={queues} ...\n\
+         (reconnect=1: QEMU reconnects after a restart of strata, and the guest sees a pause)",
         socket.display()
     );
 }
