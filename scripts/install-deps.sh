@@ -2,8 +2,9 @@
 # Installs what strata's tests need on Debian 12 (as root): QEMU (test guests,
 # qemu-storage-daemon, qemu-img), a kernel, busybox-static and fio for the test guest,
 # cpio to pack it, gcc and libc6-dev for its static BLKZEROOUT tool, and QEMU's Python QMP
-# client (qemu.qmp, from PyPI) for the QMP tests. Does nothing when
-# everything is already there.
+# client (qemu.qmp, from PyPI) for the QMP tests, and Ceph 16 (monitor, manager, OSD, the
+# ceph and rbd tools, librbd-dev to link the rbd driver) for scripts/ceph-test-cluster.sh and
+# the rbd tests. Does nothing when everything is already there.
 #
 # qemu-system-x86 and qemu-utils must come in ONE apt-get command and at the SAME version:
 # these machines may ship a newer (backported) qemu-utils whose Breaks: on qemu-system-common
@@ -20,7 +21,10 @@ have_all() {
         && command -v gcc >/dev/null && [[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] \
         && busybox --list 2>/dev/null | grep -x insmod >/dev/null \
         && ! ldd "$(command -v busybox)" >/dev/null 2>&1 \
-        && "$here/../tests/guest/kernel-path.sh" >/dev/null 2>&1
+        && "$here/../tests/guest/kernel-path.sh" >/dev/null 2>&1 \
+        && command -v ceph-mon >/dev/null && command -v ceph-mgr >/dev/null \
+        && command -v ceph-osd >/dev/null && command -v rbd >/dev/null \
+        && [[ -e /usr/include/rbd/librbd.h ]]
 }
 if have_all; then
     exit 0
@@ -36,7 +40,8 @@ v="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')"
 [[ -n "$v" && "$v" != "(none)" ]] || { echo "install-deps: no qemu-system-x86 candidate" >&2; exit 1; }
 apt-get install -y -q --allow-downgrades \
     "qemu-system-x86=$v" "qemu-system-common=$v" "qemu-utils=$v" "qemu-block-extra=$v" \
-    linux-image-amd64 busybox-static fio cpio util-linux gcc libc6-dev
+    linux-image-amd64 busybox-static fio cpio util-linux gcc libc6-dev \
+    ceph ceph-mon ceph-osd ceph-mgr librbd-dev
 # QEMU's QMP client library, for the QMP conformance tests (tests/qmp.rs).
 python3 -c 'import qemu.qmp' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore qemu.qmp
