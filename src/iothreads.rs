@@ -28,14 +28,17 @@ pub struct IoThreads {
 }
 
 impl IoThreads {
-    /// Adds the object `text` (`qom-type=iothread,id=...` or `iothread,id=...`).
+    /// Adds the object `text` (`qom-type=iothread,id=...` or `iothread,id=...`); a `secret`
+    /// object goes to the block layer's secrets instead.
     pub fn add(&mut self, text: &str) -> Result<(), String> {
         let mut o = Options::parse(text, Some("qom-type")).map_err(|e| e.to_string())?;
         match o.take("qom-type").as_deref() {
             Some("iothread") => {}
+            Some("secret") => return strata_backend::secret::add(o).map_err(|e| e.to_string()),
             other => {
                 return Err(format!(
-                    "object type '{}' is not supported (strata takes iothread objects only)",
+                    "object type '{}' is not supported (strata takes iothread and secret \
+                     objects)",
                     other.unwrap_or("")
                 ))
             }

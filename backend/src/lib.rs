@@ -18,6 +18,7 @@ pub mod node_name;
 pub mod options;
 pub mod probe;
 pub mod registry;
+pub mod secret;
 
 pub use driver::{BlockStatus, Limits};
 pub use error::{BlockError, Result};

@@ -1,7 +1,7 @@
 //! The driver registry: every driver strata has, found by name, by filename protocol or by
 //! device, and the image creation hook of each format.
 
-use crate::driver::{file, null, qcow2, raw, CreateRequest, DriverInfo};
+use crate::driver::{file, null, qcow2, raw, rbd, CreateRequest, DriverInfo};
 use crate::error::{BlockError, Result};
 
 /// Every driver strata has.
@@ -11,6 +11,7 @@ static DRIVERS: &[DriverInfo] = &[
     file::FILE_DRIVER,
     file::HOST_DEVICE_DRIVER,
     null::DRIVER,
+    rbd::DRIVER,
 ];
 
 /// Finds a driver by name.

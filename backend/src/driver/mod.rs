@@ -11,6 +11,7 @@ mod image_lock;
 pub(crate) mod null;
 pub mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod rbd;
 
 pub use api::{BlockDriver, BlockStatus, FileId, IoFuture, Limits};
 pub use backing_policy::BackingPolicy;
