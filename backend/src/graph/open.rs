@@ -59,8 +59,10 @@ impl Graph {
             options.take("filename");
             options.join_defaults(from_json);
         }
-        // snapshot=on: the node opens read-only below a temporary qcow2 overlay.
-        if options.take_bool(SNAPSHOT)? == Some(true) {
+        // snapshot=on: the node opens read-only below a temporary qcow2 overlay. For rbd,
+        // `snapshot` is the driver's own option: the image snapshot to open (QEMU's too).
+        let driver_snapshot = options.get(keys::DRIVER) == Some(crate::driver::rbd::DRIVER.name);
+        if !driver_snapshot && options.take_bool(SNAPSHOT)? == Some(true) {
             return self.open_temp_overlay(options, parent).await;
         }
         let explicit_options = options.clone();

@@ -16,7 +16,7 @@ use std::os::raw::{c_int, c_void};
 use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -37,6 +37,8 @@ pub struct Image {
     /// Identifies the image in the threads' watch sets (an address could be reused).
     id: u64,
     size: AtomicU64,
+    /// Held while the image grows for a write past its end (rare: not the hot path).
+    growing: Mutex<()>,
     /// Dropped after the image is closed (field order is irrelevant: Drop closes first).
     _cluster: Cluster,
 }
@@ -112,6 +114,7 @@ impl Image {
             eventfd: Arc::new(fd),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             size: AtomicU64::new(0),
+            growing: Mutex::new(()),
             _cluster: cluster,
         };
         // SAFETY: a live image and our own eventfd, which outlives the image's handle.
@@ -158,6 +161,16 @@ impl Image {
         }
         self.size.store(size, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Grows the image to at least `end` bytes, for a write past its end (blocking: run it
+    /// on a helper thread). Concurrent growers take turns, and none shrinks the image.
+    pub fn grow_to(&self, end: u64) -> Result<()> {
+        let _turn = self.growing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.size() >= end {
+            return Ok(());
+        }
+        self.resize(end)
     }
 
     /// Makes this thread's reactor watch the image's eventfd, once per thread.

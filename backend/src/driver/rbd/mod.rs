@@ -200,6 +200,12 @@ impl BlockDriver for RbdDriver {
         true
     }
 
+    fn can_grow(&self) -> bool {
+        // A format on rbd allocates past the image's end (qcow2's clusters): the image grows
+        // for such writes, as QEMU's rbd driver does.
+        true
+    }
+
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         let image = self.image.clone();
         Box::pin(async move { run_blocking(move || image.resize(size)).await? })
@@ -214,11 +220,19 @@ impl BlockDriver for RbdDriver {
     }
 
     fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
-        Box::pin(self.request("write", offset, move |image, comp| {
-            let raw = iovec::as_raw(iov);
-            // SAFETY: as in read.
-            unsafe { ffi::rbd_aio_writev(image, raw.as_ptr(), raw.len() as i32, offset, comp) }
-        }))
+        Box::pin(async move {
+            let end = offset.saturating_add(iovec::total_len(iov));
+            if end > self.image.size() {
+                let image = self.image.clone();
+                run_blocking(move || image.grow_to(end)).await??;
+            }
+            self.request("write", offset, move |image, comp| {
+                let raw = iovec::as_raw(iov);
+                // SAFETY: as in read.
+                unsafe { ffi::rbd_aio_writev(image, raw.as_ptr(), raw.len() as i32, offset, comp) }
+            })
+            .await
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

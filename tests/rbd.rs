@@ -1,0 +1,649 @@
+//! The rbd driver (issue 16) against a real Ceph cluster: the one `scripts/ceph-test-cluster.sh`
+//! starts (scripts/test.sh brings it up and exports CEPH_CONF and STRATA_CEPH_DIR). A libblkio
+//! client writes through strata's vhost-user-blk export and reads back; `rbd export` shows what
+//! reached the cluster; qcow2 on rbd, a read-only snapshot, the open errors, and an OSD killed
+//! and restarted under I/O.
+//!
+//! Without a cluster the tests say so and pass, except under CI=true, where they fail.
+
+use std::io::{BufRead, BufReader};
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// A request may wait this long while an OSD restarts.
+const IO_TIMEOUT: Duration = Duration::from_secs(90);
+const IMAGE_SIZE: u64 = 64 << 20;
+const LEN: usize = 64 << 10;
+
+/// The test cluster's configuration file, or None (a skip, or a failure under CI).
+fn cluster() -> Option<String> {
+    match std::env::var("CEPH_CONF") {
+        Ok(conf) if Path::new(&conf).exists() => Some(conf),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("no Ceph cluster under CI: scripts/test.sh starts one (CEPH_CONF unset)")
+        }
+        _ => {
+            eprintln!(
+                "skipped: no Ceph cluster (eval \"$(scripts/ceph-test-cluster.sh start)\" first)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs a ceph tool (rbd, ceph, ceph-authtool) and returns its output, which must succeed.
+fn tool(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A fresh image name (tests run in parallel on one pool).
+fn image_name(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An image in pool rbd, removed with its snapshots when dropped.
+struct RbdImage(String);
+
+impl RbdImage {
+    fn create(tag: &str) -> RbdImage {
+        let name = image_name(tag);
+        tool("rbd", &["create", "--size", "64M", &format!("rbd/{name}")]);
+        RbdImage(name)
+    }
+
+    fn import(tag: &str, file: &Path) -> RbdImage {
+        let name = image_name(tag);
+        tool("rbd", &["import", &path_str(file), &format!("rbd/{name}")]);
+        RbdImage(name)
+    }
+
+    /// The image's bytes, as `rbd export` reads them from the cluster.
+    fn export(&self, dir: &Path) -> Vec<u8> {
+        let out = dir.join(format!("{}.export", self.0));
+        tool(
+            "rbd",
+            &["export", &format!("rbd/{}", self.0), &path_str(&out)],
+        );
+        let data = std::fs::read(&out).expect("read export");
+        let _ = std::fs::remove_file(&out);
+        data
+    }
+}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        let spec = format!("rbd/{}", self.0);
+        let _ = Command::new("rbd").args(["snap", "purge", &spec]).output();
+        let _ = Command::new("rbd").args(["rm", &spec]).output();
+    }
+}
+
+/// A running strata, killed if still running when dropped; its stderr lines on a channel.
+struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    log: String,
+}
+
+impl Daemon {
+    fn spawn(args: &[String]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run strata");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Starts strata exporting `node` (the last of `blockdevs`) on `socket`.
+    fn start(blockdevs: &[String], socket: &Path, writable: bool) -> Daemon {
+        let mut args = Vec::new();
+        for b in blockdevs {
+            args.push("--blockdev".to_string());
+            args.push(b.clone());
+        }
+        args.push("--export".into());
+        args.push(format!(
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},\
+             writable={},num-queues=2",
+            path_str(socket),
+            if writable { "on" } else { "off" }
+        ));
+        let mut d = Daemon::spawn(&args);
+        let deadline = Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            d.drain();
+            assert!(
+                Instant::now() < deadline && d.child.try_wait().expect("wait").is_none(),
+                "strata did not start:\n{}",
+                d.log
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push_str(&line);
+            self.log.push('\n');
+        }
+    }
+
+    /// Waits for the daemon to exit by itself; returns success and the log.
+    fn wait_exit(mut self, limit: Duration) -> (bool, String, Duration) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(start.elapsed() < limit, "still running:\n{}", self.log);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = start.elapsed();
+        std::thread::sleep(Duration::from_millis(50));
+        self.drain();
+        (status.success(), std::mem::take(&mut self.log), took)
+    }
+
+    /// SIGTERM, then the exit status and the log.
+    fn terminate(self) -> (bool, String) {
+        // SAFETY: kill references no memory; the pid is our own child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let (ok, log, _) = self.wait_exit(TIMEOUT);
+        (ok, log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connected libblkio client with one memory region.
+struct Client {
+    queues: Vec<Blkioq>,
+    blkio: Blkio,
+    region: MemoryRegion,
+}
+
+fn err(e: blkio::Error) -> String {
+    format!("{e} (errno {})", e.errno().raw_os_error())
+}
+
+impl Client {
+    fn connect(socket: &Path) -> Client {
+        Client::connect_as(socket, false)
+    }
+
+    fn connect_as(socket: &Path, read_only: bool) -> Client {
+        let connect = || -> Result<Client, String> {
+            let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
+            b.set_str("path", socket.to_str().ok_or("path")?)
+                .map_err(err)?;
+            b.set_bool("read-only", read_only).map_err(err)?;
+            b.connect().map_err(err)?;
+            b.set_i32("num-queues", 2).map_err(err)?;
+            let outcome = b.start().map_err(err)?;
+            let region = b.alloc_mem_region(LEN).map_err(err)?;
+            b.map_mem_region(&region).map_err(err)?;
+            Ok(Client {
+                queues: outcome.queues,
+                blkio: b,
+                region,
+            })
+        };
+        connect().unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()))
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is a live read/write mapping of `len` bytes owned by the client,
+        // and no request is in flight while the slice is borrowed (`run` waits).
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    /// Submits one request on queue `q` and returns its result.
+    fn run(&mut self, q: usize, submit: impl FnOnce(&mut Blkioq, *mut u8)) -> i32 {
+        let addr = self.region.addr as *mut u8;
+        let queue = &mut self.queues[q];
+        submit(queue, addr);
+        let mut done = [MaybeUninit::<Completion>::uninit()];
+        let mut timeout = IO_TIMEOUT;
+        let n = queue
+            .do_io(&mut done, 1, Some(&mut timeout), None)
+            .unwrap_or_else(|e| panic!("do_io: {}", err(e)));
+        assert_eq!(n, 1, "no completion within {IO_TIMEOUT:?}");
+        // SAFETY: do_io initialised the one completion it returned.
+        unsafe { done[0].assume_init_ref() }.ret
+    }
+
+    fn read(&mut self, q: usize, offset: u64, len: usize) -> Vec<u8> {
+        let r = self.run(q, |queue, buf| {
+            queue.read(offset, buf, len, 0, ReqFlags::empty())
+        });
+        assert_eq!(r, 0, "read at {offset}");
+        self.buf()[..len].to_vec()
+    }
+
+    fn try_write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.buf()[..data.len()].copy_from_slice(data);
+        self.run(q, |queue, buf| {
+            queue.write(offset, buf, data.len(), 0, ReqFlags::empty())
+        })
+    }
+
+    fn write(&mut self, q: usize, offset: u64, data: &[u8]) {
+        assert_eq!(self.try_write(q, offset, data), 0, "write at {offset}");
+    }
+
+    fn flush(&mut self) {
+        assert_eq!(
+            self.run(0, |q, _| q.flush(0, ReqFlags::empty())),
+            0,
+            "flush"
+        );
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.queues.clear();
+        self.blkio.unmap_mem_region(&self.region);
+    }
+}
+
+fn pattern(tag: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(31) ^ tag.wrapping_mul(0x9e37_79b9) >> 5) as u8)
+        .collect()
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
+}
+
+fn rbd_node(image: &str, extra: &str) -> String {
+    format!("driver=rbd,node-name=top,pool=rbd,image={image}{extra}")
+}
+
+/// The arguments of a read-only export of node `top` on `socket`.
+fn export_args(socket: &Path) -> [String; 2] {
+    [
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={}",
+            path_str(socket)
+        ),
+    ]
+}
+
+/// Writes, zeroes and discards through the export on both queues, across librbd's 4 MiB
+/// object boundaries, and keeps `model` as what the image must now hold.
+fn exercise(c: &mut Client, model: &mut [u8]) {
+    let mut apply = |c: &mut Client, q: usize, offset: u64, data: Vec<u8>| {
+        c.write(q, offset, &data);
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    };
+    apply(c, 0, 0, pattern(1, LEN));
+    apply(c, 1, (4 << 20) - 4096, pattern(2, 8192)); // across an object boundary
+    apply(c, 0, (8 << 20) + 512, pattern(3, 3 * 512)); // sector-sized, unaligned to 4k
+    apply(c, 1, IMAGE_SIZE - LEN as u64, pattern(4, LEN)); // the last bytes
+    apply(c, 0, 20 << 20, pattern(5, LEN));
+    apply(c, 1, 24 << 20, pattern(6, LEN));
+    c.flush();
+    let r = c.run(1, |q, _| {
+        q.write_zeroes(20 << 20, 8192, 0, ReqFlags::empty())
+    });
+    assert_eq!(r, 0, "write zeroes");
+    model[20 << 20..(20 << 20) + 8192].fill(0);
+    let r = c.run(0, |q, _| {
+        q.discard(24 << 20, LEN as u64, 0, ReqFlags::empty())
+    });
+    assert_eq!(r, 0, "discard");
+    // A discarded range of an rbd image reads as zeroes.
+    model[24 << 20..(24 << 20) + LEN].fill(0);
+    c.flush();
+    for (offset, len) in [
+        (0u64, LEN),
+        ((4 << 20) - 4096, 8192),
+        ((8 << 20) + 512, 3 * 512),
+        (IMAGE_SIZE - LEN as u64, LEN),
+        (20 << 20, LEN),
+        (24 << 20, LEN),
+    ] {
+        for q in 0..2 {
+            let o = offset as usize;
+            assert!(
+                c.read(q, offset, len) == model[o..o + len],
+                "read back at {offset} on queue {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
+    let Some(_) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("raw");
+    let socket = dir.path().join("vm.sock");
+    let daemon = Daemon::start(&[rbd_node(&image.0, ",discard=unmap")], &socket, true);
+    let mut client = Client::connect(&socket);
+    assert_eq!(
+        client.blkio.get_u64("capacity").expect("capacity"),
+        IMAGE_SIZE
+    );
+    let mut model = vec![0u8; IMAGE_SIZE as usize];
+    exercise(&mut client, &mut model);
+    drop(client);
+    let (ok, log) = daemon.terminate();
+    assert!(ok, "exit after SIGTERM:\n{log}");
+    let exported = image.export(dir.path());
+    assert_eq!(exported.len(), model.len(), "exported size");
+    let first_diff = exported.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "rbd export differs from what the client wrote"
+    );
+}
+
+#[test]
+fn qcow2_on_rbd_reads_back_and_checks_clean() {
+    let Some(_) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("fresh.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &path_str(&local), "64M"],
+    );
+    let image = RbdImage::import("qcow2", &local);
+    let socket = dir.path().join("vm.sock");
+    let blockdevs = [
+        format!(
+            "driver=rbd,node-name=r0,pool=rbd,image={},discard=unmap",
+            image.0
+        ),
+        "driver=qcow2,node-name=top,file=r0,discard=unmap".to_string(),
+    ];
+    let daemon = Daemon::start(&blockdevs, &socket, true);
+    let mut client = Client::connect(&socket);
+    let mut model = vec![0u8; IMAGE_SIZE as usize];
+    exercise(&mut client, &mut model);
+    drop(client);
+    let (ok, log) = daemon.terminate();
+    assert!(ok, "exit after SIGTERM:\n{log}");
+    // The image as the cluster holds it: a clean qcow2 with the client's bytes.
+    let exported = dir.path().join("back.qcow2");
+    std::fs::write(&exported, image.export(dir.path())).expect("write export");
+    tool("qemu-img", &["check", "-q", &path_str(&exported)]);
+    let raw = dir.path().join("back.raw");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &path_str(&exported),
+            &path_str(&raw),
+        ],
+    );
+    let data = std::fs::read(&raw).expect("read raw");
+    assert!(
+        data == model,
+        "the qcow2 image's data differs from what was written"
+    );
+}
+
+#[test]
+fn a_snapshot_opens_read_only_with_the_snapshot_data() {
+    let Some(_) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = pattern(7, IMAGE_SIZE as usize);
+    let file = dir.path().join("before.raw");
+    std::fs::write(&file, &before).expect("write");
+    let image = RbdImage::import("snap", &file);
+    tool("rbd", &["snap", "create", &format!("rbd/{}@s1", image.0)]);
+    // The head changes after the snapshot.
+    let socket = dir.path().join("head.sock");
+    let daemon = Daemon::start(&[rbd_node(&image.0, "")], &socket, true);
+    let mut client = Client::connect(&socket);
+    client.write(0, 0, &pattern(8, LEN));
+    drop(client);
+    assert!(daemon.terminate().0);
+
+    // Without read-only=on (and no auto-read-only), QEMU's error.
+    let (log, _) = open_failure(rbd_node(&image.0, ",snapshot=s1"), &[]);
+    assert!(log.contains("rbd snapshots are always read-only"), "{log}");
+    let socket = dir.path().join("snap.sock");
+    let snapshot = rbd_node(&image.0, ",snapshot=s1,read-only=on");
+    // The node is read-only: a writable export of it is refused.
+    let mut args = vec!["--blockdev".to_string(), snapshot.clone()];
+    args.extend(export_args(&socket));
+    args[3].push_str(",writable=on");
+    let (ok, log, _) = Daemon::spawn(&args).wait_exit(TIMEOUT);
+    assert!(!ok, "a writable export of a snapshot started:\n{log}");
+    let daemon = Daemon::start(&[snapshot], &socket, false);
+    let mut client = Client::connect_as(&socket, true);
+    assert!(client.read(0, 0, LEN) == before[..LEN], "snapshot data");
+    assert!(client.read(1, 32 << 20, LEN) == before[32 << 20..(32 << 20) + LEN]);
+    drop(client);
+    let (ok, log) = daemon.terminate();
+    assert!(ok, "{log}");
+    // The head kept its own write.
+    assert!(image.export(dir.path())[..LEN] == pattern(8, LEN)[..]);
+}
+
+/// Opens `blockdev` alone (no export) and returns the daemon's failure message and how long
+/// it took to fail.
+fn open_failure(blockdev: String, extra: &[String]) -> (String, Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = extra.to_vec();
+    args.extend(["--blockdev".to_string(), blockdev]);
+    args.extend(export_args(&dir.path().join("never.sock")));
+    let (ok, log, took) = Daemon::spawn(&args).wait_exit(Duration::from_secs(60));
+    assert!(!ok, "the open succeeded:\n{log}");
+    (log, took)
+}
+
+#[test]
+fn open_errors_name_the_missing_pool_image_bad_key_and_unreachable_cluster() {
+    let Some(conf) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("err");
+
+    let (log, _) = open_failure("driver=rbd,node-name=r,pool=nosuchpool,image=x".into(), &[]);
+    assert!(log.contains("pool 'nosuchpool' does not exist"), "{log}");
+
+    let (log, _) = open_failure(
+        "driver=rbd,node-name=r,pool=rbd,image=nosuchimage".into(),
+        &[],
+    );
+    assert!(
+        log.contains("image 'rbd:rbd/nosuchimage' does not exist"),
+        "{log}"
+    );
+
+    // A well-formed key that is not client.admin's.
+    let key = tool("ceph-authtool", &["--gen-print-key"]).stdout;
+    let key = String::from_utf8(key).expect("key").trim().to_string();
+    let (log, _) = open_failure(
+        rbd_node(&image.0, ",key-secret=k0"),
+        &["--object".into(), format!("secret,id=k0,data={key}")],
+    );
+    assert!(log.contains("authentication failed"), "{log}");
+
+    // The right key through a secret file works (and the keyring is not needed for it).
+    let admin_key = tool("ceph", &["auth", "get-key", "client.admin"]).stdout;
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, admin_key).expect("key file");
+    let args = [
+        "--object".to_string(),
+        format!("secret,id=k1,file={}", path_str(&key_file)),
+    ];
+    let socket2 = dir.path().join("key2.sock");
+    let mut full = args.to_vec();
+    full.extend([
+        "--blockdev".into(),
+        rbd_node(&image.0, ",key-secret=k1"),
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={}",
+            path_str(&socket2)
+        ),
+    ]);
+    let mut d = Daemon::spawn(&full);
+    let deadline = Instant::now() + TIMEOUT;
+    while !socket2.exists() {
+        d.drain();
+        assert!(
+            Instant::now() < deadline,
+            "no start with the key file:\n{}",
+            d.log
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(d);
+
+    // A monitor that is not there (a closed port): the open fails after the connect timeout
+    // instead of hanging.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let (log, took) = open_failure(
+        rbd_node(
+            &image.0,
+            &format!(",conf={conf},server.0.host=127.0.0.1,server.0.port={port}"),
+        ),
+        &[],
+    );
+    assert!(log.contains("no monitor answered in time"), "{log}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+/// The test cluster's OSD: killed with SIGKILL, and started again.
+struct Osd {
+    dir: PathBuf,
+}
+
+impl Osd {
+    fn pid(&self) -> i32 {
+        let text = std::fs::read_to_string(self.dir.join("run/osd.0.pid")).expect("osd pid file");
+        text.trim().parse().expect("pid")
+    }
+
+    fn kill(&self) {
+        let pid = self.pid();
+        // SAFETY: kill references no memory.
+        let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(r, 0, "kill osd {pid}");
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start(&self) {
+        let conf = self.dir.join("ceph.conf");
+        tool("ceph-osd", &["-c", &path_str(&conf), "-i", "0"]);
+    }
+}
+
+#[test]
+fn io_resumes_after_the_osd_is_killed_and_restarted() {
+    let Some(_) = cluster() else { return };
+    let Ok(dir) = std::env::var("STRATA_CEPH_DIR") else {
+        panic!("STRATA_CEPH_DIR is unset: the OSD test needs the test cluster's directory");
+    };
+    let osd = Osd {
+        dir: PathBuf::from(dir),
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("osd");
+    let socket = tmp.path().join("vm.sock");
+    // No librbd cache: every write goes to the OSD.
+    let daemon = Daemon::start(&[rbd_node(&image.0, ",cache.direct=on")], &socket, true);
+    let mut client = Client::connect(&socket);
+    let blocks = 96u64;
+    // The OSD goes down first and comes back 2 s later: the writes issued meanwhile wait in
+    // librbd and complete once it is back.
+    osd.kill();
+    let restarter = {
+        let osd_dir = osd.dir.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            Osd { dir: osd_dir }.start();
+        })
+    };
+    let start = Instant::now();
+    for i in 0..blocks {
+        client.write(
+            (i % 2) as usize,
+            i * LEN as u64 * 8,
+            &pattern(100 + i as u32, LEN),
+        );
+        if i == 0 {
+            assert!(
+                start.elapsed() >= Duration::from_millis(1500),
+                "the first write did not wait for the OSD ({:?})",
+                start.elapsed()
+            );
+        }
+    }
+    restarter.join().expect("restarter");
+    client.flush();
+    for i in 0..blocks {
+        assert!(
+            client.read((i % 2) as usize, i * LEN as u64 * 8, LEN) == pattern(100 + i as u32, LEN),
+            "block {i} after the OSD restart"
+        );
+    }
+    drop(client);
+    let (ok, log) = daemon.terminate();
+    assert!(ok, "{log}");
+    let exported = image.export(tmp.path());
+    for i in 0..blocks {
+        let o = (i * LEN as u64 * 8) as usize;
+        assert!(
+            exported[o..o + LEN] == pattern(100 + i as u32, LEN),
+            "exported block {i}"
+        );
+    }
+    eprintln!("writes across the OSD restart took {:?}", start.elapsed());
+}
