@@ -90,7 +90,8 @@ mod tests {
     #[test]
     fn bad_objects_are_refused_by_name() {
         for (text, expected) in [
-            ("secret,id=s0,data=x", "object type 'secret'"),
+            ("tls-creds-x509,id=t0", "object type 'tls-creds-x509'"),
+            ("secret,id=s0", "exactly one of 'data' and 'file'"),
             ("iothread", "need an 'id'"),
             ("iothread,id=a,poll-max-ns=fast", "'poll-max-ns'"),
             ("iothread,id=a,poll-grow=-1", "'poll-grow'"),
