@@ -2,7 +2,6 @@
 //! unallocated, compressed), the L2 lookup through the L1 table and the slice cache, and the
 //! block status built on it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::l2cache::{self, Slice};
@@ -106,10 +105,9 @@ impl Qcow2 {
     /// the cluster's entry in it.
     pub(super) async fn slice_of(&self, cluster: u64) -> Result<Option<(Arc<Slice>, u64)>> {
         let l1_index = cluster >> self.l2_bits;
-        let Some(l1e) = self.l1.get(l1_index as usize) else {
+        let Some(l1e) = self.l1.load().get(l1_index) else {
             return Err(self.corrupt(format!("guest cluster {cluster:#x} lies past the L1 table")));
         };
-        let l1e = l1e.load(Ordering::Acquire);
         let l2_off = l1e & L1E_OFFSET_MASK;
         if l2_off == 0 {
             return Ok(None);

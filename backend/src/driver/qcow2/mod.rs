@@ -28,12 +28,14 @@ mod create_hook;
 mod feature_names;
 mod header;
 mod info;
+mod l1table;
 mod l2cache;
 mod mapping;
 mod overlap;
 mod read;
 mod refcount;
 mod repair;
+mod resize;
 mod sync;
 mod write;
 mod writeback;
@@ -45,13 +47,15 @@ pub use self::create::{create_file, CreateOptions};
 pub use self::info::{read_info, ImageInfo};
 
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use futures::lock::Mutex as AsyncMutex;
 
 use self::cache_sizes::{cache_sizes, CacheSizes};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
+use self::l1table::L1Table;
 use self::l2cache::L2Cache;
 use self::overlap::Overlap;
 use self::refcount::{read_bytes, write_bytes, Refcounts};
@@ -90,7 +94,10 @@ const OFLAG_ZERO: u64 = 1;
 struct Qcow2 {
     file: Arc<Node>,
     backing: Option<Arc<Node>>,
+    /// The header as opened (its size and L1 fields as they were then: see `size` and `l1`).
     header: Header,
+    /// Virtual disk size in bytes (changed by `resize`).
+    size: AtomicU64,
     cluster_bits: u32,
     cluster_size: u64,
     /// log2 of the entries per L2 table.
@@ -99,7 +106,8 @@ struct Qcow2 {
     slice_entries: u64,
     read_only: bool,
     pass_discard: bool,
-    l1: Box<[AtomicU64]>,
+    /// The active L1 table, replaced when the image grows past it (see `l1table`).
+    l1: ArcSwap<L1Table>,
     l2: L2Cache,
     meta: AsyncMutex<Meta>,
     /// Metadata overlap checks (images opened read-write).
@@ -255,10 +263,10 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let l1_bytes = u64::from(header.l1_size) * 8;
         let raw = read_bytes(&file, header.l1_table_offset, l1_bytes as usize, "L1 table").await?;
-        let l1: Box<[AtomicU64]> = raw
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(header::get_u64(c, 0)))
-            .collect();
+        let l1 = L1Table::new(
+            header.l1_table_offset,
+            raw.chunks_exact(8).map(|c| header::get_u64(c, 0)),
+        );
         let mut rc = None;
         let mut overlap = None;
         if !read_only {
@@ -298,7 +306,7 @@ impl Qcow2 {
             .await?;
             let o = Arc::new(Overlap::build(
                 &header,
-                &l1,
+                &l1.entries,
                 &refcounts.table,
                 file.size(),
                 file.filename(),
@@ -323,7 +331,7 @@ impl Qcow2 {
             slice_entries,
             read_only,
             pass_discard,
-            l1,
+            l1: ArcSwap::from_pointee(l1),
             l2,
             meta: AsyncMutex::new(Meta {
                 rc,
@@ -333,6 +341,7 @@ impl Qcow2 {
             overlap,
             inflight: InFlight::default(),
             epoch: ReadEpoch::default(),
+            size: AtomicU64::new(header.size),
             header,
         })
     }
@@ -340,7 +349,7 @@ impl Qcow2 {
     /// Virtual disk size in bytes.
     #[inline]
     fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Whether L2 entries have subcluster bitmaps.
@@ -415,6 +424,10 @@ impl BlockDriver for Qcow2 {
 
     fn write<'a>(&'a self, offset: u64, iov: &'a [IoVec<'a>]) -> IoFuture<'a, ()> {
         Box::pin(self.write_impl(offset, iov))
+    }
+
+    fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.resize(size))
     }
 
     fn close(&self) -> IoFuture<'_, ()> {

@@ -1,8 +1,6 @@
 //! The read path: the lock-free fast path for data in one cached cluster, the general path
 //! through the mapping, reads from the backing node, and compressed clusters.
 
-use std::sync::atomic::Ordering;
-
 use super::mapping::Kind;
 use super::refcount::read_bytes;
 use super::{compress, Qcow2, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
@@ -68,8 +66,7 @@ impl Qcow2 {
         // until the read finished.
         let guard = self.epoch.enter();
         let cluster = offset >> self.cluster_bits;
-        let l1e = self.l1.get((cluster >> self.l2_bits) as usize)?;
-        let l2_off = l1e.load(Ordering::Acquire) & L1E_OFFSET_MASK;
+        let l2_off = self.l1.load().get(cluster >> self.l2_bits)? & L1E_OFFSET_MASK;
         if l2_off == 0 || l2_off & (cs - 1) != 0 {
             return None;
         }

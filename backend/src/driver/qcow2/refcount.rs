@@ -557,6 +557,82 @@ impl Refcounts {
         }
     }
 
+    /// Allocates `n` contiguous clusters (refcount 1) in refcount ranges nothing uses yet,
+    /// after the refcount blocks that count them: for runs of a refcount block's range or
+    /// longer, which [`alloc`](Self::alloc) cannot place (each range it uses starts with its
+    /// block). Returns the first cluster's offset.
+    pub async fn alloc_area(&mut self, n: u64) -> Result<u64> {
+        let per = self.per_block();
+        let cs = self.cluster_size();
+        // Blocks counting themselves and the run.
+        let mut nb = 1;
+        while nb * per < nb + n {
+            nb += 1;
+        }
+        let first_rt = loop {
+            let file_end = self.file.size().div_ceil(cs);
+            let used_end = file_end.max(self.alloc_high).max(self.free_hint);
+            let last_block = self
+                .table
+                .iter()
+                .rposition(|&e| e != 0)
+                .map_or(0, |i| i + 1);
+            let first_rt = used_end.div_ceil(per).max(last_block as u64);
+            if first_rt + nb <= self.table.len() as u64 {
+                break first_rt;
+            }
+            self.grow_table(first_rt + nb - 1).await?;
+        };
+        let area_start = first_rt * per;
+        let area = area_start << self.cluster_bits;
+        let area_len = nb + n;
+        if ((area_start + area_len) << self.cluster_bits) > i64::MAX as u64 / 2 {
+            return Err(BlockError::new(libc::EFBIG, "qcow2: image file too large"));
+        }
+        self.guard(area, area_len * cs, 0).await?;
+        self.record(REFCOUNT_BLOCK, area, nb * cs, true)?;
+        let mut blocks = Vec::with_capacity(nb as usize);
+        let written = async {
+            for j in 0..nb {
+                let mut data = vec![0u8; cs as usize];
+                let range_start = (first_rt + j) * per;
+                let range_end = (range_start + per).min(area_start + area_len);
+                for c in range_start..range_end {
+                    set_entry(&mut data, self.order, c - range_start, 1);
+                }
+                let offset = (area_start + j) << self.cluster_bits;
+                write_bytes(&self.file, offset, &data, "new refcount block").await?;
+                blocks.push((offset, data));
+            }
+            self.file.flush().await?;
+            let entries: Vec<u8> = blocks.iter().flat_map(|(o, _)| o.to_be_bytes()).collect();
+            let at = self.table_offset + first_rt * 8;
+            self.guard(at, entries.len() as u64, REFCOUNT_TABLE).await?;
+            write_bytes(&self.file, at, &entries, "refcount table entries").await?;
+            self.file.flush().await
+        }
+        .await;
+        if let Err(e) = written {
+            self.record(REFCOUNT_BLOCK, area, nb * cs, false)?;
+            return Err(e);
+        }
+        for (j, (offset, data)) in blocks.into_iter().enumerate() {
+            self.table[first_rt as usize + j] = offset;
+            self.make_room().await?;
+            self.tick += 1;
+            self.cache.insert(
+                offset,
+                Block {
+                    data,
+                    dirty: false,
+                    last_use: self.tick,
+                },
+            );
+        }
+        self.alloc_high = self.alloc_high.max(area_start + area_len);
+        Ok((area_start + nb) << self.cluster_bits)
+    }
+
     /// Writes every dirty block; returns how many were written.
     pub async fn write_dirty(&mut self) -> Result<usize> {
         let mut dirty: Vec<u64> = self

@@ -3,7 +3,6 @@
 //! clusters are freed only once nothing on disk or in flight uses them.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::l2cache::Slice;
@@ -59,13 +58,9 @@ impl Qcow2 {
         cluster: u64,
     ) -> Result<(Arc<Slice>, u64)> {
         let l1_index = cluster >> self.l2_bits;
-        let l1e = self
-            .l1
-            .get(l1_index as usize)
-            .map(|e| e.load(Ordering::Acquire))
-            .ok_or_else(|| {
-                self.corrupt(format!("guest cluster {cluster:#x} lies past the L1 table"))
-            })?;
+        let l1e = self.l1.load().get(l1_index).ok_or_else(|| {
+            self.corrupt(format!("guest cluster {cluster:#x} lies past the L1 table"))
+        })?;
         if l1e & L1E_OFFSET_MASK != 0 {
             if l1e & OFLAG_COPIED == 0 {
                 return Err(BlockError::new(
@@ -100,7 +95,7 @@ impl Qcow2 {
         let slice = self
             .l2
             .insert_zeroed(l2_off + slice_index * self.l2.slice_bytes());
-        self.l1[l1_index as usize].store(l2_off | OFLAG_COPIED, Ordering::Release);
+        self.l1.load().set(l1_index, l2_off | OFLAG_COPIED);
         meta.l1_dirty.insert(l1_index);
         Ok((slice, in_table % self.slice_entries))
     }
@@ -192,19 +187,13 @@ impl Qcow2 {
                 _ => runs.push((i, i + 1)),
             }
         }
+        // The metadata lock is held, so the table is not replaced meanwhile.
+        let l1 = self.l1.load_full();
         for (start, end) in runs {
-            let bytes: Vec<u8> = (start..end)
-                .flat_map(|i| self.l1[i as usize].load(Ordering::Acquire).to_be_bytes())
-                .collect();
-            let at = self.header.l1_table_offset + start * 8;
+            let bytes = l1.to_bytes(start, end);
+            let at = l1.offset + start * 8;
             self.guard_write(at, bytes.len() as u64, ACTIVE_L1).await?;
-            write_bytes(
-                &self.file,
-                self.header.l1_table_offset + start * 8,
-                &bytes,
-                "L1 table",
-            )
-            .await?;
+            write_bytes(&self.file, at, &bytes, "L1 table").await?;
         }
         Ok(())
     }

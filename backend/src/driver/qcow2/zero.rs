@@ -13,11 +13,16 @@ pub(super) enum ZeroMode {
     Discard,
     /// write_zeroes; `unmap` may free the clusters.
     Zero { unmap: bool },
+    /// The clusters leave the image (shrinking): unallocated entries, whatever lies below.
+    Unallocate,
 }
 
 impl Qcow2 {
     /// The new L2 entry making a cluster read as zeroes, or `None` to leave it.
     fn zeroed_entry(&self, old: u64, mode: ZeroMode) -> Option<u64> {
+        if mode == ZeroMode::Unallocate {
+            return (old != 0).then_some(0);
+        }
         let v3 = self.header.version >= 3;
         let has_backing = self.backing.is_some();
         let off = old & L2E_OFFSET_MASK;
@@ -34,6 +39,7 @@ impl Qcow2 {
                     0
                 }
             }
+            ZeroMode::Unallocate => 0,
             ZeroMode::Zero { unmap } => {
                 if !compressed && off != 0 && old & OFLAG_COPIED != 0 && !unmap {
                     off | OFLAG_COPIED | OFLAG_ZERO
@@ -59,7 +65,9 @@ impl Qcow2 {
             let slice = match self.slice_of(c).await? {
                 Some(s) => Some(s),
                 // No L2 table: everything reads from the backing file, or as zeroes.
-                None if self.backing.is_some() => Some(self.slice_for_update(&mut meta, c).await?),
+                None if self.backing.is_some() && mode != ZeroMode::Unallocate => {
+                    Some(self.slice_for_update(&mut meta, c).await?)
+                }
                 None => None,
             };
             if let Some((slice, index)) = slice {
@@ -105,7 +113,7 @@ impl Qcow2 {
     }
 
     /// Writes zeroes as data (where zero clusters cannot be used).
-    async fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+    pub(super) async fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
         let chunk = len.min(1 << 20);
         let mut zeroes = vec![0u8; chunk as usize];
         let mut at = offset;
