@@ -57,6 +57,12 @@ impl Exports {
         self.lock().iter().for_each(&mut f);
     }
 
+    /// Runs `f` on the list of exports, which stays as it is meanwhile (no export is added
+    /// or removed until `f` returns).
+    pub fn with_each(&self, f: impl FnOnce(&[BlkExport])) {
+        f(&self.lock());
+    }
+
     /// Whether any export serves node `name`.
     pub fn uses_node(&self, name: &str) -> bool {
         self.lock().iter().any(|e| e.node().name() == name)

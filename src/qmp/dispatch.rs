@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::args::Args;
-use super::commands::{control, exports, nodes};
+use super::commands::{control, exports, nodes, resize};
 use super::protocol::QmpError;
 use super::server::Clients;
 use crate::daemon::Daemon;
@@ -31,7 +31,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-add", nodes::blockdev_add),
     ("blockdev-del", nodes::blockdev_del),
     ("query-named-block-nodes", nodes::query_named_block_nodes),
-    ("block_resize", nodes::block_resize),
+    ("block_resize", resize::block_resize),
     ("block-export-add", exports::block_export_add),
     ("block-export-del", exports::block_export_del),
     ("query-block-exports", exports::query_block_exports),

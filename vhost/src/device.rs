@@ -6,7 +6,7 @@
 //! event of such a thread goes to that thread's [`Worker`](crate::worker::Worker).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -91,10 +91,21 @@ pub(crate) struct Device {
     pub inflight: Arc<inflight::Shared>,
     /// The export is stopping: workers take no new requests ([`Device::quiesce`]).
     quiescing: AtomicBool,
+    /// Pauses held on the export ([`crate::BlkExport::pause`]): while there are any, workers
+    /// take no new requests. Shared by the export's devices, so that one connected during a
+    /// pause starts paused.
+    pauses: Arc<AtomicUsize>,
+    /// Duplicates of the workers' own eventfds, raised when a pause ends so that each worker
+    /// goes back to the queues it left.
+    wakers: Mutex<Vec<OwnedFd>>,
 }
 
 impl Device {
-    pub(crate) fn new(cfg: Arc<DeviceConfig>, mem: Mem) -> io::Result<Self> {
+    pub(crate) fn new(
+        cfg: Arc<DeviceConfig>,
+        mem: Mem,
+        pauses: Arc<AtomicUsize>,
+    ) -> io::Result<Self> {
         // One worker per queue, but no more workers than CPUs this process may run on: two
         // workers sharing a CPU only take it from each other (a busy-polling one for a whole
         // scheduler slice), while one worker serving both queues batches them.
@@ -136,6 +147,8 @@ impl Device {
             memory_lost: AtomicBool::new(false),
             inflight: Arc::default(),
             quiescing: AtomicBool::new(false),
+            pauses,
+            wakers: Mutex::new(Vec::new()),
         })
     }
 
@@ -249,6 +262,37 @@ impl Device {
     #[inline]
     pub(crate) fn quiescing(&self) -> bool {
         self.quiescing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the export is paused: workers leave new requests in the rings until
+    /// [`Device::wake_workers`].
+    #[inline]
+    pub(crate) fn paused(&self) -> bool {
+        self.pauses.load(Ordering::Acquire) > 0
+    }
+
+    /// Keeps a duplicate of a worker's eventfd, to wake it when a pause ends.
+    pub(crate) fn add_waker(&self, eventfd: BorrowedFd<'_>) -> io::Result<()> {
+        let fd = eventfd.try_clone_to_owned()?;
+        lock(&self.wakers).push(fd);
+        Ok(())
+    }
+
+    /// Raises every worker's eventfd: after a pause each goes back to the queues it left.
+    pub(crate) fn wake_workers(&self) {
+        let one = 1u64.to_ne_bytes();
+        for fd in lock(&self.wakers).iter() {
+            // SAFETY: writes 8 bytes from a live local array to an eventfd this device owns
+            // a duplicate of; the eventfd is non-blocking.
+            let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if n < 0 {
+                log::error!(
+                    "vhost-user-blk export '{}': could not wake a worker after a pause: {}",
+                    self.cfg.id,
+                    io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     pub(crate) fn drain_all(&self) -> bool {

@@ -37,4 +37,4 @@ mod worker;
 
 pub use error::Error;
 pub use export_config::{BlkExportConfig, DEFAULT_POLL_MAX_NS, DEFAULT_QUEUE_SIZE, MAX_QUEUES};
-pub use server::{BlkExport, Listen, ListeningExport};
+pub use server::{BlkExport, ExportPause, Listen, ListeningExport};

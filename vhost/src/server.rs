@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -41,6 +41,8 @@ struct Shared {
     conn: Mutex<Option<Arc<Connection>>>,
     /// The device of the current connection.
     device: Mutex<Weak<Device>>,
+    /// Pauses held ([`BlkExport::pause`]), shared with every device of the export.
+    pauses: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -150,6 +152,7 @@ impl BlkExport {
             stop_event,
             conn: Mutex::new(None),
             device: Mutex::new(Weak::new()),
+            pauses: Arc::default(),
         });
         log::info!(
             "vhost-user-blk export '{id}': serving node '{}' ({} bytes, {}) on {}, poll-max-ns={}",
@@ -234,6 +237,19 @@ impl BlkExport {
         self.shared.conn().is_some()
     }
 
+    /// Pauses the export while the caller changes its node (QMP's `block_resize`): its queues
+    /// take no new requests, and this returns once those in flight completed (or the drain
+    /// timeout passed; false then). Other exports go on. The queues resume when the returned
+    /// guard is dropped.
+    pub fn pause(&self) -> (ExportPause<'_>, bool) {
+        self.shared.pauses.fetch_add(1, Ordering::AcqRel);
+        let pause = ExportPause {
+            shared: &self.shared,
+        };
+        let drained = self.shared.device().is_none_or(|d| d.drain_all());
+        (pause, drained)
+    }
+
     /// Tells the connected frontend that the disk size changed (read live from the node), over
     /// the backend request channel when the frontend opened it (VHOST_USER_PROTOCOL_F_CONFIG
     /// and BACKEND_REQ). Returns whether a notice was sent; without one, the guest sees the new
@@ -276,6 +292,21 @@ impl Drop for BlkExport {
             self.stop();
             if let Err(e) = self.join_thread() {
                 log::error!("{e}");
+            }
+        }
+    }
+}
+
+/// A pause of an export's queues ([`BlkExport::pause`]); dropping it resumes them.
+pub struct ExportPause<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ExportPause<'_> {
+    fn drop(&mut self) {
+        if self.shared.pauses.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(device) = self.shared.device() {
+                device.wake_workers();
             }
         }
     }
@@ -390,7 +421,11 @@ impl Serving {
             peer_description(&frontend)
         );
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = match Device::new(self.shared.cfg.clone(), mem.clone()) {
+        let device = match Device::new(
+            self.shared.cfg.clone(),
+            mem.clone(),
+            self.shared.pauses.clone(),
+        ) {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 log::error!("vhost-user-blk export '{id}': could not create the device: {e}");

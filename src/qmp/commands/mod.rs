@@ -3,3 +3,4 @@
 pub mod control;
 pub mod exports;
 pub mod nodes;
+pub mod resize;

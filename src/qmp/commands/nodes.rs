@@ -1,11 +1,9 @@
-//! Commands on block nodes: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`,
-//! `block_resize`.
+//! Commands on block nodes: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`.
 
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use strata_backend::{block_on, BlockError, ChildRole, DetectZeroes, Node, Options};
+use strata_backend::{BlockError, ChildRole, DetectZeroes, Node, Options};
 
 use crate::qmp::args::{wrong_type, Args};
 use crate::qmp::dispatch::Context;
@@ -167,42 +165,6 @@ fn image_info(node: &Node, flat: bool) -> Value {
         }
     }
     image
-}
-
-/// `block_resize` by `node-name` (strata has no named block backends, so `device` names
-/// none). The exports whose size changed tell their frontend at once (a config-change notice),
-/// which qemu-storage-daemon 7.2 does not do.
-pub fn block_resize(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpError> {
-    let device = args.opt_str("device")?;
-    let node_name = args.opt_str("node-name")?;
-    let size = args.u64("size")?;
-    args.finish()?;
-    let node: Arc<Node> = node_name
-        .as_deref()
-        .and_then(|name| ctx.daemon.graph.find(name))
-        .ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{}' nor node-name='{}'",
-                device.as_deref().unwrap_or(""),
-                node_name.as_deref().unwrap_or("")
-            ))
-        })?;
-    let mut before = Vec::new();
-    ctx.daemon
-        .exports
-        .for_each(|e| before.push((e.id().to_string(), e.node().size())));
-    block_on(node.truncate(size))
-        .and_then(|r| r)
-        .map_err(|e| ctx.daemon.explain_refusal(e))?;
-    ctx.daemon.exports.for_each(|e| {
-        let changed = before
-            .iter()
-            .any(|(id, old)| id == e.id() && *old != e.node().size());
-        if changed {
-            e.notify_resize();
-        }
-    });
-    Ok(json!({}))
 }
 
 /// A block-layer error as a `GenericError` with its message.

@@ -9,6 +9,7 @@
 //! taken only by its worker (and briefly by control messages).
 
 use std::cell::RefCell;
+use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -98,6 +99,9 @@ pub(crate) struct Worker {
     faults_seen: u64,
     /// In-flight tracking in the frontend's buffer ([`crate::inflight`]).
     tracker: Tracker,
+    /// Slots of the virtqueues left alone while the export was paused; they go on the
+    /// backlog when the pause ends ([`Device::wake_workers`]).
+    paused: Vec<usize>,
 }
 
 /// The requests taken from one virtqueue's available ring under one hold of its vring lock.
@@ -128,6 +132,11 @@ impl Worker {
         handler
             .register_listener(exec.reactor().eventfd(), EventSet::IN, dev.eventfd_token())
             .map_err(|e| format!("could not watch the io_uring eventfd: {e}"))?;
+        // SAFETY: the reactor's eventfd stays open while `exec` lives; the device keeps its
+        // own duplicate.
+        let eventfd = unsafe { BorrowedFd::borrow_raw(exec.reactor().eventfd()) };
+        dev.add_waker(eventfd)
+            .map_err(|e| format!("could not duplicate the io_uring eventfd: {e}"))?;
         let queues = dev
             .thread_queues(thread_id)
             .ok_or("unknown worker thread")?
@@ -158,6 +167,7 @@ impl Worker {
             out_of_room: Vec::new(),
             faults_seen: memory_faults::faults(),
             tracker: Tracker::new(slots),
+            paused: Vec::new(),
         })
     }
 
@@ -166,6 +176,13 @@ impl Worker {
     pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
         if u64::from(device_event) == dev.eventfd_token() {
             self.on_eventfd();
+            if !self.paused.is_empty() && !dev.paused() {
+                for slot in std::mem::take(&mut self.paused) {
+                    if !self.backlog.contains(&slot) {
+                        self.backlog.push(slot);
+                    }
+                }
+            }
             self.run_backlog(dev, vrings);
         } else if let Some(vring) = vrings.get(usize::from(device_event)) {
             self.process_queue(dev, usize::from(device_event), vring);
@@ -193,6 +210,10 @@ impl Worker {
     /// otherwise hold the worker here and starve its other queues. When the budget runs out
     /// with requests left, the queue goes on the backlog ([`Self::come_back_to`]).
     fn process_queue(&mut self, dev: &Device, slot: usize, vring: &VringMutex) {
+        if dev.paused() {
+            self.leave_while_paused(slot);
+            return;
+        }
         self.indirect = dev.indirect_desc();
         let mem = dev.mem.memory().into_inner();
         let mut budget = usize::from(dev.cfg.queue_size);
@@ -257,6 +278,13 @@ impl Worker {
         if let Some(i) = self.out_of_room.iter().position(|&s| s == slot) {
             self.out_of_room.swap_remove(i);
             self.come_back_to(dev, slot);
+        }
+    }
+
+    /// Leaves the virtqueue in `slot` until the pause ends.
+    fn leave_while_paused(&mut self, slot: usize) {
+        if !self.paused.contains(&slot) {
+            self.paused.push(slot);
         }
     }
 
@@ -330,6 +358,10 @@ impl Worker {
             return None;
         }
         if dev.quiescing() {
+            return None;
+        }
+        if dev.paused() {
+            self.leave_while_paused(slot);
             return None;
         }
         let q = state.get_queue_mut();
