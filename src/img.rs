@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_backend::driver::qcow2::{self, CheckResult, Repair};
-use strata_backend::driver::{BackingPolicy, CreateRequest};
+use strata_backend::driver::{BackingPolicy, CreateRequest, CreateTarget};
 use strata_backend::filename::full_backing_filename;
 use strata_backend::options::parse_size;
 use strata_backend::{block_on, probe, registry, ChildRole, Graph, Node, Options};
@@ -90,7 +90,7 @@ fn create(args: &ImgCreateArgs) -> Result<(), String> {
     }
     let size = size.ok_or("Image creation needs a size parameter")?;
     let request = CreateRequest {
-        path: &args.file,
+        target: CreateTarget::File(&args.file),
         size,
         options,
     };

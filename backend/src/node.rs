@@ -209,6 +209,11 @@ impl Node {
             .collect()
     }
 
+    /// Whether writes past the end grow the node (a regular file).
+    pub fn can_grow(&self) -> bool {
+        self.driver.can_grow()
+    }
+
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use strata_backend::driver::CreateRequest;
+use strata_backend::driver::{CreateRequest, CreateTarget};
 use strata_backend::{registry, Graph, Options};
 
 /// A loop device whose writes fail once its backing tmpfs is full; torn down when dropped.
@@ -105,7 +105,7 @@ fn a_failed_flush_of_a_qcow2_image_stays_failed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img: PathBuf = dir.path().join("img.qcow2");
     let request = CreateRequest {
-        path: &img,
+        target: CreateTarget::File(&img),
         size: 64 << 20,
         options: Options::new(),
     };

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use strata_backend::driver::BackingPolicy;
-use strata_backend::driver::CreateRequest;
+use strata_backend::driver::{CreateRequest, CreateTarget};
 use strata_backend::{registry, Graph, Options};
 
 /// Creates a qcow2 image at `path` whose header names `backing` (not opened) as a qcow2 file.
@@ -18,7 +18,7 @@ fn qcow2_with_backing(path: &Path, backing: Option<&str>) {
         options.set("backing_fmt", "qcow2");
     }
     let request = CreateRequest {
-        path,
+        target: CreateTarget::File(path),
         size: 1 << 20,
         options,
     };
@@ -203,7 +203,7 @@ fn qcow2_naming(path: &Path, backing: &str, format: Option<&str>) {
         options.set("backing_fmt", f);
     }
     let request = CreateRequest {
-        path,
+        target: CreateTarget::File(path),
         size: 1 << 20,
         options,
     };

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use strata_backend::driver::CreateRequest;
+use strata_backend::driver::{CreateRequest, CreateTarget};
 use strata_backend::{registry, Graph};
 
 fn qemu_img_info(img: &str, force_share: bool) -> (bool, String) {
@@ -77,7 +77,7 @@ impl Drop for Qsd {
 fn qcow2_image(dir: &Path) -> String {
     let path = dir.join("img.qcow2");
     let request = CreateRequest {
-        path: &path,
+        target: CreateTarget::File(&path),
         size: 1 << 20,
         options: strata_backend::Options::new(),
     };

@@ -7,7 +7,7 @@ mod qcow2_util;
 use std::path::Path;
 
 use qcow2_util::*;
-use strata_backend::driver::CreateRequest;
+use strata_backend::driver::{CreateRequest, CreateTarget};
 use strata_backend::{registry, Graph, Options};
 
 const TIB2: u64 = 2 << 40;
@@ -98,7 +98,7 @@ fn qcow2_image_past_2_tib() {
     let dir = tempdir();
     let path = dir.path().join("big.qcow2");
     let request = CreateRequest {
-        path: &path,
+        target: CreateTarget::File(&path),
         size: SIZE,
         options: Options::new(),
     };

@@ -29,7 +29,7 @@ pub const FILE_DRIVER: DriverInfo = DriverInfo {
     protocol_prefix: Some("file"),
     probe_device: None,
     open: open_file,
-    create: None,
+    create: Some(super::file_create::create),
 };
 
 /// The `host_device` protocol driver.

@@ -7,6 +7,7 @@ mod backing_policy;
 mod open;
 
 pub(crate) mod file;
+mod file_create;
 mod image_lock;
 pub(crate) mod null;
 pub mod qcow2;
@@ -16,6 +17,6 @@ pub(crate) mod rbd;
 pub use api::{BlockDriver, BlockStatus, FileId, IoFuture, Limits};
 pub use backing_policy::BackingPolicy;
 pub use open::{
-    BackingChain, ChildOpener, CreateFn, CreateRequest, DriverInfo, DriverKind, NodeFuture,
-    OpenContext, OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
+    BackingChain, ChildOpener, CreateFn, CreateRequest, CreateTarget, DriverInfo, DriverKind,
+    NodeFuture, OpenContext, OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
 };

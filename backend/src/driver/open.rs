@@ -33,10 +33,19 @@ pub enum DriverKind {
     Protocol,
 }
 
-/// What a new image file is made of (`img create`, temporary overlays).
+/// Where a new image is written.
+pub enum CreateTarget<'a> {
+    /// A file: created if missing, truncated if present (as qemu-img does).
+    File(&'a Path),
+    /// An open node (QMP's `blockdev-create` on a `file` node, as QEMU's qcow2 does): the image
+    /// is written from its start, and a file that can shrink is cut to the image's length.
+    Node(&'a Node),
+}
+
+/// What a new image is made of (`img create`, temporary overlays, `blockdev-create`).
 pub struct CreateRequest<'a> {
-    /// The image file: created if missing, truncated if present (as qemu-img does).
-    pub path: &'a Path,
+    /// Where the image goes.
+    pub target: CreateTarget<'a>,
     /// Virtual size in bytes.
     pub size: u64,
     /// Format options, qemu-img's `-o` keys (`cluster_size`, `backing_file`, `backing_fmt`,

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use super::{
-    BlockDriver, BlockStatus, CreateRequest, DriverInfo, DriverKind, IoFuture, Limits, OpenContext,
-    OpenFuture,
+    BlockDriver, BlockStatus, CreateRequest, CreateTarget, DriverInfo, DriverKind, IoFuture,
+    Limits, OpenContext, OpenFuture,
 };
 use crate::error::{BlockError, Result};
 use crate::io::bounce::BounceBuffer;
@@ -33,18 +33,25 @@ fn create(req: CreateRequest<'_>) -> Result<Vec<(&'static str, String)>> {
             "Invalid parameter '{key}' for file format 'raw'"
         )));
     }
+    let CreateTarget::File(path) = req.target else {
+        // A raw image on a node is the node itself: there is nothing to write.
+        return Err(BlockError::new(
+            libc::ENOTSUP,
+            "Format 'raw' is created as a file, not on a node",
+        ));
+    };
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(req.path)
-        .map_err(|e| BlockError::io(&e, format!("Could not create '{}'", req.path.display())))?;
+        .open(path)
+        .map_err(|e| BlockError::io(&e, format!("Could not create '{}'", path.display())))?;
     file.set_len(req.size).map_err(|e| {
         BlockError::io(
             &e,
             format!(
                 "Could not resize '{}' to {} bytes",
-                req.path.display(),
+                path.display(),
                 req.size
             ),
         )

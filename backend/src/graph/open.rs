@@ -7,7 +7,8 @@ use std::sync::{Arc, Weak};
 
 use super::Graph;
 use crate::driver::{
-    BackingPolicy, ChildOpener, CreateRequest, DriverKind, NodeFuture, OpenContext, ParentOptions,
+    BackingPolicy, ChildOpener, CreateRequest, CreateTarget, DriverKind, NodeFuture, OpenContext,
+    ParentOptions,
 };
 use crate::error::{BlockError, Result};
 use crate::flags::{keys, NodeFlags};
@@ -199,7 +200,7 @@ impl Graph {
         let size = base.size().div_ceil(512) * 512;
         let path = temp_overlay_path()?;
         let request = CreateRequest {
-            path: &path,
+            target: CreateTarget::File(&path),
             size,
             options: Options::new(),
         };

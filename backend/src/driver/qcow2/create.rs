@@ -12,6 +12,9 @@ use super::header::{
 };
 use super::refcount::set_entry;
 use crate::error::{BlockError, Result};
+use crate::io::executor::block_on;
+use crate::io::iovec::IoVec;
+use crate::node::Node;
 
 /// What a new image looks like (QEMU's `-o` options).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +231,43 @@ pub fn create_file(path: &Path, opts: &CreateOptions) -> Result<()> {
     f.write_all(&bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| BlockError::io(&e, format!("Could not write '{}'", path.display())))
+}
+
+/// Writes a new qcow2 image onto `node` from its start (QMP's `blockdev-create` on a file
+/// node). A node that can grow is emptied first, so nothing it held before lies beyond the
+/// image; the image is padded to the node's request alignment (zeroes, past the L1 table).
+pub fn create_on_node(node: &Node, opts: &CreateOptions) -> Result<()> {
+    let mut bytes = image_bytes(opts)?;
+    let align = u64::from(node.limits().request_alignment).max(1);
+    let padded = (bytes.len() as u64).div_ceil(align) * align;
+    bytes.resize(
+        usize::try_from(padded).map_err(|_| BlockError::invalid("image too large"))?,
+        0,
+    );
+    let len = bytes.len() as u64;
+    if !node.can_grow() && node.size() < len {
+        return Err(BlockError::new(
+            libc::ENOSPC,
+            format!(
+                "Node '{}' ({} bytes) is too small for the image's {len} bytes of metadata",
+                node.name(),
+                node.size()
+            ),
+        ));
+    }
+    block_on(async {
+        if node.can_grow() {
+            node.truncate(0).await?;
+        }
+        node.write_growing(0, &[IoVec::new(&mut bytes)]).await?;
+        node.flush().await
+    })?
+    .map_err(|e| {
+        e.context(format!(
+            "Could not write the image onto node '{}'",
+            node.name()
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The registry's image creation hook for qcow2: qemu-img's `-o` options in, an image file out.
 
-use super::create::{create_file, CreateOptions};
-use crate::driver::CreateRequest;
+use super::create::{create_file, create_on_node, CreateOptions};
+use crate::driver::{CreateRequest, CreateTarget};
 use crate::error::{BlockError, Result};
 use crate::options::{parse_bool, parse_size};
 
@@ -28,6 +28,16 @@ pub(super) fn create_image(req: CreateRequest<'_>) -> Result<Vec<(&'static str, 
             }
             "backing_file" => opts.backing_file = Some(value.to_string()),
             "backing_fmt" => opts.backing_format = Some(value.to_string()),
+            "preallocation" if value == "off" => {}
+            "preallocation" => {
+                return Err(BlockError::new(
+                    libc::ENOTSUP,
+                    format!(
+                        "Invalid option 'preallocation={value}': strata creates qcow2 images \
+                         with preallocation=off only"
+                    ),
+                ))
+            }
             other => {
                 return Err(BlockError::invalid(format!(
                     "Invalid parameter '{other}' (qcow2 takes cluster_size, compat, \
@@ -37,7 +47,10 @@ pub(super) fn create_image(req: CreateRequest<'_>) -> Result<Vec<(&'static str, 
             }
         }
     }
-    create_file(req.path, &opts)?;
+    match req.target {
+        CreateTarget::File(path) => create_file(path, &opts)?,
+        CreateTarget::Node(node) => create_on_node(node, &opts)?,
+    }
     Ok(effective_options(&opts))
 }
 
