@@ -7,6 +7,7 @@ use strata_backend::{BlockError, Graph};
 
 use crate::exports::Exports;
 use crate::iothreads::IoThreads;
+use crate::jobs::Jobs;
 use crate::qmp::protocol::QmpError;
 
 /// The daemon's state, shared by the main thread and the monitors.
@@ -17,6 +18,8 @@ pub struct Daemon {
     pub iothreads: IoThreads,
     /// The running exports.
     pub exports: Exports,
+    /// The background jobs (`blockdev-create`, ...).
+    pub jobs: Jobs,
     /// Where exports added at run time make their private directory (a directory the sandbox
     /// lets the daemon write); None: the temporary directory.
     pub runtime_dir: Option<PathBuf>,
@@ -39,21 +42,27 @@ impl Daemon {
 
     /// `text`, with a note on the sandbox when one is on and the text says access was refused.
     pub fn explain_text(&self, text: String) -> String {
-        let Some(dirs) = &self.sandbox_dirs else {
-            return text;
-        };
-        if !(text.contains("Permission denied") || text.contains("not permitted")) {
-            return text;
-        }
-        let allowed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-        format!(
-            "{text} (the sandbox allows new files only under --sandbox-allow-dir directories: {}; \
-             or run with --sandbox off)",
-            if allowed.is_empty() {
-                "none given".to_string()
-            } else {
-                allowed.join(", ")
-            }
-        )
+        explain_sandbox(self.sandbox_dirs.as_deref(), text)
     }
+}
+
+/// `text`, with a note on the sandbox when `dirs` says one is on (the directories QMP may
+/// use) and the text says access was refused; for work done away from the daemon (jobs).
+pub fn explain_sandbox(dirs: Option<&[PathBuf]>, text: String) -> String {
+    let Some(dirs) = dirs else {
+        return text;
+    };
+    if !(text.contains("Permission denied") || text.contains("not permitted")) {
+        return text;
+    }
+    let allowed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    format!(
+        "{text} (the sandbox allows new files only under --sandbox-allow-dir directories: {}; \
+         or run with --sandbox off)",
+        if allowed.is_empty() {
+            "none given".to_string()
+        } else {
+            allowed.join(", ")
+        }
+    )
 }

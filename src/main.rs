@@ -6,6 +6,7 @@ mod export_options;
 mod exports;
 mod img;
 mod iothreads;
+mod jobs;
 mod pidfile;
 mod qmp;
 mod serve;

@@ -17,6 +17,7 @@ use crate::daemon::Daemon;
 use crate::export_options;
 use crate::exports::Exports;
 use crate::iothreads::IoThreads;
+use crate::jobs::Jobs;
 use crate::pidfile::{self, PidFile};
 use crate::qmp::{self, Clients, ListeningMonitor};
 
@@ -65,6 +66,7 @@ pub fn serve_qsd(args: DaemonArgs) -> Result<(), String> {
         graph,
         iothreads,
         exports: Exports::default(),
+        jobs: Jobs::default(),
         runtime_dir: if sandboxed_qmp {
             Some(RuntimeDir::create()?)
         } else {
@@ -146,6 +148,7 @@ pub fn serve_image(args: ServeArgs) -> Result<(), String> {
         graph,
         iothreads: IoThreads::default(),
         exports: Exports::default(),
+        jobs: Jobs::default(),
         runtime_dir: None,
         sandbox_dirs: None,
     };
@@ -277,6 +280,9 @@ fn run(
         }
     }
     let clients = Arc::new(Clients::default());
+    daemon
+        .jobs
+        .set_listener(qmp::commands::jobs::status_events(clients.clone()));
     for monitor in listening_monitors {
         monitor.serve(daemon.clone(), clients.clone())?;
     }

@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::args::Args;
-use super::commands::{control, exports, nodes, resize};
+use super::commands::{control, exports, jobs, nodes, resize};
 use super::protocol::QmpError;
 use super::server::Clients;
 use crate::daemon::Daemon;
@@ -35,6 +35,14 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-export-add", exports::block_export_add),
     ("block-export-del", exports::block_export_del),
     ("query-block-exports", exports::query_block_exports),
+    ("blockdev-create", jobs::blockdev_create),
+    ("query-jobs", jobs::query_jobs),
+    ("job-cancel", jobs::job_cancel),
+    ("job-pause", jobs::job_pause),
+    ("job-resume", jobs::job_resume),
+    ("job-complete", jobs::job_complete),
+    ("job-finalize", jobs::job_finalize),
+    ("job-dismiss", jobs::job_dismiss),
 ];
 
 /// `qmp_capabilities` before negotiation: strata offers no capability to enable.

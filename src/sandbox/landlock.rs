@@ -77,6 +77,8 @@ fn ruleset(policy: &Policy) -> Result<landlock::RestrictionStatus, RulesetError>
             rules.push((
                 dir.as_path(),
                 AccessFs::ReadFile
+                    // New images (blockdev-create).
+                    | AccessFs::MakeReg
                     | AccessFs::WriteFile
                     | AccessFs::Truncate
                     | AccessFs::IoctlDev

@@ -92,6 +92,9 @@ mod x86_64 {
         libc::SYS_fstat,
         libc::SYS_lstat,
         libc::SYS_stat,
+        // blockdev-create's preallocation of a new file (falloc, full).
+        libc::SYS_fallocate,
+        libc::SYS_pwrite64,
     ];
 
     /// PROT_EXEC: never asked for, so never granted.

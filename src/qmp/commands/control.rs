@@ -7,7 +7,7 @@ use crate::qmp::dispatch::{Context, COMMANDS};
 use crate::qmp::protocol::{self, QmpError};
 
 /// Events strata emits.
-const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED"];
+const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "JOB_STATUS_CHANGE"];
 
 /// `query-version`.
 pub fn query_version(_: &Context<'_>, args: Args) -> Result<Value, QmpError> {

@@ -2,5 +2,6 @@
 
 pub mod control;
 pub mod exports;
+pub mod jobs;
 pub mod nodes;
 pub mod resize;
