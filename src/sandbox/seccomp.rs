@@ -92,6 +92,10 @@ mod x86_64 {
         libc::SYS_fstat,
         libc::SYS_lstat,
         libc::SYS_stat,
+        // A qcow2 node added at run time resolves its image's path for the backing policy
+        // (realpath).
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
         // blockdev-create's preallocation of a new file (falloc, full).
         libc::SYS_fallocate,
         libc::SYS_pwrite64,
