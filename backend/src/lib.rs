@@ -6,6 +6,7 @@
 //! [`Reactor`], driven by a [`LocalExecutor`] (or [`block_on`]), zero-copy into the caller's
 //! buffers whenever O_DIRECT alignment allows.
 
+pub mod accounting;
 pub mod counter;
 pub mod driver;
 pub mod error;

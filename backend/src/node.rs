@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::counter::Counter;
+use crate::accounting::{clock, IoKind, IoStats};
 use crate::driver::{BlockDriver, BlockStatus, FileId, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
@@ -18,6 +18,9 @@ use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::io::serialise::WriteSerialiser;
 use crate::options::Options;
+
+mod stats;
+pub use stats::NodeStats;
 
 /// The role a child plays for its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,19 +39,6 @@ impl ChildRole {
             ChildRole::Backing => "backing",
         }
     }
-}
-
-/// Counters of a node, for tests and metrics (sharded: the workers of every queue bump them).
-#[derive(Debug, Default)]
-pub struct NodeStats {
-    /// Requests served straight from the caller's memory.
-    pub zero_copy: Counter,
-    /// Requests copied through an aligned bounce buffer.
-    pub bounced: Counter,
-    /// Writes done as read-modify-write (sub-block).
-    pub read_modify_write: Counter,
-    /// Writes of zeroes turned into write_zeroes by detect-zeroes.
-    pub zeroes_detected: Counter,
 }
 
 /// A child link.
@@ -73,6 +63,8 @@ pub struct Node {
     parents: Mutex<Vec<(ChildRole, Weak<Node>)>>,
     serialiser: WriteSerialiser,
     stats: NodeStats,
+    /// Requests as QMP's `query-blockstats` reports them.
+    io: IoStats,
     /// The errno of the first failed flush: once a flush failed, writes it was to make
     /// durable may be lost (the kernel forgets the error after reporting it once), so every
     /// later flush fails too, until the node is reopened. 0: none failed.
@@ -134,6 +126,7 @@ impl Node {
             serialiser: WriteSerialiser::default(),
             flush_failure: AtomicI32::new(0),
             stats: NodeStats::default(),
+            io: IoStats::default(),
         });
         for child in &node.children {
             child
@@ -217,6 +210,11 @@ impl Node {
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats
+    }
+
+    /// The requests made to this node: operations, bytes, times, failures, histograms.
+    pub fn io_stats(&self) -> &IoStats {
+        &self.io
     }
 
     /// Whether discards reach storage (discard=unmap and the driver supports it).
@@ -310,7 +308,18 @@ impl Node {
     /// Reads `iov.len()` bytes at `offset` into the caller's buffers.
     pub async fn read(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         let len = iovec::total_len(iov);
-        self.check_range(offset, len, "read")?;
+        if let Err(e) = self.check_range(offset, len, "read") {
+            self.io.invalid(IoKind::Read);
+            return Err(e);
+        }
+        let start = clock::now();
+        let result = self.read_checked(offset, iov, len).await;
+        self.io.done(IoKind::Read, len, start, result.is_ok());
+        result
+    }
+
+    /// [`read`](Self::read) of a range checked and accounted.
+    async fn read_checked(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -352,18 +361,39 @@ impl Node {
 
     /// Writes the caller's buffers at `offset`.
     pub async fn write(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
-        self.check_writable("write")?;
         let len = iovec::total_len(iov);
-        self.check_range(offset, len, "write")?;
+        if let Err(e) = self
+            .check_writable("write")
+            .and_then(|()| self.check_range(offset, len, "write"))
+        {
+            self.io.invalid(IoKind::Write);
+            return Err(e);
+        }
+        let start = clock::now();
+        let result = self.write_checked(offset, iov, len).await;
+        self.write_done(offset, len, start, result.is_ok());
+        result
+    }
+
+    /// [`write`](Self::write) of a range checked and accounted.
+    async fn write_checked(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         if self.flags.detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
             self.stats.zeroes_detected.add(1);
             let may_unmap = self.flags.detect_zeroes == DetectZeroes::Unmap;
-            return Box::pin(self.write_zeroes(offset, len, may_unmap)).await;
+            return Box::pin(self.zero_range(offset, len, may_unmap)).await;
         }
         self.write_data(offset, iov, len).await
+    }
+
+    /// Accounts a write (or write-zeroes) of `len` bytes at `offset` that started at `start`.
+    fn write_done(&self, offset: u64, len: u64, start: u64, ok: bool) {
+        self.io.done(IoKind::Write, len, start, ok);
+        if ok && len > 0 {
+            self.io.wrote_up_to(offset + len);
+        }
     }
 
     /// Writes the caller's buffers at `offset` of a growable node (a regular file), extending
@@ -373,24 +403,34 @@ impl Node {
         if !self.driver.can_grow() {
             return self.write(offset, iov).await;
         }
-        self.check_writable("write")?;
         let len = iovec::total_len(iov);
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > i64::MAX as u64)
-        {
-            return Err(BlockError::new(
-                libc::EFBIG,
-                format!(
-                    "write of {len} bytes at offset {offset} on node '{}' is too large",
-                    self.name
-                ),
-            ));
+        let checked = self.check_writable("write").and_then(|()| {
+            if offset
+                .checked_add(len)
+                .is_none_or(|end| end > i64::MAX as u64)
+            {
+                return Err(BlockError::new(
+                    libc::EFBIG,
+                    format!(
+                        "write of {len} bytes at offset {offset} on node '{}' is too large",
+                        self.name
+                    ),
+                ));
+            }
+            Ok(())
+        });
+        if let Err(e) = checked {
+            self.io.invalid(IoKind::Write);
+            return Err(e);
         }
-        if len == 0 {
-            return Ok(());
-        }
-        self.write_data(offset, iov, len).await
+        let start = clock::now();
+        let result = if len == 0 {
+            Ok(())
+        } else {
+            self.write_data(offset, iov, len).await
+        };
+        self.write_done(offset, len, start, result.is_ok());
+        result
     }
 
     /// Writes data, widening and serialising sub-block writes as alignment requires.
@@ -478,6 +518,13 @@ impl Node {
     /// Makes completed writes durable (a no-op with cache.no-flush). After one flush failed,
     /// every later one fails as well (see `flush_failure`).
     pub async fn flush(&self) -> Result<()> {
+        let start = clock::now();
+        let result = self.flush_unaccounted().await;
+        self.io.done(IoKind::Flush, 0, start, result.is_ok());
+        result
+    }
+
+    async fn flush_unaccounted(&self) -> Result<()> {
         if self.flags.cache_no_flush {
             return Ok(());
         }
@@ -536,8 +583,21 @@ impl Node {
 
     /// Discards a range; with discard=ignore this succeeds without doing anything.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable("discard")?;
-        self.check_range(offset, len, "discard")?;
+        if let Err(e) = self
+            .check_writable("discard")
+            .and_then(|()| self.check_range(offset, len, "discard"))
+        {
+            self.io.invalid(IoKind::Unmap);
+            return Err(e);
+        }
+        let start = clock::now();
+        let result = self.discard_checked(offset, len).await;
+        self.io.done(IoKind::Unmap, len, start, result.is_ok());
+        result
+    }
+
+    /// [`discard`](Self::discard) of a range checked and accounted.
+    async fn discard_checked(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 || !self.discard_enabled() {
             return Ok(());
         }
@@ -549,13 +609,34 @@ impl Node {
             return Ok(());
         }
         let _guard = self.serialiser.begin(start, end, false).await;
-        self.driver.discard(start, end - start).await
+        let result = self.driver.discard(start, end - start).await;
+        if result.is_ok() {
+            self.stats.discards_ok.add(1);
+            self.stats.discard_bytes_ok.add(end - start);
+        } else {
+            self.stats.discards_failed.add(1);
+        }
+        result
     }
 
     /// Makes a range read as zeroes. `may_unmap` lets it free space when discard=unmap.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.check_writable("write_zeroes")?;
-        self.check_range(offset, len, "write_zeroes")?;
+        if let Err(e) = self
+            .check_writable("write_zeroes")
+            .and_then(|()| self.check_range(offset, len, "write_zeroes"))
+        {
+            self.io.invalid(IoKind::Write);
+            return Err(e);
+        }
+        let start = clock::now();
+        let result = self.zero_range(offset, len, may_unmap).await;
+        self.write_done(offset, len, start, result.is_ok());
+        result
+    }
+
+    /// [`write_zeroes`](Self::write_zeroes) of a range checked and accounted (and the zero
+    /// writes detect-zeroes turns writes into).
+    async fn zero_range(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         if len == 0 {
             return Ok(());
         }

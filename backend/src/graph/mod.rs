@@ -140,13 +140,16 @@ impl Graph {
 
     /// Every live node, sorted by name.
     pub fn query(&self) -> Vec<NodeInfo> {
-        let nodes: Vec<Arc<Node>> = self
-            .lock()
+        self.nodes().iter().map(|n| n.info()).collect()
+    }
+
+    /// Every live node, sorted by name.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.lock()
             .nodes
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
-        nodes.iter().map(|n| n.info()).collect()
+            .collect()
     }
 
     fn check_unused(&self, name: &str) -> Result<()> {

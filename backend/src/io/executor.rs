@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::reactor::Reactor;
+use crate::accounting;
 use crate::error::Result;
 
 thread_local! {
@@ -168,6 +169,8 @@ impl<'a> LocalExecutor<'a> {
             {
                 let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
                 self.run.append(&mut ready);
+                // Woken from another thread: time passed for them.
+                accounting::clock::invalidate();
             }
             if self.run.is_empty() {
                 break;
@@ -225,6 +228,8 @@ impl<'a> LocalExecutor<'a> {
 
     /// Runs until every task finished, blocking the thread while waiting for I/O.
     pub fn run(&mut self) -> Result<()> {
+        // The thread may have done anything since it last read the clock.
+        accounting::clock::invalidate();
         self.poll()?;
         while !self.is_empty() {
             if self.reactor.reap() == 0 && !self.shared.woken.load(Ordering::Acquire) {

@@ -19,6 +19,7 @@ use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, IoUring};
 use slab::Slab;
 
+use crate::accounting;
 use crate::error::{BlockError, Result};
 
 /// Ring size: submission queue entries per thread.
@@ -214,6 +215,10 @@ impl Reactor {
             }
         }
         let n = wakers.len();
+        if n > 0 {
+            // Time passed for the requests that completed: they read the clock again.
+            accounting::clock::invalidate();
+        }
         // Wake after releasing the borrows: a waker may poll code that queues new operations.
         for w in wakers {
             w.wake();
@@ -289,6 +294,7 @@ impl Reactor {
             }
         }
         self.clear_eventfd();
+        accounting::clock::invalidate();
         Ok(())
     }
 
