@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use strata_backend::accounting::IoStats;
 use strata_backend::{ChildRole, Node};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::*;
@@ -64,6 +65,9 @@ pub(crate) struct DeviceConfig {
     /// CPUs this process may run on, read when the export starts: finding them reads cgroup
     /// files, which a sandbox (Landlock) may put out of reach once the export serves.
     pub cpus: usize,
+    /// The requests of the export's frontends (every connection's), as `query-blockstats`
+    /// reports them.
+    pub stats: IoStats,
 }
 
 /// The largest `request_alignment` of the node and the storage below it (its file children):
@@ -132,6 +136,7 @@ impl DeviceConfig {
             max_iov: limits.max_iov.max(1),
             poll_max_ns: c.poll_max_ns,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            stats: IoStats::default(),
         })
     }
 

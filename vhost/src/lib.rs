@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod accounting;
 mod device;
 mod device_config;
 mod error;

@@ -7,9 +7,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use strata_backend::accounting::IoKind;
 use strata_backend::io::iovec;
 use strata_backend::{BlockError, IoVec, Node};
 
+use crate::accounting::counted_as;
 use crate::request::{Op, Parsed, Segment, StatusByte, S_IOERR, S_OK};
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
@@ -32,21 +34,40 @@ pub(crate) struct RequestTask<F> {
     head: u16,
     /// The queue's epoch when the request was taken.
     epoch: u32,
+    /// What the request counts as in the export's statistics, and when it was taken (the
+    /// accounting clock's time).
+    counted_as: Option<(IoKind, u64)>,
+    started: u64,
 }
 
-/// The task that runs `parsed`, the chain at `head` of the virtqueue in `slot` (taken in its
-/// `epoch`), whose buffers lie in `mem`.
+/// Where a request came from: the chain at `head` of the virtqueue in `slot`, taken in its
+/// `epoch` at `started` (the accounting clock's time).
+#[derive(Clone, Copy)]
+pub(crate) struct Origin {
+    pub slot: usize,
+    pub head: u16,
+    pub epoch: u32,
+    pub started: u64,
+}
+
+/// The task that runs `parsed`, from `origin`, whose buffers lie in `mem`.
 #[inline]
 pub(crate) fn request_task(
     ctx: Rc<TaskCtx>,
     mem: Rc<HeldMem>,
     parsed: Parsed,
-    slot: usize,
-    head: u16,
-    epoch: u32,
+    origin: Origin,
 ) -> RequestTask<impl Future<Output = u8>> {
     let Parsed { op, status, in_len } = parsed;
+    let Origin {
+        slot,
+        head,
+        epoch,
+        started,
+    } = origin;
     RequestTask {
+        counted_as: counted_as(&op),
+        started,
         io: execute(ctx.clone(), op),
         _mem: mem,
         ctx,
@@ -74,6 +95,12 @@ impl<F: Future<Output = u8>> Future for RequestTask<F> {
         };
         // SAFETY: `this._mem` is the map parse found the byte in, held as long as the task.
         unsafe { this.status.write(code) };
+        if let Some((kind, bytes)) = this.counted_as {
+            this.ctx
+                .cfg
+                .stats
+                .done(kind, bytes, this.started, code == S_OK);
+        }
         let len = if code == S_OK { this.in_len + 1 } else { 1 };
         let done = Done {
             head: this.head,

@@ -232,6 +232,12 @@ impl BlkExport {
         &self.shared.cfg.node
     }
 
+    /// The requests of the export's frontends (all connections'), as QMP's `query-blockstats`
+    /// reports them.
+    pub fn io_stats(&self) -> &strata_backend::accounting::IoStats {
+        &self.shared.cfg.stats
+    }
+
     /// Whether a frontend is connected now (QMP's `block-export-del` in safe mode refuses then).
     pub fn has_frontend(&self) -> bool {
         self.shared.conn().is_some()

@@ -14,7 +14,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 
 pub(crate) use chain::{prefetch_chains, walk_chain, Desc, DescTable};
 pub(crate) use error::{ChainError, Refusal};
-pub(crate) use parse::parse;
+pub(crate) use parse::{parse, RequestType};
 
 /// Status values of the last byte of a request.
 pub(crate) const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -98,8 +98,9 @@ impl StatusByte {
 pub(crate) enum Outcome {
     /// A request to execute.
     Request(Parsed),
-    /// A request refused at once: its status byte gets `Refusal::status()`.
-    Refused(StatusByte, Refusal),
+    /// A request refused at once: its status byte gets `Refusal::status()`; the request's
+    /// type when its header could be read.
+    Refused(StatusByte, Refusal, Option<RequestType>),
     /// No status byte to report anything in: return the chain with nothing written.
     Drop(ChainError),
 }

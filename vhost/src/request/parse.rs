@@ -162,7 +162,7 @@ pub(crate) fn parse(
     // The readable stream: header, then data.
     let mut readable = Stream::new(descs[..first_w].iter().map(|d| (d.addr, u64::from(d.len))));
     let Some(header) = readable.read_next::<RequestHeader>(regions) else {
-        return Outcome::Refused(status, Refusal::HeaderUnreadable);
+        return Outcome::Refused(status, Refusal::HeaderUnreadable, None);
     };
     // The writable stream: data, then the status byte.
     let in_data = descs[first_w..=last_w]
@@ -173,7 +173,8 @@ pub(crate) fn parse(
             (len > 0).then_some((d.addr, len))
         });
 
-    let request = match header.request_type() {
+    let request_type = header.request_type();
+    let request = match request_type {
         RequestType::In => read_write(regions, cfg, false, header.sector(), in_data, spare),
         RequestType::Out => {
             let out_data = readable.into_pieces();
@@ -188,7 +189,7 @@ pub(crate) fn parse(
     };
     match request {
         Ok((op, in_len)) => Outcome::Request(Parsed { op, status, in_len }),
-        Err(why) => Outcome::Refused(status, why),
+        Err(why) => Outcome::Refused(status, why, Some(request_type)),
     }
 }
 
@@ -647,7 +648,7 @@ mod tests {
 
     fn refusal(o: Outcome) -> Refusal {
         match o {
-            Outcome::Refused(_, why) => why,
+            Outcome::Refused(_, why, _) => why,
             other => panic!("not refused: {other:?}"),
         }
     }
@@ -965,7 +966,7 @@ mod tests {
             &[(STATUS, 1, W)],
         ] {
             let o = g.request(&cfg, chain);
-            let Outcome::Refused(status, why) = o else {
+            let Outcome::Refused(status, why, None) = o else {
                 panic!("{chain:x?}: {o:?}");
             };
             assert_eq!(why, Refusal::HeaderUnreadable, "{chain:x?}");

@@ -15,18 +15,20 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
+use strata_backend::accounting::clock;
 use strata_backend::LocalExecutor;
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::accounting::{refusal_counts, RefusalCount};
 use crate::device::Device;
 use crate::inflight::Tracker;
 use crate::memory_faults;
 use crate::regions::RegionCache;
 use crate::request::{self, Desc, DescTable, Outcome};
-use crate::request_task::request_task;
+use crate::request_task::{request_task, Origin};
 use crate::split_ring::SplitRing;
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
@@ -119,6 +121,8 @@ struct Batch<'m> {
     published: usize,
     /// The queue's epoch ([`crate::device::DevState::epoch`]) its requests are taken in.
     epoch: u32,
+    /// When the batch was taken (the accounting clock's time): its requests' start.
+    started: u64,
 }
 
 impl Worker {
@@ -174,6 +178,8 @@ impl Worker {
     /// Handles an event of the thread's epoll (`device_event`: a kick of that virtqueue, or
     /// the io_uring's completion eventfd), then busy-polls for more work.
     pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
+        // The thread slept since its last event: no cached clock reading holds.
+        clock::invalidate();
         if u64::from(device_event) == dev.eventfd_token() {
             self.on_eventfd();
             if !self.paused.is_empty() && !dev.paused() {
@@ -201,6 +207,7 @@ impl Worker {
             self.faults_seen = faults;
             dev.check_memory_faults();
         }
+        clock::invalidate();
     }
 
     /// Takes the available requests of the virtqueue in `slot` and starts them, then turns
@@ -428,6 +435,9 @@ impl Worker {
             since,
             published: 0,
             epoch: dev.state.epoch[queue].load(Ordering::Acquire),
+            // One clock reading for the batch (the only one when its requests complete at
+            // once); the requests it starts take it as their start too.
+            started: clock::refresh(),
         })
     }
 
@@ -454,6 +464,12 @@ impl Worker {
     ) {
         let ctx = &self.ctx;
         let (queue, slot, epoch) = (batch.queue, batch.slot, batch.epoch);
+        let origin = Origin {
+            slot,
+            head,
+            epoch,
+            started: batch.started,
+        };
         let size = batch.desc_table.size;
         if head >= size {
             // Not a descriptor: there is nothing to complete. Forget it.
@@ -482,17 +498,18 @@ impl Worker {
         };
         match outcome {
             Outcome::Request(parsed) => {
-                self.exec.spawn(request_task(
-                    ctx.clone(),
-                    held.clone(),
-                    parsed,
-                    slot,
-                    head,
-                    epoch,
-                ));
+                self.exec
+                    .spawn(request_task(ctx.clone(), held.clone(), parsed, origin));
             }
-            Outcome::Refused(status, why) => {
+            Outcome::Refused(status, why, kind) => {
                 ctx.log_failure(&format!("queue {queue}: refused request"), &why);
+                match refusal_counts(kind, &why) {
+                    Some(RefusalCount::Invalid(kind)) => ctx.cfg.stats.invalid(kind),
+                    Some(RefusalCount::Failed(kind)) => {
+                        ctx.cfg.stats.done(kind, 0, batch.started, false);
+                    }
+                    None => {}
+                }
                 // SAFETY: `held`, the map parse found the byte in, is held for this call.
                 unsafe { status.write(why.status()) };
                 let done = Done {
