@@ -3,8 +3,15 @@
 //! the monitor, run against strata (with the sandbox on) and against qemu-storage-daemon, so
 //! that every check not marked strata-only holds for both.
 
+mod faultfs_rig;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use faultfs_rig::Client;
+use strata_faultfs::Mount;
 
 /// Whether `python3` has qemu.qmp and qemu-storage-daemon exists; under CI a missing one fails
 /// the test (scripts/install-deps.sh installs both).
@@ -109,5 +116,115 @@ fn qmp_jobs_strata() {
 fn qmp_jobs_qemu_storage_daemon() {
     if prerequisites() {
         jobs("qsd", "qemu-storage-daemon");
+    }
+}
+
+/// Does the libblkio request `IO SOCKET OP OFFSET LEN` of tests/qmp/stats.py (OP: read,
+/// write, flush, discard, write-zeroes) and returns its result (0 or -errno); `CLOSE SOCKET`
+/// disconnects, `FAULT COMMAND` gives the faultfs mount a command (0 or -1).
+fn serve_request(line: &str, clients: &mut HashMap<String, Client>, mount: Option<&Mount>) -> i32 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["IO", socket, op, offset, len] => {
+            let (offset, len): (u64, u64) = (
+                offset.parse().expect("IO offset"),
+                len.parse().expect("IO length"),
+            );
+            let c = clients
+                .entry(socket.to_string())
+                .or_insert_with(|| Client::connect(Path::new(socket), 1 << 20));
+            match *op {
+                "read" => c.read(offset, len as usize).err().unwrap_or(0),
+                "write" => c.write(offset, &vec![0x5a; len as usize]),
+                "flush" => c.flush(),
+                "discard" => c.discard(offset, len),
+                "write-zeroes" => c.write_zeroes(offset, len),
+                other => panic!("stats.py asked for {other}"),
+            }
+        }
+        ["CLOSE", socket] => {
+            clients.remove(*socket);
+            0
+        }
+        ["FAULT", command @ ..] => {
+            let mount = mount.expect("stats.py asked for a fault without a faultfs mount");
+            mount.command(&command.join(" ")).map_or(-1, |()| 0)
+        }
+        _ => panic!("stats.py sent {line:?}"),
+    }
+}
+
+/// Runs tests/qmp/stats.py against `daemon` (with, for strata, a strata-faultfs mount at
+/// `mnt` for injected I/O errors), answering its requests for libblkio I/O.
+fn stats(daemon: &str, binary: &str, mount: Option<&Mount>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/stats.py");
+    let err_log = tempfile::NamedTempFile::new().expect("stderr file");
+    let mnt = mount.map_or_else(|| "-".to_string(), |m| m.path().display().to_string());
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args([daemon, binary, &mnt])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(err_log.reopen().expect("stderr file"))
+        .spawn()
+        .expect("run python3");
+    let mut to_script = child.stdin.take().expect("stdin");
+    let from_script = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut clients = HashMap::new();
+    let mut output = String::new();
+    for line in from_script.lines() {
+        let line = line.expect("read stats.py output");
+        if line.starts_with("IO ") || line.starts_with("CLOSE ") || line.starts_with("FAULT ") {
+            let result = serve_request(&line, &mut clients, mount);
+            writeln!(to_script, "{result}").expect("answer stats.py");
+            to_script.flush().expect("answer stats.py");
+        } else {
+            output.push_str(&line);
+            output.push('\n');
+        }
+    }
+    drop(clients);
+    let status = child.wait().expect("wait for python3");
+    let stderr = std::fs::read_to_string(err_log.path()).unwrap_or_default();
+    assert!(
+        status.success(),
+        "stats against {daemon} failed:\n{output}\n{stderr}"
+    );
+    assert!(output.contains(" passed, 0 failed"), "{output}");
+}
+
+/// A strata-faultfs mount of a directory holding `faulty.img`; None (skipped) where FUSE cannot run.
+fn faultfs() -> Option<(tempfile::TempDir, Mount)> {
+    if !faultfs_rig::require_fuse() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("backing")).expect("mkdir");
+    std::fs::create_dir(dir.path().join("mnt")).expect("mkdir");
+    // The image stats.py serves as `faulty.img` (16 MiB, its SIZE).
+    std::fs::File::create(dir.path().join("backing/faulty.img"))
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the faulty image");
+    let mount = Mount::new(&dir.path().join("backing"), &dir.path().join("mnt"))
+        .expect("mount strata-faultfs");
+    Some((dir, mount))
+}
+
+#[test]
+fn qmp_stats_strata() {
+    if !prerequisites() {
+        return;
+    }
+    let Some((_dir, mount)) = faultfs() else {
+        return;
+    };
+    stats("strata", env!("CARGO_BIN_EXE_strata"), Some(&mount));
+    mount.unmount().expect("unmount");
+}
+
+#[test]
+fn qmp_stats_qemu_storage_daemon() {
+    if prerequisites() {
+        stats("qsd", "qemu-storage-daemon", None);
     }
 }

@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::args::Args;
-use super::commands::{control, exports, jobs, nodes, resize};
+use super::commands::{control, exports, jobs, nodes, resize, stats};
 use super::protocol::QmpError;
 use super::server::Clients;
 use crate::daemon::Daemon;
@@ -43,6 +43,11 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("job-complete", jobs::job_complete),
     ("job-finalize", jobs::job_finalize),
     ("job-dismiss", jobs::job_dismiss),
+    ("query-blockstats", stats::query_blockstats),
+    (
+        "block-latency-histogram-set",
+        stats::block_latency_histogram_set,
+    ),
 ];
 
 /// `qmp_capabilities` before negotiation: strata offers no capability to enable.

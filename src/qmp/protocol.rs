@@ -13,6 +13,8 @@ pub enum ErrorClass {
     GenericError,
     /// An unknown command, or one given before (or after) capabilities negotiation.
     CommandNotFound,
+    /// The device (for strata: export or node) a command names does not exist.
+    DeviceNotFound,
 }
 
 impl ErrorClass {
@@ -20,6 +22,7 @@ impl ErrorClass {
         match self {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
         }
     }
 }
@@ -46,6 +49,14 @@ impl QmpError {
     pub fn command_not_found(desc: impl Into<String>) -> Self {
         QmpError {
             class: ErrorClass::CommandNotFound,
+            desc: desc.into(),
+        }
+    }
+
+    /// A `DeviceNotFound`.
+    pub fn device_not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::DeviceNotFound,
             desc: desc.into(),
         }
     }

@@ -5,3 +5,4 @@ pub mod exports;
 pub mod jobs;
 pub mod nodes;
 pub mod resize;
+pub mod stats;
