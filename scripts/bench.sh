@@ -25,6 +25,9 @@
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
+#            --qmp-poll       give each daemon a QMP monitor and poll query-blockstats on it
+#                             every 100 ms while it is measured (scripts/qmp-poll.py, needs
+#                             the Python package qemu.qmp); a summary line per run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,6 +51,7 @@ REQUIRE_STRATA=0
 BUILD=1
 DAEMON_CPU=""
 WAIT_IDLE=0
+QMP_POLL=0
 CLIENT_CPU=""
 IMAGE_SIZE=$((1024 * 1024 * 1024))
 
@@ -73,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --require-strata) REQUIRE_STRATA=1 ;;
     --no-build) BUILD=0 ;;
     --wait-idle) need_arg "$@"; WAIT_IDLE=$2; shift ;;
+    --qmp-poll) QMP_POLL=1 ;;
     --daemon-cpu) need_arg "$@"; DAEMON_CPU=$2; shift ;;
     --client-cpu) need_arg "$@"; CLIENT_CPU=$2; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -143,6 +148,12 @@ if ((BUILD)); then
             MISSING+=("strata=strata did not build")
         fi
     fi
+fi
+POLL_PYTHON=""
+if ((QMP_POLL)); then
+    # The interpreter itself, not a wrapper (pyenv's shim) that a SIGTERM would end instead.
+    POLL_PYTHON=$(python3 -c 'import sys, qemu.qmp; print(sys.executable)' 2>/dev/null) ||
+        die "--qmp-poll needs python3 with qemu.qmp (pip install qemu.qmp)"
 fi
 [[ -x $BENCH ]] || die "$BENCH not found (build it: cargo build --release -p strata-bench)"
 if has_target strata && ((${#MISSING[@]} == 0)) && [[ ! -x $STRATA ]]; then
@@ -256,6 +267,7 @@ sync
 DPID=""
 SOCK=""
 DLOG=""
+POLLPID=""
 
 daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
     local target=$1 backend=$2 nq=$3 sock=$4 bin node
@@ -293,6 +305,9 @@ daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
     *) die "unknown backend $backend" ;;
     esac
     CMD+=(--export "type=vhost-user-blk,id=e0,node-name=$node,addr.type=unix,addr.path=$sock,writable=on,num-queues=$nq")
+    if ((QMP_POLL)); then
+        CMD+=(--chardev "socket,id=qmp0,path=$sock.qmp,server=on,wait=off" --monitor chardev=qmp0)
+    fi
 }
 
 show_log() {
@@ -326,7 +341,29 @@ start_daemon() { # TARGET BACKEND NQ
     die "$target ($backend, num-queues=$nq) did not create $SOCK within 10 s"
 }
 
+start_poller() { # with --qmp-poll: poll the running daemon's monitor until stop_daemon
+    ((QMP_POLL)) || return 0
+    "$POLL_PYTHON" "$ROOT/scripts/qmp-poll.py" "$SOCK.qmp" 0.1 >"$DLOG.poll" 2>&1 </dev/null 9>&- &
+    POLLPID=$!
+}
+
+stop_poller() {
+    [[ -n $POLLPID ]] || return 0
+    kill -TERM "$POLLPID" 2>/dev/null || true
+    # Its summary line says how it went (the shell's status for it may be the signal's).
+    wait "$POLLPID" 2>/dev/null || true
+    POLLPID=""
+    local summary
+    summary=$(grep '^qmp-poll: .* polls, 0 errors' "$DLOG.poll" || true)
+    if [[ -n $summary ]]; then
+        echo "bench: $summary" >&2
+    else
+        echo "bench: WARNING: the QMP poller failed (log: $DLOG.poll)" >&2
+    fi
+}
+
 stop_daemon() {
+    stop_poller
     [[ -n $DPID ]] || return 0
     local pid=$DPID i rc=0
     DPID=""
@@ -351,6 +388,7 @@ stop_daemon() {
 
 cleanup() {
     local rc=$?
+    [[ -z $POLLPID ]] || kill -TERM "$POLLPID" 2>/dev/null || true
     if [[ -n $DPID ]]; then
         kill -TERM "$DPID" 2>/dev/null || true
         sleep 0.2
@@ -471,6 +509,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                     client run "${common[@]}" --path "$(image_of "$backend")"
                 else
                     start_daemon "$target" "$backend" "$nq"
+                    start_poller
                     client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
                     stop_daemon
                 fi
