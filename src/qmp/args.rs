@@ -1,5 +1,6 @@
 //! A command's arguments, taken one by one with their expected type; whatever is left is an
-//! error. Texts are QEMU's: "Parameter 'x' is missing", "Invalid parameter type for 'x',
+//! error. The schema ([`super::schema`]) has checked them before a handler runs, so these
+//! checks matter for the parts a handler takes apart itself. Texts are QEMU's: "Parameter 'x' is missing", "Invalid parameter type for 'x',
 //! expected: integer", "Parameter 'x' is unexpected".
 
 use serde_json::{Map, Value};
@@ -45,6 +46,14 @@ impl Args {
                 "Parameter '{key}' expects a non-negative integer, got {v}"
             ))),
             Some(_) => Err(wrong_type(key, "integer")),
+        }
+    }
+
+    /// A required integer of any sign (QAPI's `int`).
+    pub fn int(&mut self, key: &str) -> Result<i64, QmpError> {
+        match self.map.remove(key) {
+            None => Err(missing(key)),
+            Some(v) => v.as_i64().ok_or_else(|| wrong_type(key, "integer")),
         }
     }
 

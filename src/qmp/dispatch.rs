@@ -16,7 +16,8 @@ pub struct Context<'a> {
     pub clients: &'a Clients,
 }
 
-/// A command: it checks every argument (ending with [`Args::finish`]) before it acts.
+/// A command: its arguments have been checked against its schema ([`super::schema`]); it
+/// takes each (ending with [`Args::finish`]) before it acts.
 type Handler = fn(&Context<'_>, Args) -> Result<Value, QmpError>;
 
 /// Every command after negotiation, in the order `query-commands` lists them.
@@ -66,7 +67,7 @@ pub fn negotiate(mut arguments: Map<String, Value>) -> Result<Value, QmpError> {
     Ok(json!({}))
 }
 
-/// Runs command `name` with `arguments`.
+/// Runs command `name` with `arguments`, once they match the command's schema.
 pub fn execute(
     ctx: &Context<'_>,
     name: &str,
@@ -75,5 +76,6 @@ pub fn execute(
     let (_, handler) = COMMANDS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
         QmpError::command_not_found(format!("The command {name} has not been found"))
     })?;
+    super::schema::check_arguments(name, &arguments)?;
     handler(ctx, Args::new(arguments))
 }

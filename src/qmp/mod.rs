@@ -3,7 +3,9 @@
 //! - [`config`]: the command-line options;
 //! - [`framing`]: the byte stream split into bounded JSON messages;
 //! - [`protocol`]: requests, replies, errors, events, the greeting;
-//! - [`args`]: typed arguments with QEMU's error texts;
+//! - [`schema`]: what each command takes and returns, checked before it runs and reported by
+//!   `query-qmp-schema`;
+//! - [`args`]: a handler's arguments, taken one by one, with QEMU's error texts;
 //! - [`server`]: listening, clients, negotiation, events;
 //! - [`dispatch`] and [`commands`]: the commands.
 //!
@@ -17,6 +19,7 @@ pub mod config;
 pub mod dispatch;
 pub mod framing;
 pub mod protocol;
+pub mod schema;
 pub mod server;
 
 pub use config::MonitorConfig;

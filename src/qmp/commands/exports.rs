@@ -1,59 +1,20 @@
 //! Commands on exports: `block-export-add`, `block-export-del`, `query-block-exports`.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use strata_backend::Options;
 use strata_vhost::BlkExport;
 
 use crate::export_options;
 use crate::exports::{RemoveError, RemoveMode};
-use crate::qmp::args::{wrong_type, Args};
+use crate::qmp::args::Args;
 use crate::qmp::dispatch::Context;
 use crate::qmp::protocol::QmpError;
 
-/// The JSON type of each option of a vhost-user-blk export (those `--export` takes, QEMU's
-/// and strata's own); `addr` is checked member by member.
-fn option_type(key: &str) -> &'static str {
-    match key {
-        "writable" | "writethrough" | "fixed-iothread" => "boolean",
-        "num-queues" | "logical-block-size" | "poll-max-ns" => "integer",
-        "addr" => "object",
-        _ => "string",
-    }
-}
-
-fn check_types(options: &Map<String, Value>) -> Result<(), QmpError> {
-    for (key, value) in options {
-        let ok = match option_type(key) {
-            "boolean" => value.is_boolean(),
-            "integer" => value.is_u64(),
-            "object" => match value {
-                Value::Object(addr) => {
-                    if let Some((k, _)) = addr.iter().find(|(_, v)| !v.is_string()) {
-                        return Err(wrong_type(&format!("addr.{k}"), "string"));
-                    }
-                    true
-                }
-                _ => false,
-            },
-            _ => value.is_string(),
-        };
-        if !ok {
-            return Err(wrong_type(key, option_type(key)));
-        }
-    }
-    Ok(())
-}
-
-/// `block-export-add`: a vhost-user-blk export with every option `--export` takes.
+/// `block-export-add`: a vhost-user-blk export with every option `--export` takes
+/// (BlockExportOptions, checked against the schema before this runs).
 pub fn block_export_add(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpError> {
     let mut options = args.take_rest();
     args.finish()?;
-    for key in ["type", "id", "node-name"] {
-        if !options.contains_key(key) {
-            return Err(crate::qmp::args::missing(key));
-        }
-    }
-    check_types(&options)?;
     // QEMU's fixed-iothread only matters with several iothreads; strata's workers are per queue.
     options.remove("fixed-iothread");
     let id = options["id"].as_str().unwrap_or_default().to_string();

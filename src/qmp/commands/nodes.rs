@@ -2,79 +2,22 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use strata_backend::{BlockError, ChildRole, DetectZeroes, Node, Options};
 
-use crate::qmp::args::{wrong_type, Args};
+use crate::qmp::args::Args;
 use crate::qmp::dispatch::Context;
 use crate::qmp::protocol::QmpError;
 
-/// The JSON type each option of every driver takes (the same options as `--blockdev`); an
-/// option not listed here is left for the driver, which refuses what it does not know.
-fn option_type(key: &str) -> Option<&'static str> {
-    Some(match key {
-        "read-only" | "auto-read-only" | "direct" | "no-flush" | "share-rw" | "read-zeroes"
-        | "force-share" => "boolean",
-        "size"
-        | "offset"
-        | "latency-ns"
-        | "l2-cache-size"
-        | "refcount-cache-size"
-        | "cache-size"
-        | "l2-cache-entry-size" => "integer",
-        "driver" | "node-name" | "filename" | "aio" | "locking" | "discard" | "detect-zeroes" => {
-            "string"
-        }
-        "cache" => "object",
-        _ => return None,
-    })
-}
-
-/// Checks the JSON types of `options` (recursing into inline children), naming the member by
-/// its dotted path as QEMU does.
-fn check_option_types(prefix: &str, options: &Map<String, Value>) -> Result<(), QmpError> {
-    for (key, value) in options {
-        let path = format!("{prefix}{key}");
-        if matches!(key.as_str(), "file" | "backing") {
-            match value {
-                Value::Object(child) => check_option_types(&format!("{path}."), child)?,
-                Value::String(_) => {}
-                Value::Null if key == "backing" => {}
-                _ => return Err(wrong_type(&path, "BlockdevRef")),
-            }
-            continue;
-        }
-        let matches = match option_type(key) {
-            Some("boolean") => value.is_boolean(),
-            Some("integer") => value.is_u64(),
-            Some("string") => value.is_string(),
-            Some(_) => match value {
-                Value::Object(inner) => {
-                    check_option_types(&format!("{path}."), inner)?;
-                    true
-                }
-                _ => false,
-            },
-            None => true,
-        };
-        if !matches {
-            return Err(wrong_type(&path, option_type(key).unwrap_or("value")));
-        }
-    }
-    Ok(())
-}
-
-/// `blockdev-add`: the options `--blockdev` takes, as a JSON object.
+/// `blockdev-add`: the options `--blockdev` takes, as a JSON object (BlockdevOptions, checked
+/// against the schema before this runs).
 pub fn blockdev_add(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpError> {
     let options = args.take_rest();
     args.finish()?;
-    if !options.contains_key("driver") {
-        return Err(crate::qmp::args::missing("driver"));
-    }
+    // The schema makes it optional (a child's may be generated); a node added by QMP needs it.
     if !options.contains_key("node-name") {
         return Err(crate::qmp::args::missing("node-name"));
     }
-    check_option_types("", &options)?;
     let flat = Options::from_json(&Value::Object(options)).map_err(block_error)?;
     ctx.daemon
         .graph

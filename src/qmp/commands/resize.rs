@@ -23,8 +23,11 @@ fn uses(node: &Node, target: &Node) -> bool {
 pub fn block_resize(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpError> {
     let device = args.opt_str("device")?;
     let node_name = args.opt_str("node-name")?;
-    let size = args.u64("size")?;
+    let size = args.int("size")?;
     args.finish()?;
+    // QEMU's check and text.
+    let size =
+        u64::try_from(size).map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
     let node: Arc<Node> = node_name
         .as_deref()
         .and_then(|name| ctx.daemon.graph.find(name))
