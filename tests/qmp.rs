@@ -1,5 +1,6 @@
-//! QMP conformance: tests/qmp/conformance.py (the protocol, nodes, exports) and
-//! tests/qmp/jobs.py (blockdev-create and jobs), QEMU's own client library (qemu.qmp) driving
+//! QMP conformance: tests/qmp/conformance.py (the protocol, nodes, exports),
+//! tests/qmp/jobs.py (blockdev-create and jobs) and tests/qmp/schema.py (query-qmp-schema and
+//! the argument checks it describes), QEMU's own client library (qemu.qmp) driving
 //! the monitor, run against strata (with the sandbox on) and against qemu-storage-daemon, so
 //! that every check not marked strata-only holds for both.
 
@@ -226,5 +227,37 @@ fn qmp_stats_strata() {
 fn qmp_stats_qemu_storage_daemon() {
     if prerequisites() {
         stats("qsd", "qemu-storage-daemon", None);
+    }
+}
+
+/// tests/qmp/schema.py against `daemon`: every command's arguments as its query-qmp-schema
+/// describes them (against strata, also compared with qemu-storage-daemon's schema).
+fn schema(daemon: &str, binary: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/schema.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([daemon, binary])
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schema against {daemon} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn qmp_schema_strata() {
+    if prerequisites() {
+        schema("strata", env!("CARGO_BIN_EXE_strata"));
+    }
+}
+
+#[test]
+fn qmp_schema_qemu_storage_daemon() {
+    if prerequisites() {
+        schema("qsd", "qemu-storage-daemon");
     }
 }

@@ -1,7 +1,8 @@
 //! A JSON value checked against a schema type, with the texts of QEMU's QObject input visitor:
 //! members are visited in the schema's order, so the first bad one is the one QEMU names.
 //! Most texts name a member by its full path (`file.cache.direct`, `server[0].port`); an
-//! enum's unknown value and an integer out of range name only the member, as QEMU does.
+//! enum's unknown value, an integer out of range and an alternate of the wrong type name only
+//! the member, as QEMU does.
 
 use serde_json::{Map, Value};
 
@@ -30,8 +31,15 @@ pub fn check(ty: &str, value: &Value, full: &str, bare: &str) -> Result<(), QmpE
         // QEMU's signed integers take what fits an int64.
         "int" => (value.is_i64(), "integer"),
         // Its unsigned ones also take a negative int64, as the two's complement (QEMU keeps
-        // that for compatibility), then check the width.
-        "uint64" | "size" | "uint16" | "uint32" => (value.is_i64() || value.is_u64(), "integer"),
+        // that for compatibility), then check the width; their text differs.
+        "uint64" | "size" | "uint16" | "uint32" => {
+            if !(value.is_i64() || value.is_u64()) {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{full}' expects uint64"
+                )));
+            }
+            (true, "integer")
+        }
         name => return check_named(name, value, full, bare),
     };
     if !ok {
@@ -72,7 +80,7 @@ fn check_named(name: &str, value: &Value, full: &str, bare: &str) -> Result<(), 
         },
         Kind::Alternate(branches) => match branches.iter().find(|b| takes(b, value)) {
             Some(branch) => check(branch, value, full, bare),
-            None => Err(wrong_type(full, def.name)),
+            None => Err(wrong_type(bare, def.name)),
         },
     }
 }

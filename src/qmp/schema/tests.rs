@@ -200,7 +200,8 @@ fn wrong(ty: &str) -> (Value, String) {
     match ty {
         "str" => text(json!(1), "string"),
         "bool" => text(json!("x"), "boolean"),
-        "int" | "uint16" | "uint32" | "uint64" | "size" => text(json!("x"), "integer"),
+        "int" => text(json!("x"), "integer"),
+        "uint16" | "uint32" | "uint64" | "size" => text(json!("x"), "uint64"),
         _ => match &find_type(ty).unwrap().kind {
             Kind::Enum(_) => text(json!(1), "string"),
             Kind::Object { .. } => text(json!(1), "object"),
@@ -234,12 +235,12 @@ fn each_member_of_the_wrong_type_is_named() {
                 let mut args = full.clone();
                 args.insert(key.clone(), bad);
                 let e = check_arguments(command.name, &args).unwrap_err();
-                assert_eq!(
-                    e.desc,
-                    format!("Invalid parameter type for '{key}', expected: {expected}"),
-                    "{}",
-                    command.name
-                );
+                let want = if expected == "uint64" {
+                    format!("Parameter '{key}' expects uint64")
+                } else {
+                    format!("Invalid parameter type for '{key}', expected: {expected}")
+                };
+                assert_eq!(e.desc, want, "{}", command.name);
                 let _ = value;
             }
             let mut extra = full.clone();
@@ -411,6 +412,17 @@ fn nested_members_have_qemus_texts() {
             "Invalid parameter type for 'size', expected: integer",
         ),
         ("block_resize", json!({"node-name": "d", "size": -1}), "ok"),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "latency-ns": "x"}),
+            "Parameter 'latency-ns' expects uint64",
+        ),
+        (
+            "blockdev-create",
+            json!({"job-id": "j", "options": {"driver": "file", "filename": "/x",
+                                   "size": 1.5}}),
+            "Parameter 'options.size' expects uint64",
+        ),
     ] {
         assert_eq!(desc(command, args.clone()), want, "{command} {args}");
     }
