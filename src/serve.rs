@@ -222,7 +222,8 @@ fn print_qemu_hint(socket: &Path, queues: u16) {
 
 /// Starts every export and monitor listening, writes the pidfile once they all do, enters the
 /// sandbox (unless `--sandbox off`), starts serving and the monitors, then waits for
-/// SIGTERM/SIGINT: stop, drain, flush, remove the sockets and pidfile, exit.
+/// SIGTERM/SIGINT: cancel the jobs (waiting for them), stop, drain, flush, remove the sockets
+/// and pidfile, exit.
 fn run(
     daemon: Arc<Daemon>,
     configs: Vec<(BlkExportConfig, Listen)>,
@@ -289,6 +290,7 @@ fn run(
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping");
     }
+    daemon.jobs.cancel_all_sync();
     let result = daemon.exports.stop_all();
     drop(monitor_sockets);
     drop(pidfile);

@@ -1,6 +1,7 @@
 //! QMP conformance: tests/qmp/conformance.py (the protocol, nodes, exports),
-//! tests/qmp/jobs.py (blockdev-create and jobs) and tests/qmp/schema.py (query-qmp-schema and
-//! the argument checks it describes), QEMU's own client library (qemu.qmp) driving
+//! tests/qmp/jobs.py (blockdev-create and jobs), tests/qmp/jobs_exit.py (jobs at SIGTERM) and
+//! tests/qmp/schema.py (query-qmp-schema and the argument checks it describes), QEMU's own
+//! client library (qemu.qmp) driving
 //! the monitor, run against strata (with the sandbox on) and against qemu-storage-daemon, so
 //! that every check not marked strata-only holds for both.
 
@@ -259,5 +260,37 @@ fn qmp_schema_strata() {
 fn qmp_schema_qemu_storage_daemon() {
     if prerequisites() {
         schema("qsd", "qemu-storage-daemon");
+    }
+}
+
+/// tests/qmp/jobs_exit.py against `daemon`: a create running at SIGTERM is cancelled and
+/// waited for, every job dismissed, no half image left, nothing else removed.
+fn jobs_exit(daemon: &str, binary: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/jobs_exit.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([daemon, binary])
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "jobs at exit against {daemon} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn qmp_jobs_exit_strata() {
+    if prerequisites() {
+        jobs_exit("strata", env!("CARGO_BIN_EXE_strata"));
+    }
+}
+
+#[test]
+fn qmp_jobs_exit_qemu_storage_daemon() {
+    if prerequisites() {
+        jobs_exit("qsd", "qemu-storage-daemon");
     }
 }

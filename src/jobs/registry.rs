@@ -84,6 +84,36 @@ impl Jobs {
         Ok(())
     }
 
+    /// At daemon exit, as QEMU's `job_cancel_sync_all`: every job not yet concluded is
+    /// cancelled (a paused one too) and this waits until it has concluded; then every job is
+    /// dismissed (`null`), as qemu-storage-daemon does. A step in progress (an image being
+    /// written) ends first, so the daemon leaves no half-written image behind, and a cancelled
+    /// job reports `Operation canceled`, never success; nothing is removed. The events go out
+    /// before the monitors close.
+    pub fn cancel_all_sync(&self) {
+        let jobs: Vec<Arc<Shared>> = self.lock().clone();
+        for job in jobs {
+            let mut state = job.lock();
+            if !matches!(state.status, JobStatus::Concluded | JobStatus::Null) {
+                log::info!("job '{}': cancelled at exit", job.options.id);
+                if state.user_paused {
+                    state.user_paused = false;
+                    state.pause_count -= 1;
+                }
+                state.cancelled = true;
+                job.notify();
+                state = job.wait_while(state, |s| {
+                    !matches!(s.status, JobStatus::Concluded | JobStatus::Null)
+                });
+            }
+            if state.status == JobStatus::Concluded {
+                job.dismiss(&mut state);
+            }
+            drop(state);
+            job.deliver();
+        }
+    }
+
     /// `job-pause`: takes effect at the job's next pause point.
     pub fn pause(&self, id: &str) -> Result<(), String> {
         let job = self.find(id)?;

@@ -432,3 +432,40 @@ fn the_tables_are_qemus() {
         .sum();
     assert_eq!(accepting, 7 + 5 + 5 + 5 + 1 + 1 + 1);
 }
+
+#[test]
+fn at_exit_every_job_is_cancelled_concluded_and_dismissed_before_the_call_returns() {
+    let rig = Rig::new();
+    rig.job_in("run", JobStatus::Running);
+    rig.job_in("pause", JobStatus::Paused);
+    rig.job_in("ready", JobStatus::Ready);
+    rig.job_in("pend", JobStatus::Pending);
+    rig.job_in("done", JobStatus::Concluded);
+    rig.jobs.cancel_all_sync();
+    assert!(rig.jobs.query().is_empty());
+    for id in ["run", "pause", "ready", "pend"] {
+        let sent = rig.sent(id);
+        assert_eq!(
+            sent[sent.len() - 3..],
+            ["aborting", "concluded", "null"],
+            "{id}"
+        );
+        // Only the one waiting for job-finalize had finished its run.
+        assert_eq!(sent.contains(&"waiting"), id == "pend", "{id}: {sent:?}");
+    }
+    // A job concluded before is only dismissed.
+    assert_eq!(
+        rig.sent("done"),
+        ["created", "running", "aborting", "concluded", "null"]
+    );
+    assert_eq!(
+        rig.hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| **h == "abort")
+            .count(),
+        5
+    );
+    assert!(!rig.hooks.lock().unwrap().contains(&"commit"));
+}
