@@ -250,13 +250,7 @@ fn run(
         listening_monitors.push(monitor);
     }
     let pidfile = pidfile.map(PidFile::write).transpose()?;
-    let network_nodes = network_nodes(&daemon.graph);
     match sandbox {
-        Sandbox::On if !network_nodes.is_empty() => log::warn!(
-            "sandbox: off: node(s) {} use rbd, whose librbd opens network sockets and runs \
-             threads of its own, which the sandbox would refuse",
-            network_nodes.join(", ")
-        ),
         Sandbox::On => {
             let mut policy = sandbox_policy(&daemon.graph, &listening, pidfile.as_ref());
             policy
@@ -336,17 +330,8 @@ fn sandbox_policy(
             .map(|e| e.private_dir().to_path_buf())
             .collect(),
         qmp: None,
+        librbd: graph.query().iter().any(|node| node.driver == "rbd"),
     }
-}
-
-/// The nodes whose driver reaches storage over the network (rbd).
-fn network_nodes(graph: &Graph) -> Vec<String> {
-    graph
-        .query()
-        .into_iter()
-        .filter(|node| node.driver == "rbd")
-        .map(|node| node.name)
-        .collect()
 }
 
 /// Drivers whose nodes open a file or device by name.

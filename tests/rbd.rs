@@ -1,8 +1,11 @@
 //! The rbd driver (issue 16) against a real Ceph cluster: the one `scripts/ceph-test-cluster.sh`
 //! starts (scripts/test.sh brings it up and exports CEPH_CONF and STRATA_CEPH_DIR). A libblkio
 //! client writes through strata's vhost-user-blk export and reads back; `rbd export` shows what
-//! reached the cluster; qcow2 on rbd, a read-only snapshot, the open errors, and an OSD killed
+//! reached the cluster; qcow2 on rbd, a read-only snapshot, the open errors, an OSD killed
 //! and restarted under I/O.
+//!
+//! Every daemon here runs under the sandbox (on by default), and none may log a refused
+//! system call.
 //!
 //! Without a cluster the tests say so and pass, except under CI=true, where they fail.
 
@@ -179,6 +182,11 @@ impl Daemon {
         let took = start.elapsed();
         std::thread::sleep(Duration::from_millis(50));
         self.drain();
+        assert!(
+            !self.log.contains("which the sandbox refuses"),
+            "the sandbox refused a system call:\n{}",
+            self.log
+        );
         (status.success(), std::mem::take(&mut self.log), took)
     }
 
@@ -195,6 +203,43 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Seccomp mode (0 none, 2 filter) and name of every thread.
+    fn thread_modes(&self) -> Vec<(String, u32)> {
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let mut modes = Vec::new();
+        for task in std::fs::read_dir(tasks)
+            .expect("list threads")
+            .map_while(Result::ok)
+        {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue; // the thread ended meanwhile
+            };
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let mode = field("Seccomp:").parse().expect("Seccomp: field");
+            modes.push((field("Name:"), mode));
+        }
+        modes
+    }
+
+    /// Every thread, strata's and librbd's, runs under the seccomp filter.
+    fn assert_sandboxed(&self) {
+        let modes = self.thread_modes();
+        assert!(modes.len() > 10, "librbd's threads are missing: {modes:?}");
+        assert!(
+            modes.iter().all(|(_, mode)| *mode == 2),
+            "threads without the seccomp filter: {modes:?}"
+        );
     }
 }
 
@@ -563,7 +608,19 @@ struct Osd {
     dir: PathBuf,
 }
 
+/// Taken by the tests that stop the OSD, one at a time.
+static OSD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Osd {
+    fn of_test_cluster() -> Osd {
+        let Ok(dir) = std::env::var("STRATA_CEPH_DIR") else {
+            panic!("STRATA_CEPH_DIR is unset: the OSD tests need the test cluster's directory");
+        };
+        Osd {
+            dir: PathBuf::from(dir),
+        }
+    }
+
     fn pid(&self) -> i32 {
         let text = std::fs::read_to_string(self.dir.join("run/osd.0.pid")).expect("osd pid file");
         text.trim().parse().expect("pid")
@@ -581,25 +638,35 @@ impl Osd {
 
     fn start(&self) {
         let conf = self.dir.join("ceph.conf");
-        tool("ceph-osd", &["-c", &path_str(&conf), "-i", "0"]);
+        // CEPH_KEYRING (client.admin's, exported for the tools) would replace the OSD's own
+        // keyring, and the monitor would refuse it.
+        let out = Command::new("ceph-osd")
+            .args(["-c", &path_str(&conf), "-i", "0"])
+            .env_remove("CEPH_KEYRING")
+            .output()
+            .expect("run ceph-osd");
+        assert!(
+            out.status.success(),
+            "ceph-osd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 #[test]
 fn io_resumes_after_the_osd_is_killed_and_restarted() {
     let Some(_) = cluster() else { return };
-    let Ok(dir) = std::env::var("STRATA_CEPH_DIR") else {
-        panic!("STRATA_CEPH_DIR is unset: the OSD test needs the test cluster's directory");
-    };
-    let osd = Osd {
-        dir: PathBuf::from(dir),
-    };
+    let _turn = OSD_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let osd = Osd::of_test_cluster();
     let tmp = tempfile::tempdir().expect("tempdir");
     let image = RbdImage::create("osd");
     let socket = tmp.path().join("vm.sock");
     // No librbd cache: every write goes to the OSD.
     let daemon = Daemon::start(&[rbd_node(&image.0, ",cache.direct=on")], &socket, true);
     let mut client = Client::connect(&socket);
+    client.write(0, 0, &pattern(99, LEN));
+    // The sandbox is on (the default): every thread, librbd's included, has the filter.
+    daemon.assert_sandboxed();
     let blocks = 96u64;
     // The OSD goes down first and comes back 2 s later: the writes issued meanwhile wait in
     // librbd and complete once it is back.
@@ -628,6 +695,8 @@ fn io_resumes_after_the_osd_is_killed_and_restarted() {
     }
     restarter.join().expect("restarter");
     client.flush();
+    // librbd reconnected under the filter (a refused call would be in the log at exit).
+    daemon.assert_sandboxed();
     for i in 0..blocks {
         assert!(
             client.read((i % 2) as usize, i * LEN as u64 * 8, LEN) == pattern(100 + i as u32, LEN),

@@ -110,6 +110,7 @@ fn probe(dir: &Path) -> ExitCode {
         removed_files: vec![dir.join("socket")],
         removed_dirs: Vec::new(),
         qmp: None,
+        librbd: false,
     };
     if let Err(e) = sandbox::enter(&policy) {
         eprintln!("enter: {e}");

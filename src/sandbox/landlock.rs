@@ -3,7 +3,9 @@
 //! `landlock_restrict_self` covers the calling thread and the threads it starts afterwards,
 //! never threads already running (the kernel here lacks ABI 8's TSYNC), so [`restrict`]
 //! refuses to run beside other threads: the daemon calls it on its main thread after its
-//! exports listen and before any of them starts its thread.
+//! exports listen and before any of them starts its thread. The exception is librbd's
+//! threads (with [`Policy::librbd`]), which run from the rbd nodes' open on and stay outside
+//! Landlock (see the module `sandbox`).
 
 use std::path::Path;
 
@@ -23,7 +25,13 @@ const ABI_HANDLED: ABI = ABI::V7;
 /// sandbox (seccomp) still applies.
 pub fn restrict(policy: &Policy) -> Result<(), String> {
     let threads = thread_count()?;
-    if threads != 1 {
+    if policy.librbd {
+        log::info!(
+            "sandbox: the {} threads librbd (and the helper that opened its images) started \
+             run outside Landlock; seccomp covers them",
+            threads - 1
+        );
+    } else if threads != 1 {
         return Err(format!(
             "the sandbox must start before any other thread, but {threads} threads run \
              (Landlock would not cover them)"

@@ -10,6 +10,19 @@
 //! the calling thread and the threads it starts later, and seccomp is installed on every
 //! thread there is (TSYNC) and inherited by the rest. io_uring rings restrict their own
 //! opcodes when they are set up (backend's `io/reactor.rs`).
+//!
+//! With rbd nodes ([`Policy::librbd`]) the main thread is not alone: librados and librbd
+//! started their threads (messenger, timers, work queues, admin socket, log) when the nodes
+//! opened, and strata's blocking helper that opened them still waits for work. seccomp still
+//! covers them (TSYNC), with librbd's network calls added; Landlock, which this kernel cannot
+//! apply to running threads (ABI 7 has no TSYNC), covers strata's own serving threads only
+//! (they start after it): the threads that parse the guest's requests cannot open files or
+//! TCP connections, while librbd's threads can open files (seccomp allows `openat`, as it
+//! does for everyone) and connect to the cluster. All share one address space, so Landlock
+//! there is a limit on what the serving threads' own calls reach, not a wall between them
+//! and librbd. Opening the images after Landlock instead would not help: librbd's threads
+//! would then need the configuration, keyring and log files and TCP to any OSD port in the
+//! ruleset, which is most of what Landlock forbids.
 
 use std::path::PathBuf;
 
@@ -30,6 +43,9 @@ pub struct Policy {
     pub removed_dirs: Vec<PathBuf>,
     /// What QMP may still do at run time, when a monitor is configured.
     pub qmp: Option<QmpPolicy>,
+    /// rbd nodes are open: librbd's threads already run (outside Landlock) and its network
+    /// calls (TCP sockets to the cluster) are allowed.
+    pub librbd: bool,
 }
 
 /// What a daemon with a QMP monitor does at run time besides serving: open images, create
@@ -48,5 +64,5 @@ pub struct QmpPolicy {
 /// and the daemon goes on without it; any other failure is an error.
 pub fn enter(policy: &Policy) -> Result<(), String> {
     landlock::restrict(policy)?;
-    seccomp::apply(policy.qmp.is_some())
+    seccomp::apply(policy.qmp.is_some(), policy.librbd)
 }

@@ -8,18 +8,23 @@
 //! memory, tracing other processes (ptrace, process_vm_*), mounts, credentials, signals to
 //! other processes.
 //!
+//! With rbd nodes, librbd's own threads make a few more calls, also found with strace (a
+//! libblkio client's I/O, an OSD and a monitor killed and restarted, SIGTERM): TCP sockets
+//! to the cluster and their options, the admin socket's accept, `uname`.
+//!
 //! Only x86_64 has a filter; elsewhere [`apply`] warns that system calls are not restricted.
 
 /// Installs the filter on every thread of the process (TSYNC); threads started later inherit
 /// it. A kernel without seccomp filters is a warning, any other failure an error.
 /// With `qmp`, the calls that QMP commands make at run time are allowed too: listening on new
 /// Unix sockets (block-export-add), making directories, setting a socket's mode and group,
-/// and sizing block devices (blockdev-add, block_resize).
+/// and sizing block devices (blockdev-add, block_resize). With `librbd`, what librbd's
+/// threads do: TCP connections to the cluster (IPv4 or IPv6).
 #[cfg(target_arch = "x86_64")]
-pub fn apply(qmp: bool) -> Result<(), String> {
+pub fn apply(qmp: bool, librbd: bool) -> Result<(), String> {
     use seccompiler::{apply_filter_all_threads, BpfProgram, Error};
 
-    let allowlist: BpfProgram = x86_64::allowlist(qmp)?;
+    let allowlist: BpfProgram = x86_64::allowlist(qmp, librbd)?;
     let no_clone3: BpfProgram = x86_64::clone3_unavailable()?;
     super::sigsys::install()?;
     for filter in [&no_clone3, &allowlist] {
@@ -43,7 +48,7 @@ pub fn apply(qmp: bool) -> Result<(), String> {
 
 /// No filter for this architecture: says so.
 #[cfg(not(target_arch = "x86_64"))]
-pub fn apply(_qmp: bool) -> Result<(), String> {
+pub fn apply(_qmp: bool, _librbd: bool) -> Result<(), String> {
     log::warn!(
         "sandbox: no seccomp filter for {}: system calls are not restricted",
         std::env::consts::ARCH
@@ -101,15 +106,55 @@ mod x86_64 {
         libc::SYS_pwrite64,
     ];
 
+    /// What librbd's threads add (messenger, admin socket, context): the name of the host
+    /// (`uname`), the local address of a connection, the admin socket's clients (accept, and
+    /// its replies with writev). Their sockets, options and flags are checked below.
+    const LIBRBD: &[i64] = &[
+        libc::SYS_uname,
+        libc::SYS_getsockname,
+        libc::SYS_getpeername,
+        libc::SYS_accept,
+        libc::SYS_writev,
+    ];
+
+    /// The socket options Ceph's messenger sets on its TCP connections (net_handler.cc):
+    /// TCP_NODELAY, and the receive buffer and priority where the configuration asks.
+    const LIBRBD_SOCKOPTS: &[(i32, i32)] = &[
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF),
+        (libc::SOL_SOCKET, libc::SO_PRIORITY),
+        (libc::IPPROTO_IP, libc::IP_TOS),
+        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+    ];
+
+    /// The type bits of socket()'s second argument (the rest are SOCK_CLOEXEC/NONBLOCK).
+    const SOCK_TYPE_MASK: u64 = 0xf;
+
     /// PROT_EXEC: never asked for, so never granted.
     const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
     /// The allowlist: a call not in it traps.
-    pub(super) fn allowlist(qmp: bool) -> Result<BpfProgram, String> {
+    pub(super) fn allowlist(qmp: bool, librbd: bool) -> Result<BpfProgram, String> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for &call in UNCONDITIONAL {
             rules.insert(call, Vec::new());
         }
+        if librbd {
+            for &call in LIBRBD {
+                rules.insert(call, Vec::new());
+            }
+            let sockopts = LIBRBD_SOCKOPTS
+                .iter()
+                .map(|&(level, name)| {
+                    rule(&[
+                        condition(1, SeccompCmpOp::Eq, level as u64),
+                        condition(2, SeccompCmpOp::Eq, name as u64),
+                    ])
+                })
+                .collect::<Result<_, _>>()?;
+            rules.insert(libc::SYS_setsockopt, sockopts);
+        }
+        // (QMP's setsockopt, unconditional, replaces librbd's checked one.)
         if qmp {
             for &call in QMP_RUNTIME {
                 rules.insert(call, Vec::new());
@@ -131,24 +176,35 @@ mod x86_64 {
             rules.insert(call, vec![rule(&[masked_eq(2, PROT_EXEC, 0)])?]);
         }
         // Unix sockets only: the relay connects to its private socket on each connection.
-        rules.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+        // librbd: TCP (stream sockets over IPv4 or IPv6) to the cluster, nothing else.
+        let mut sockets = any_of(0, &[libc::AF_UNIX as u64])?;
+        if librbd {
+            for family in [libc::AF_INET, libc::AF_INET6] {
+                sockets.push(rule(&[
+                    condition(0, SeccompCmpOp::Eq, family as u64),
+                    masked_eq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64),
+                ])?);
+            }
+        }
+        rules.insert(libc::SYS_socket, sockets);
         // Duplicated descriptors, the memory files' and in-flight buffer's seals, the images' locks (QEMU's OFD locks),
         // directories read at exit (fdopendir).
+        // librbd's messenger makes its sockets non-blocking (F_SETFL).
+        let mut fcntls = vec![
+            libc::F_DUPFD_CLOEXEC,
+            libc::F_GETFL,
+            libc::F_SETFD,
+            libc::F_GET_SEALS,
+            libc::F_ADD_SEALS,
+            libc::F_OFD_GETLK,
+            libc::F_OFD_SETLK,
+        ];
+        if librbd {
+            fcntls.push(libc::F_SETFL);
+        }
         rules.insert(
             libc::SYS_fcntl,
-            any_of(
-                1,
-                &[
-                    libc::F_DUPFD_CLOEXEC,
-                    libc::F_GETFL,
-                    libc::F_SETFD,
-                    libc::F_GET_SEALS,
-                    libc::F_ADD_SEALS,
-                    libc::F_OFD_GETLK,
-                    libc::F_OFD_SETLK,
-                ]
-                .map(|c| c as u64),
-            )?,
+            any_of(1, &fcntls.iter().map(|&c| c as u64).collect::<Vec<_>>())?,
         );
         // Blocking sockets again after accept; discards on block devices (helper threads).
         let mut ioctls = vec![libc::FIONBIO, BLKDISCARD];
