@@ -2,7 +2,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -288,7 +289,39 @@ fn run(
     let result = daemon.exports.stop_all();
     drop(monitor_sockets);
     drop(pidfile);
+    close_nodes(daemon);
     result
+}
+
+/// How long closing the nodes at exit may take. librbd's close talks to the cluster (it
+/// writes back its cache, releases the image's exclusive lock and watch), and with the
+/// cluster down each of those waits for the request timeout (`rados_osd_op_timeout`).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the nodes (drops the daemon's graph) on a thread of its own, waiting at most
+/// [`CLOSE_TIMEOUT`]; past it, the daemon exits without them. By then every request has
+/// completed (the exports drained, and librbd fails a request after its timeout), so only
+/// the goodbyes are lost: the cluster drops this client's watch and lock when they time out.
+fn close_nodes(daemon: Arc<Daemon>) {
+    let (closed, wait) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("strata-close".into())
+        .spawn(move || {
+            drop(daemon);
+            let _ = closed.send(());
+        });
+    if let Err(e) = spawned {
+        // The closure, and the daemon with it, was dropped here.
+        log::debug!("closed the nodes on the main thread: {e}");
+        return;
+    }
+    if wait.recv_timeout(CLOSE_TIMEOUT).is_err() {
+        log::warn!(
+            "the nodes are still closing after {}s (an rbd cluster that does not answer?): \
+             exiting without them",
+            CLOSE_TIMEOUT.as_secs()
+        );
+    }
 }
 
 /// The monitors' socket files, removed at exit.

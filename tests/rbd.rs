@@ -2,7 +2,7 @@
 //! starts (scripts/test.sh brings it up and exports CEPH_CONF and STRATA_CEPH_DIR). A libblkio
 //! client writes through strata's vhost-user-blk export and reads back; `rbd export` shows what
 //! reached the cluster; qcow2 on rbd, a read-only snapshot, the open errors, an OSD killed
-//! and restarted under I/O.
+//! and restarted under I/O, and an OSD that stays down.
 //!
 //! Every daemon here runs under the sandbox (on by default), and none may log a refused
 //! system call.
@@ -715,4 +715,110 @@ fn io_resumes_after_the_osd_is_killed_and_restarted() {
         );
     }
     eprintln!("writes across the OSD restart took {:?}", start.elapsed());
+}
+
+/// Starts the OSD again when dropped (also when the test fails).
+struct OsdDown(Osd);
+
+impl Drop for OsdDown {
+    fn drop(&mut self) {
+        self.0.start();
+    }
+}
+
+/// A copy of the test cluster's configuration with `rados osd op timeout = 5`.
+fn conf_with_op_timeout(conf: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(conf).expect("read ceph.conf");
+    let ours = text.replacen("[global]\n", "[global]\nrados osd op timeout = 5\n", 1);
+    assert_ne!(ours, text, "no [global] section in {conf}");
+    let path = dir.join("ceph.conf");
+    std::fs::write(&path, ours).expect("write ceph.conf");
+    path
+}
+
+#[test]
+fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits() {
+    let Some(conf) = cluster() else { return };
+    let _turn = OSD_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let conf = conf_with_op_timeout(&conf, tmp.path());
+    let image = RbdImage::create("down");
+    let (rbd_socket, null_socket) = (tmp.path().join("rbd.sock"), tmp.path().join("null.sock"));
+    let export = |id: &str, node: &str, socket: &Path| {
+        format!(
+            "type=vhost-user-blk,id={id},node-name={node},addr.type=unix,addr.path={},\
+             writable=on,num-queues=2",
+            path_str(socket)
+        )
+    };
+    let args = [
+        "--blockdev".to_string(),
+        rbd_node(
+            &image.0,
+            &format!(",conf={},cache.direct=on", path_str(&conf)),
+        ),
+        "--blockdev".into(),
+        "driver=null-co,node-name=n0,size=67108864,read-zeroes=on".into(),
+        "--export".into(),
+        export("e0", "top", &rbd_socket),
+        "--export".into(),
+        export("e1", "n0", &null_socket),
+    ];
+    let mut daemon = Daemon::spawn(&args);
+    let deadline = Instant::now() + TIMEOUT;
+    while !(rbd_socket.exists() && null_socket.exists()) {
+        daemon.drain();
+        assert!(Instant::now() < deadline, "no start:\n{}", daemon.log);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut client = Client::connect(&rbd_socket);
+    client.write(0, 0, &pattern(200, LEN));
+
+    let osd = Osd::of_test_cluster();
+    osd.kill();
+    let down = OsdDown(osd);
+    // The write waits for the OSD, then fails with the configured timeout (5 s), not Ceph's
+    // default (none) or strata's (60 s).
+    let start = Instant::now();
+    let r = client.try_write(1, 8 << 20, &pattern(201, LEN));
+    let waited = start.elapsed();
+    assert!(r < 0, "a write with the OSD down succeeded ({r})");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(30),
+        "the write failed after {waited:?}, not after the 5 s timeout"
+    );
+    // Meanwhile the other export serves.
+    let mut other = Client::connect(&null_socket);
+    other.write(0, 4096, &pattern(202, LEN));
+    assert!(
+        other.read(1, 0, LEN).iter().all(|&b| b == 0),
+        "null-co reads"
+    );
+    // A request still waiting for the OSD when SIGTERM comes: the daemon exits anyway, in
+    // bounded time and with success.
+    client.buf()[..LEN].copy_from_slice(&pattern(203, LEN));
+    let addr = client.region.addr as *mut u8;
+    client.queues[0].write(16 << 20, addr, LEN, 0, ReqFlags::empty());
+    let mut none = [MaybeUninit::<Completion>::uninit()];
+    let mut zero = Duration::ZERO;
+    let _ = client.queues[0].do_io(&mut none, 0, Some(&mut zero), None);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(other);
+    // SAFETY: kill references no memory; the pid is our own child's.
+    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (ok, log, took) = daemon.wait_exit(Duration::from_secs(60));
+    drop(client);
+    assert!(ok, "exit status after SIGTERM with the OSD down:\n{log}");
+    assert!(log.contains("failed: Connection timed out"), "{log}");
+    // The close (librbd's goodbyes to a cluster that does not answer) is cut short.
+    assert!(
+        log.contains("the nodes are still closing after 10s"),
+        "{log}"
+    );
+    assert!(took < Duration::from_secs(40), "exit took {took:?}:\n{log}");
+    eprintln!("exit with the OSD down took {took:?}");
+    drop(down);
+    // Removing the image would wait for the dead client's watch to time out (about 45 s):
+    // it stays, and goes with the test cluster.
+    std::mem::forget(image);
 }
