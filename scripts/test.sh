@@ -17,13 +17,14 @@ fi
 
 scripts/install-deps.sh
 cargo build --release --workspace
-# The rbd tests (tests/rbd.rs) use a single-node Ceph cluster, stopped and removed at exit.
+# The rbd tests (tests/rbd.rs and the guest's rbd scenario) use a single-node Ceph cluster,
+# stopped and removed after them (or at exit).
 eval "$(scripts/ceph-test-cluster.sh start)"
 trap 'scripts/ceph-test-cluster.sh stop' EXIT
 cargo test --release --workspace -- --test-threads=2
+tests/guest/run-all.sh target/release/strata
 scripts/ceph-test-cluster.sh stop
 trap - EXIT
-tests/guest/run-all.sh target/release/strata
 # The guest harness itself, against qemu-storage-daemon: its checks pass there and the ones
 # that must fail (wrong data, size, cache mode) fail.
 tests/guest/qsd-selftest.sh --quick

@@ -5,7 +5,9 @@
 #      restarted daemon in between);
 #   2. the same over a loop device with 4096-byte sectors, logical block size 4096;
 #   3. the same on a qcow2 overlay (made by strata img create) over a raw base image;
-#   4. the same on a qcow2 overlay with logical block size 4096.
+#   4. the same on a qcow2 overlay with logical block size 4096;
+#   5. an rbd image of the Ceph test cluster (CEPH_CONF, as scripts/test.sh exports it): fio
+#      with verification and the pattern, checked in `rbd export`'s copy of the image.
 #   Each runs a guest discard test (blkdiscard, fio trim, BLKZEROOUT) on a node with
 #   discard=unmap. After each, the pattern the guest wrote and the discard test's zeroes are
 #   checked in the image on the host.
@@ -160,6 +162,34 @@ scenario "qcow2 overlay, 4096-byte logical blocks" 4096 "$size" "$work/overlay4k
     --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay4k.qcow2"
 
+# An rbd image (issue 16) of the test cluster scripts/test.sh starts (CEPH_CONF): fio with
+# verification, then a pattern whose bytes `rbd export` must show, read from the cluster and
+# not through strata. Under CI=true the cluster must be there.
+rbd_scenario() { # lbs size
+    local lbs="$1" size="$2" image="strata-guest-$$"
+    echo "=== rbd image of the test cluster"
+    rbd create --size "$((size >> 20))M" "rbd/$image"
+    start_daemon "$lbs" \
+        --blockdev "driver=rbd,node-name=d0,pool=rbd,image=$image,cache.direct=on,discard=unmap"
+    guest fio "$lbs" "$size" --append "strata.fio_size=8388608"
+    guest write-pattern "$lbs" "$size"
+    stop_daemon
+    rbd export --no-progress "rbd/$image" "$work/rbd-export.raw"
+    rbd rm --no-progress "rbd/$image"
+    "$here/host-check-pattern.sh" "$work/rbd-export.raw" raw 7 "$lbs" "$size"
+    rm -f "$work/rbd-export.raw"
+}
+rbd_scenarios=0
+if [[ -n "${CEPH_CONF:-}" ]]; then
+    rbd_scenario 512 "$((64 << 20))"
+    rbd_scenarios=1
+elif [[ "${CI:-}" == true ]]; then
+    echo "guest tests: no Ceph cluster under CI (scripts/test.sh starts one: CEPH_CONF)" >&2
+    exit 1
+else
+    echo "=== rbd image: skipped (no CEPH_CONF; eval \"\$(scripts/ceph-test-cluster.sh start)\")"
+fi
+
 # The daemon restarted under a running guest (issue 14): format, queues, signal.
 restart_configs=("raw 1 KILL" "raw 2 KILL" "qcow2 1 KILL" "qcow2 2 KILL" "raw 1 TERM" "qcow2 2 TERM")
 restarts=10 restart_size=$((256 << 20))
@@ -181,4 +211,4 @@ if ((${#restart_failed[@]} > 0)); then
     exit 1
 fi
 
-echo "guest tests: 4 scenarios and ${#restart_configs[@]} restart configurations passed"
+echo "guest tests: $((4 + rbd_scenarios)) scenarios and ${#restart_configs[@]} restart configurations passed"
