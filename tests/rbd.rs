@@ -822,3 +822,84 @@ fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits(
     // it stays, and goes with the test cluster.
     std::mem::forget(image);
 }
+
+#[test]
+fn two_daemons_on_one_image_see_each_others_flushed_writes() {
+    let Some(_) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Ceph's default features include exclusive-lock: librbd hands the lock to whichever
+    // client writes (it asks the holder to release it), as QEMU's rbd driver lets it.
+    let image = RbdImage::create("lock");
+    let info = String::from_utf8(tool("rbd", &["info", &format!("rbd/{}", image.0)]).stdout)
+        .expect("rbd info");
+    assert!(info.contains("exclusive-lock"), "{info}");
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let node = rbd_node(&image.0, ",cache.direct=on");
+    let (da, db) = (
+        Daemon::start(std::slice::from_ref(&node), &sa, true),
+        Daemon::start(&[node], &sb, true),
+    );
+    let (mut a, mut b) = (Client::connect(&sa), Client::connect(&sb));
+    for round in 0..3u32 {
+        let (x, y) = (pattern(300 + round, LEN), pattern(400 + round, LEN));
+        a.write(0, 0, &x);
+        a.flush();
+        b.write(1, LEN as u64, &y);
+        b.flush();
+        assert!(b.read(0, 0, LEN) == x, "round {round}: b reads a's write");
+        assert!(
+            a.read(1, LEN as u64, LEN) == y,
+            "round {round}: a reads b's write"
+        );
+    }
+    drop((a, b));
+    assert!(da.terminate().0);
+    assert!(db.terminate().0);
+}
+
+#[test]
+fn a_namespace_and_server_options_reach_the_image() {
+    let Some(conf) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ns = image_name("ns");
+    tool("rbd", &["namespace", "create", &format!("rbd/{ns}")]);
+    let spec = format!("rbd/{ns}/img");
+    tool("rbd", &["create", "--size", "64M", &spec]);
+    // The monitor named by server= (its address from the conf), not by the conf's mon_host.
+    let text = std::fs::read_to_string(&conf).expect("conf");
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mon host = v2:127.0.0.1:"))
+        .expect("mon host line")
+        .trim()
+        .to_string();
+    // A conf without the monitor: only server= names it.
+    let no_mon: String = text
+        .lines()
+        .filter(|l| !l.starts_with("mon host"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let own_conf = dir.path().join("ceph.conf");
+    std::fs::write(&own_conf, no_mon).expect("write conf");
+    let socket = dir.path().join("ns.sock");
+    let node = format!(
+        "driver=rbd,node-name=top,pool=rbd,namespace={ns},image=img,conf={},\
+         server.0.host=127.0.0.1,server.0.port={port}",
+        path_str(&own_conf)
+    );
+    let daemon = Daemon::start(&[node], &socket, true);
+    let mut client = Client::connect(&socket);
+    client.write(0, 4096, &pattern(500, LEN));
+    client.flush();
+    drop(client);
+    assert!(daemon.terminate().0);
+    let out = dir.path().join("ns.raw");
+    tool("rbd", &["export", "--no-progress", &spec, &path_str(&out)]);
+    let data = std::fs::read(&out).expect("export");
+    assert!(
+        data[4096..4096 + LEN] == pattern(500, LEN)[..],
+        "the namespace's image"
+    );
+    tool("rbd", &["rm", "--no-progress", &spec]);
+    tool("rbd", &["namespace", "remove", &format!("rbd/{ns}")]);
+}
