@@ -181,7 +181,11 @@ async def checks(dirpath, mon):
         await expect_error(qmp, hset, {"id": "e0", "boundaries": "x"}, "GenericError",
                            "Invalid parameter type for 'boundaries', expected: array")
         await expect_error(qmp, hset, {"id": "e0", "boundaries-read": ["x"]}, "GenericError",
-                           "Invalid parameter type for 'boundaries-read[0]', expected: integer")
+                           "Parameter 'boundaries-read[0]' expects uint64")
+        # QEMU takes a negative boundary as its two's complement; strata refuses it.
+        await expect_error(qmp, hset, {"id": "e0", "boundaries-write": [5, -1]}, "GenericError",
+                           "Parameter 'boundaries-write[1]' expects a non-negative integer, "
+                           "got -1")
         await expect_error(qmp, hset, {"id": "e0", "boundaries-zap": [1]}, "GenericError",
                            "Parameter 'boundaries-zap' is unexpected")
         await expect_error(qmp, hset, {}, "GenericError", "Parameter 'id' is missing")

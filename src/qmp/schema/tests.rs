@@ -423,6 +423,27 @@ fn nested_members_have_qemus_texts() {
                                    "size": 1.5}}),
             "Parameter 'options.size' expects uint64",
         ),
+        (
+            "query-blockstats",
+            json!({"query-nodes": 1}),
+            "Invalid parameter type for 'query-nodes', expected: boolean",
+        ),
+        (
+            "block-latency-histogram-set",
+            json!({"id": "e", "boundaries-read": [1, "x"]}),
+            "Parameter 'boundaries-read[1]' expects uint64",
+        ),
+        (
+            "block-latency-histogram-set",
+            json!({"id": "e", "boundaries-zap": [1]}),
+            "Parameter 'boundaries-zap' is unexpected",
+        ),
+        // QEMU's uint64 takes a negative integer (the handler refuses it).
+        (
+            "block-latency-histogram-set",
+            json!({"id": "e", "boundaries": [-1]}),
+            "ok",
+        ),
     ] {
         assert_eq!(desc(command, args.clone()), want, "{command} {args}");
     }

@@ -6,6 +6,7 @@ mod block;
 mod control;
 mod exports;
 mod jobs;
+mod stats;
 
 use super::{CommandDef, EventDef, TypeDef, EMPTY};
 
@@ -16,6 +17,7 @@ pub const TYPES: &[&[TypeDef]] = &[
     block::TYPES,
     exports::TYPES,
     jobs::TYPES,
+    stats::TYPES,
 ];
 
 const fn command(name: &'static str, args: &'static str, ret: &'static str) -> CommandDef {
@@ -47,6 +49,16 @@ pub const COMMANDS: &[CommandDef] = &[
     command("job-complete", "q_obj_job-complete-arg", EMPTY),
     command("job-finalize", "q_obj_job-finalize-arg", EMPTY),
     command("job-dismiss", "q_obj_job-dismiss-arg", EMPTY),
+    command(
+        "query-blockstats",
+        "q_obj_query-blockstats-arg",
+        "[BlockStats]",
+    ),
+    command(
+        "block-latency-histogram-set",
+        "q_obj_block-latency-histogram-set-arg",
+        EMPTY,
+    ),
 ];
 
 /// Every event strata emits.
