@@ -13,6 +13,10 @@
 #   checked in the image on the host.
 #   After scenario 1, a QEMU is killed with SIGKILL in the middle of fio: strata must survive
 #   and serve the next QEMU, which runs fio without EVENT_IDX (event_idx=off).
+#   The disk grows under fio (raw after the SIGKILL test, on its daemon; qcow2 after scenario 3,
+#   from 256 MiB to 768 MiB, which needs a bigger L1 table): the host resizes the node with QMP
+#   block_resize and the guest must see the new size at once (the config-change notice) while
+#   fio keeps writing without an error.
 #   Last, strata is restarted 10 times under a guest running verified random writes with
 #   reconnect=1 (restart.sh): with SIGKILL (a crash) in raw and qcow2 write-through, 1 and 2
 #   queues, and with SIGTERM (an upgrade) in raw 1 queue and qcow2 write-through 2 queues.
@@ -66,6 +70,36 @@ stop_daemon() {
             return 1
         fi
     fi
+}
+
+# The disk resized under fio: the daemon runs with the monitor $work/qmp.sock (qmp_args); once
+# the guest says fio is running, the node is resized with QMP block_resize, and the guest
+# checks that it sees the new size while fio goes on (tests/resize.sh).
+qmp_args=(--chardev "socket,id=m0,path=$work/qmp.sock,server=on,wait=off" --monitor chardev=m0)
+resize_under_fio() { # lbs node new-size
+    local lbs="$1" node="$2" new="$3" log="$work/resize-guest.log" marker="resize: fio running"
+    echo "== the disk resized to $new bytes under fio (QMP block_resize of node $node)"
+    rm -f "$log"
+    "$here/run-guest.sh" --socket "$work/vm.sock" --test resize --queues 2 --lbs "$lbs" \
+        --seed 7 --timeout 600 --log "$log" --append "strata.resize_to=$new" &
+    local guest_pid=$!
+    for _ in $(seq 1500); do
+        grep -aq "$marker" "$log" 2>/dev/null && break
+        kill -0 "$guest_pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if ! grep -aq "$marker" "$log" 2>/dev/null; then
+        wait "$guest_pid" || true
+        echo "fio did not start in the resize guest; its log:" >&2
+        tail -n 40 "$log" >&2
+        return 1
+    fi
+    if ! "$here/qmp-command.py" "$work/qmp.sock" block_resize \
+            "{\"node-name\": \"$node\", \"size\": $new}"; then
+        wait "$guest_pid" || true
+        return 1
+    fi
+    wait "$guest_pid"
 }
 
 guest() { # test-name lbs size [extra run-guest args]
@@ -133,11 +167,14 @@ scenario "raw file, 512-byte blocks" 512 "$size" "$work/disk.img" raw \
     --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=raw,node-name=d0,file=f0,discard=unmap
 
-start_daemon 512 \
+start_daemon 512 "${qmp_args[@]}" \
     --blockdev "driver=file,node-name=f0,filename=$work/disk.img,aio=io_uring,cache.direct=on" \
     --blockdev driver=raw,node-name=d0,file=f0
 qemu_killed_mid_fio 512 "$size"
+resize_under_fio 512 d0 $((size + (128 << 20)))
 stop_daemon
+[[ "$(stat -c %s "$work/disk.img")" == $((size + (128 << 20))) ]] ||
+    { echo "disk.img was not resized" >&2; exit 1; }
 
 truncate -s "$size" "$work/disk4k.img"
 loopdev="$(losetup --sector-size 4096 -f --show "$work/disk4k.img")"
@@ -154,6 +191,14 @@ scenario "qcow2 overlay over a raw base" 512 "$size" "$work/overlay.qcow2" qcow2
     --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev driver=qcow2,node-name=d0,file=f0,discard=unmap
 qemu-img check "$work/overlay.qcow2"
+start_daemon 512 "${qmp_args[@]}" \
+    --blockdev "driver=file,node-name=f0,filename=$work/overlay.qcow2,aio=io_uring,cache.direct=on" \
+    --blockdev driver=qcow2,node-name=d0,file=f0
+resize_under_fio 512 d0 $((3 * size))
+stop_daemon
+qemu-img check "$work/overlay.qcow2"
+qemu-img info --output=json "$work/overlay.qcow2" | grep -q "\"virtual-size\": $((3 * size))," ||
+    { echo "overlay.qcow2 was not resized" >&2; exit 1; }
 
 truncate -s "$size" "$work/base4k.raw"
 "$strata" img create -f qcow2 -b base4k.raw -F raw "$work/overlay4k.qcow2" >/dev/null
@@ -211,4 +256,4 @@ if ((${#restart_failed[@]} > 0)); then
     exit 1
 fi
 
-echo "guest tests: $((4 + rbd_scenarios)) scenarios and ${#restart_configs[@]} restart configurations passed"
+echo "guest tests: $((4 + rbd_scenarios)) scenarios, 2 resizes and ${#restart_configs[@]} restart configurations passed"
