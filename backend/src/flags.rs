@@ -1,5 +1,7 @@
 //! Per-node flags: the options every node understands, whatever its driver.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
 use crate::error::{BlockError, Result};
 use crate::options::Options;
 
@@ -98,5 +100,73 @@ impl NodeFlags {
             discard,
             detect_zeroes,
         })
+    }
+}
+
+/// The flags of an open node as it holds them: each one an atomic, so that QMP's
+/// `blockdev-reopen` changes them while queue workers read them without a lock. A reopen
+/// stores them while the node's exports are paused, so a request never sees half a change.
+#[derive(Debug, Default)]
+pub(crate) struct SharedFlags {
+    read_only: AtomicBool,
+    auto_read_only: AtomicBool,
+    cache_direct: AtomicBool,
+    cache_no_flush: AtomicBool,
+    discard: AtomicU8,
+    detect_zeroes: AtomicU8,
+}
+
+impl SharedFlags {
+    pub(crate) fn new(flags: NodeFlags) -> Self {
+        let shared = SharedFlags::default();
+        shared.store(flags);
+        shared
+    }
+
+    /// All the flags at once.
+    pub(crate) fn load(&self) -> NodeFlags {
+        NodeFlags {
+            read_only: self.read_only(),
+            auto_read_only: self.auto_read_only.load(Ordering::Relaxed),
+            cache_direct: self.cache_direct.load(Ordering::Relaxed),
+            cache_no_flush: self.cache_no_flush(),
+            discard: self.discard(),
+            detect_zeroes: self.detect_zeroes(),
+        }
+    }
+
+    pub(crate) fn store(&self, f: NodeFlags) {
+        self.read_only.store(f.read_only, Ordering::Release);
+        self.auto_read_only
+            .store(f.auto_read_only, Ordering::Relaxed);
+        self.cache_direct.store(f.cache_direct, Ordering::Relaxed);
+        self.cache_no_flush
+            .store(f.cache_no_flush, Ordering::Relaxed);
+        self.discard.store(f.discard as u8, Ordering::Relaxed);
+        self.detect_zeroes
+            .store(f.detect_zeroes as u8, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cache_no_flush(&self) -> bool {
+        self.cache_no_flush.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn discard(&self) -> DiscardMode {
+        match self.discard.load(Ordering::Relaxed) {
+            x if x == DiscardMode::Unmap as u8 => DiscardMode::Unmap,
+            _ => DiscardMode::Ignore,
+        }
+    }
+
+    pub(crate) fn detect_zeroes(&self) -> DetectZeroes {
+        match self.detect_zeroes.load(Ordering::Relaxed) {
+            x if x == DetectZeroes::On as u8 => DetectZeroes::On,
+            x if x == DetectZeroes::Unmap as u8 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        }
     }
 }

@@ -6,13 +6,13 @@
 //! point, after which the driver closes (and flushes) its storage.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::accounting::{clock, IoKind, IoStats};
 use crate::driver::{BlockDriver, BlockStatus, FileId, Limits};
 use crate::error::{BlockError, Result};
-use crate::flags::{DetectZeroes, DiscardMode, NodeFlags};
+use crate::flags::{DetectZeroes, DiscardMode, NodeFlags, SharedFlags};
 use crate::io::bounce::{BounceBuffer, BOUNCE_CHUNK};
 use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
@@ -55,8 +55,14 @@ pub struct Node {
     name: String,
     driver_name: &'static str,
     driver: Box<dyn BlockDriver>,
-    flags: NodeFlags,
+    /// Changed by `blockdev-reopen` (see [`reopen_prepare`](Self::reopen_prepare)).
+    flags: SharedFlags,
+    /// The driver's limits when the node opened; the two alignments below replace theirs.
     limits: Limits,
+    /// `limits.request_alignment` as it is now: a reopen that changes `cache.direct` changes it.
+    request_alignment: AtomicU32,
+    /// `limits.min_mem_alignment` as it is now.
+    min_mem_alignment: AtomicUsize,
     options: Options,
     explicit_options: Options,
     children: Vec<Child>,
@@ -113,8 +119,10 @@ impl Node {
             name: parts.name,
             driver_name: parts.driver_name,
             driver: parts.driver,
-            flags: parts.flags,
+            flags: SharedFlags::new(parts.flags),
             limits,
+            request_alignment: AtomicU32::new(limits.request_alignment),
+            min_mem_alignment: AtomicUsize::new(limits.min_mem_alignment),
             options: parts.options,
             explicit_options: parts.explicit_options,
             children: parts
@@ -151,19 +159,28 @@ impl Node {
         self.driver_name
     }
 
-    /// Flags.
-    pub fn flags(&self) -> &NodeFlags {
-        &self.flags
+    /// Flags (as they are now: `blockdev-reopen` changes them).
+    pub fn flags(&self) -> NodeFlags {
+        self.flags.load()
     }
 
     /// Whether the node refuses writes.
     pub fn is_read_only(&self) -> bool {
-        self.flags.read_only
+        self.flags.read_only()
     }
 
-    /// Request limits.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// Request limits (as they are now: a reopen that changes `cache.direct` changes the
+    /// alignments).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            request_alignment: self.request_alignment(),
+            min_mem_alignment: self.min_mem_alignment.load(Ordering::Relaxed),
+            ..self.limits
+        }
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.request_alignment.load(Ordering::Relaxed)
     }
 
     /// Size in bytes.
@@ -219,7 +236,7 @@ impl Node {
 
     /// Whether discards reach storage (discard=unmap and the driver supports it).
     pub fn discard_enabled(&self) -> bool {
-        self.flags.discard == DiscardMode::Unmap && self.driver.supports_discard()
+        self.flags.discard() == DiscardMode::Unmap && self.driver.supports_discard()
     }
 
     /// The filename of this node or, for formats, of the storage below.
@@ -247,7 +264,7 @@ impl Node {
             driver: self.driver_name.to_string(),
             filename: self.filename(),
             size: self.size(),
-            read_only: self.flags.read_only,
+            read_only: self.is_read_only(),
             children: self
                 .children
                 .iter()
@@ -272,7 +289,7 @@ impl Node {
     }
 
     fn check_writable(&self, what: &str) -> Result<()> {
-        if self.flags.read_only {
+        if self.is_read_only() {
             return Err(BlockError::new(
                 libc::EROFS,
                 format!("{what} refused: node '{}' is read-only", self.name),
@@ -282,7 +299,7 @@ impl Node {
     }
 
     fn is_aligned(&self, offset: u64, len: u64) -> bool {
-        let a = u64::from(self.limits.request_alignment);
+        let a = u64::from(self.request_alignment());
         offset % a == 0 && len % a == 0
     }
 
@@ -290,8 +307,8 @@ impl Node {
     /// multiple of the memory alignment and, as block-device direct I/O requires of each segment
     /// on many kernels, every length a multiple of the request alignment (logical block size).
     fn mem_aligned(&self, iov: &[IoVec<'_>]) -> bool {
-        let m = self.limits.min_mem_alignment;
-        let len_align = (self.limits.request_alignment as usize).max(m);
+        let m = self.min_mem_alignment.load(Ordering::Relaxed);
+        let len_align = (self.request_alignment() as usize).max(m);
         m == 1
             || iov
                 .iter()
@@ -299,7 +316,7 @@ impl Node {
     }
 
     fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
-        let a = u64::from(self.limits.request_alignment);
+        let a = u64::from(self.request_alignment());
         let start = offset - offset % a;
         let end = (offset + len).div_ceil(a) * a;
         (start, end)
@@ -355,7 +372,7 @@ impl Node {
 
     /// The most bytes a request bounces at once: [`BOUNCE_CHUNK`], in whole aligned blocks.
     fn bounce_chunk(&self) -> u64 {
-        let a = u64::from(self.limits.request_alignment);
+        let a = u64::from(self.request_alignment());
         (BOUNCE_CHUNK as u64 / a * a).max(a)
     }
 
@@ -380,9 +397,10 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        if self.flags.detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
+        let detect_zeroes = self.flags.detect_zeroes();
+        if detect_zeroes != DetectZeroes::Off && iovec::iov_is_zero(iov) {
             self.stats.zeroes_detected.add(1);
-            let may_unmap = self.flags.detect_zeroes == DetectZeroes::Unmap;
+            let may_unmap = detect_zeroes == DetectZeroes::Unmap;
             return Box::pin(self.zero_range(offset, len, may_unmap)).await;
         }
         self.write_data(offset, iov, len).await
@@ -435,7 +453,7 @@ impl Node {
 
     /// Writes data, widening and serialising sub-block writes as alignment requires.
     async fn write_data(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
-        if self.limits.request_alignment == 1 {
+        if self.request_alignment() == 1 {
             // Nothing can need read-modify-write: no serialisation needed.
             return self.write_aligned(offset, iov).await;
         }
@@ -460,7 +478,7 @@ impl Node {
     ) -> Result<()> {
         self.stats.read_modify_write.add(1);
         self.stats.bounced.add(1);
-        let a = u64::from(self.limits.request_alignment);
+        let a = u64::from(self.request_alignment());
         let block = to_usize(a)?;
         let chunk = self.bounce_chunk();
         let mut at = start;
@@ -525,7 +543,7 @@ impl Node {
     }
 
     async fn flush_unaccounted(&self) -> Result<()> {
-        if self.flags.cache_no_flush {
+        if self.flags.cache_no_flush() {
             return Ok(());
         }
         self.check_no_failed_flush()?;
@@ -550,7 +568,7 @@ impl Node {
     /// Resizes the node to `size` bytes (QMP's `block_resize`); the parents that follow their
     /// child's size (raw without `size`) see the new size at once.
     pub async fn truncate(&self, size: u64) -> Result<()> {
-        if self.flags.read_only {
+        if self.is_read_only() {
             return Err(BlockError::new(
                 libc::EACCES,
                 format!("Cannot resize node '{}': it is read-only", self.name),
@@ -560,6 +578,37 @@ impl Node {
             .truncate(size)
             .await
             .map_err(|e| e.context(format!("Could not resize node '{}'", self.name)))
+    }
+
+    /// First step of QMP's `blockdev-reopen` of this node with `new` flags, taken while no
+    /// request is in flight on it (its exports are paused): a node that becomes read-only is
+    /// flushed, then the driver prepares what the change needs (a file opened again
+    /// read-write or with O_DIRECT, its lock permissions), changing nothing its requests see.
+    /// Then either [`reopen_commit`](Self::reopen_commit) or
+    /// [`reopen_abort`](Self::reopen_abort) follows, so that a reopen of several nodes
+    /// changes all of them or none.
+    pub async fn reopen_prepare(&self, new: &NodeFlags) -> Result<()> {
+        let old = self.flags();
+        if new.read_only && !old.read_only {
+            self.flush().await?;
+        }
+        self.driver.reopen_prepare(&old, new).await
+    }
+
+    /// Applies the change [`reopen_prepare`](Self::reopen_prepare) prepared.
+    pub fn reopen_commit(&self, new: &NodeFlags) {
+        self.driver.reopen_commit();
+        let limits = self.driver.limits();
+        self.request_alignment
+            .store(limits.request_alignment, Ordering::Relaxed);
+        self.min_mem_alignment
+            .store(limits.min_mem_alignment, Ordering::Relaxed);
+        self.flags.store(*new);
+    }
+
+    /// Drops the change [`reopen_prepare`](Self::reopen_prepare) prepared.
+    pub fn reopen_abort(&self) {
+        self.driver.reopen_abort();
     }
 
     /// Whether a flush of this node failed before (then no later flush can succeed).
@@ -602,7 +651,7 @@ impl Node {
             return Ok(());
         }
         // Only whole aligned blocks can be discarded; the rest is left as is.
-        let a = u64::from(self.limits.request_alignment);
+        let a = u64::from(self.request_alignment());
         let start = offset.div_ceil(a) * a;
         let end = (offset + len) / a * a;
         if end <= start {
@@ -640,8 +689,8 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let may_unmap = may_unmap && self.flags.discard == DiscardMode::Unmap;
-        let a = u64::from(self.limits.request_alignment);
+        let may_unmap = may_unmap && self.flags.discard() == DiscardMode::Unmap;
+        let a = u64::from(self.request_alignment());
         let (start, end) = self.widen(offset, len);
         if start == offset && end == offset + len {
             let _guard = self.serialiser.begin(start, end, false).await;
@@ -696,8 +745,8 @@ impl fmt::Debug for Node {
         f.debug_struct("Node")
             .field("name", &self.name)
             .field("driver", &self.driver_name)
-            .field("flags", &self.flags)
-            .field("limits", &self.limits)
+            .field("flags", &self.flags())
+            .field("limits", &self.limits())
             .finish_non_exhaustive()
     }
 }

@@ -39,7 +39,7 @@ fn aligned_buffers_go_zero_copy() {
         ),
     );
     let file = n.child(ChildRole::File).unwrap();
-    let limits = *file.limits();
+    let limits = file.limits();
     assert!(limits.request_alignment >= 512, "{limits:?}");
     assert!(limits.request_alignment <= 4096, "{limits:?}");
     assert!(limits.min_mem_alignment <= 4096, "{limits:?}");

@@ -164,3 +164,66 @@ fn strata_and_qemu_storage_daemon_exclude_each_other() {
     assert!(e.to_string().contains("lock"), "{e}");
     drop(qsd);
 }
+
+/// Reopens `nodes` (QMP's blockdev-reopen) with `read_only`, all or none.
+fn reopen(nodes: &[&std::sync::Arc<strata_backend::Node>], read_only: bool) -> Result<(), String> {
+    let mut prepared = Vec::new();
+    for node in nodes {
+        let flags = strata_backend::NodeFlags {
+            read_only,
+            ..node.flags()
+        };
+        match strata_backend::block_on(node.reopen_prepare(&flags)).and_then(|r| r) {
+            Ok(()) => prepared.push((node, flags)),
+            Err(e) => {
+                prepared.iter().for_each(|(n, _)| n.reopen_abort());
+                return Err(e.to_string());
+            }
+        }
+    }
+    prepared
+        .iter()
+        .for_each(|(n, flags)| n.reopen_commit(flags));
+    Ok(())
+}
+
+#[test]
+fn a_reopen_takes_and_gives_up_the_write_locks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = qcow2_image(dir.path());
+    let p = p.as_str();
+    let node = open(&Graph::new(), &format!("driver=qcow2,file.filename={p}"));
+    let file = node
+        .child(strata_backend::ChildRole::File)
+        .expect("file child")
+        .clone();
+    assert!(!qemu_img_info(p, false).0, "in use while read-write");
+    reopen(&[&node, &file], true).expect("reopen read-only");
+    let (ok, text) = qemu_img_info(p, false);
+    assert!(ok, "qemu-img reads once the node is read-only: {text}");
+    // Another reader is let in now; while it reads, the node cannot become writable again,
+    // and stays read-only with the reader's locks intact.
+    let reader = open(
+        &Graph::new(),
+        &format!("driver=qcow2,read-only=on,file.filename={p}"),
+    );
+    let e = reopen(&[&node, &file], false).expect_err("read-write beside a reader");
+    assert!(e.contains("lock"), "{e}");
+    assert!(node.is_read_only() && file.is_read_only());
+    assert!(
+        qemu_img_info(p, false).0,
+        "the failed reopen gave its write locks up"
+    );
+    drop(reader);
+    reopen(&[&node, &file], false).expect("reopen read-write");
+    assert!(!node.is_read_only() && !file.is_read_only());
+    assert!(!qemu_img_info(p, false).0, "in use again once read-write");
+    let e = err(try_open(
+        &Graph::new(),
+        &format!("driver=qcow2,read-only=on,file.filename={p}"),
+    ));
+    assert!(
+        e.to_string().contains("lock"),
+        "a reader is refused again: {e}"
+    );
+}

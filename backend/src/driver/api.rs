@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::error::Result;
+use crate::error::{BlockError, Result};
+use crate::flags::NodeFlags;
 use crate::io::iovec::IoVec;
 
 /// A boxed future of a driver operation, borrowing the driver and the request's buffers.
@@ -125,6 +126,35 @@ pub trait BlockDriver: Send + Sync {
             })
         })
     }
+
+    /// Prepares a change of the node's flags from `old` to `new` (QMP's `blockdev-reopen`),
+    /// called while no request is in flight on the node. What requests see changes only in
+    /// [`reopen_commit`](Self::reopen_commit); [`reopen_abort`](Self::reopen_abort) undoes
+    /// the rest. The node itself applies read-only, cache.no-flush, discard and detect-zeroes;
+    /// this default refuses what a driver must do something for (becoming writable, changing
+    /// cache.direct).
+    fn reopen_prepare<'a>(&'a self, old: &NodeFlags, new: &NodeFlags) -> IoFuture<'a, ()> {
+        let result = if old.read_only && !new.read_only {
+            Err(BlockError::new(
+                libc::ENOTSUP,
+                "this driver cannot become writable while open",
+            ))
+        } else if old.cache_direct != new.cache_direct {
+            Err(BlockError::new(
+                libc::ENOTSUP,
+                "this driver cannot change cache.direct while open",
+            ))
+        } else {
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    /// Applies what [`reopen_prepare`](Self::reopen_prepare) prepared; cannot fail.
+    fn reopen_commit(&self) {}
+
+    /// Drops what [`reopen_prepare`](Self::reopen_prepare) prepared.
+    fn reopen_abort(&self) {}
 
     /// Called once when the node closes, after its last request: write back what the driver
     /// caches and make it durable. Errors are logged by the node.

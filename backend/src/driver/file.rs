@@ -8,7 +8,10 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use io_uring::{opcode, types};
 
@@ -17,6 +20,7 @@ use super::{
     BlockDriver, DriverInfo, DriverKind, FileId, IoFuture, Limits, OpenContext, OpenFuture,
 };
 use crate::error::{BlockError, Result};
+use crate::flags::NodeFlags;
 use crate::io::blocking::run_blocking;
 use crate::io::bounce::BounceBuffer;
 use crate::io::iovec::{self, IoVec};
@@ -78,13 +82,36 @@ fn open_host_device<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
 
 /// An open file or block device.
 pub struct FileDriver {
-    file: File,
+    /// The descriptor requests use; a reopen replaces it while no request is in flight.
+    io: ArcSwap<IoFile>,
+    /// The first descriptor, kept once a reopen replaced it: its open file description holds
+    /// the image locks for the driver's life (a reopen changes their permissions in place).
+    first: Mutex<Option<Arc<IoFile>>>,
+    locking: bool,
+    share_writes: bool,
     id: FileId,
     filename: String,
     block_device: bool,
     /// Grows when a format driver writes past the end (`Node::write_growing`).
     size: AtomicU64,
+    flush_on_close: AtomicBool,
+    /// What `reopen_prepare` prepared, until commit or abort.
+    staged: Mutex<Option<StagedReopen>>,
+}
+
+/// A descriptor of the file, with what it was opened for.
+struct IoFile {
+    file: File,
+    writable: bool,
+    direct: bool,
     limits: Limits,
+}
+
+/// A prepared reopen: the new descriptor (when one is needed), the lock permissions before
+/// and after (already taken), and whether the node flushes at close afterwards.
+struct StagedReopen {
+    io: Option<Arc<IoFile>>,
+    permissions: (Permissions, Permissions),
     flush_on_close: bool,
 }
 
@@ -121,7 +148,7 @@ fn open_common(
         }
     };
     let share_writes = ctx.options.take_bool("share-rw")?.unwrap_or(false);
-    let (file, read_only) = open_file_with_fallback(&filename, ctx)?;
+    let (file, read_only) = open_file_with_fallback(&filename, &ctx.flags)?;
     ctx.flags.read_only = read_only;
     let meta = file
         .metadata()
@@ -156,42 +183,59 @@ fn open_common(
     } else {
         meta.len()
     };
+    let limits = io_limits(&file, &filename, block_device, ctx.flags.cache_direct)?;
+    Ok(Box::new(FileDriver {
+        id: FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        io: ArcSwap::from_pointee(IoFile {
+            file,
+            writable: !read_only,
+            direct: ctx.flags.cache_direct,
+            limits,
+        }),
+        first: Mutex::new(None),
+        locking,
+        share_writes,
+        filename,
+        block_device,
+        size: AtomicU64::new(size),
+        flush_on_close: AtomicBool::new(!read_only && !ctx.flags.cache_no_flush),
+        staged: Mutex::new(None),
+    }))
+}
+
+/// The limits of requests on `file`: O_DIRECT's alignment when `direct`.
+fn io_limits(file: &File, filename: &str, block_device: bool, direct: bool) -> Result<Limits> {
     let mut limits = Limits::default();
-    if ctx.flags.cache_direct {
-        let (request, memory) = dio_alignment(&file, block_device)
+    if direct {
+        let (request, memory) = dio_alignment(file, block_device)
             .map_err(|e| e.context(format!("'{filename}' with cache.direct=on")))?;
         limits.request_alignment = request;
         limits.min_mem_alignment = memory;
         limits.opt_mem_alignment = memory.max(4096);
         log::debug!("{filename}: O_DIRECT alignment: requests {request}, memory {memory}");
     }
-    Ok(Box::new(FileDriver {
-        id: FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        file,
-        filename,
-        block_device,
-        size: AtomicU64::new(size),
-        limits,
-        flush_on_close: !read_only && !ctx.flags.cache_no_flush,
-    }))
+    Ok(limits)
+}
+
+/// Opens `filename` for reading, and writing when `write`, with O_DIRECT when `direct`.
+fn open_for(filename: &str, write: bool, direct: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(write);
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    o.custom_flags(flags);
+    o.open(filename)
 }
 
 /// Opens read-write unless read-only; with auto-read-only, falls back to read-only.
-fn open_file_with_fallback(filename: &str, ctx: &OpenContext<'_>) -> Result<(File, bool)> {
-    let open = |write: bool| {
-        let mut o = OpenOptions::new();
-        o.read(true).write(write);
-        let mut flags = libc::O_CLOEXEC;
-        if ctx.flags.cache_direct {
-            flags |= libc::O_DIRECT;
-        }
-        o.custom_flags(flags);
-        o.open(filename)
-    };
-    if ctx.flags.read_only {
+fn open_file_with_fallback(filename: &str, flags: &NodeFlags) -> Result<(File, bool)> {
+    let open = |write: bool| open_for(filename, write, flags.cache_direct);
+    if flags.read_only {
         return open(false)
             .map(|f| (f, true))
             .map_err(|e| BlockError::io(&e, format!("Could not open '{filename}'")));
@@ -199,7 +243,7 @@ fn open_file_with_fallback(filename: &str, ctx: &OpenContext<'_>) -> Result<(Fil
     match open(true) {
         Ok(f) => Ok((f, false)),
         Err(e)
-            if ctx.flags.auto_read_only
+            if flags.auto_read_only
                 && matches!(
                     e.raw_os_error(),
                     Some(libc::EACCES | libc::EROFS | libc::EPERM)
@@ -295,7 +339,64 @@ impl FileDriver {
     }
 
     fn fd(&self) -> types::Fd {
-        types::Fd(self.file.as_raw_fd())
+        // The descriptor stays open after the guard goes: it is replaced only while no
+        // request is in flight (see `reopen_prepare`).
+        types::Fd(self.io.load().file.as_raw_fd())
+    }
+
+    /// A reopen's first step: a new descriptor when the file must become writable or change
+    /// O_DIRECT (the same file: its device and inode are checked), and the lock permissions of
+    /// the new flags (a conflict with another user is an error, as in QEMU).
+    fn prepare_reopen(&self, old: &NodeFlags, new: &NodeFlags) -> Result<()> {
+        let current = self.io.load_full();
+        let write = !new.read_only;
+        let io = if (write && !current.writable) || new.cache_direct != current.direct {
+            let file = open_for(&self.filename, write, new.cache_direct)
+                .map_err(|e| BlockError::io(&e, format!("Could not reopen '{}'", self.filename)))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| BlockError::io(&e, format!("Could not stat '{}'", self.filename)))?;
+            if (meta.dev(), meta.ino()) != (self.id.dev, self.id.ino) {
+                return Err(BlockError::invalid(format!(
+                    "Could not reopen '{}': it is no longer the file the node opened",
+                    self.filename
+                )));
+            }
+            let limits = io_limits(&file, &self.filename, self.block_device, new.cache_direct)?;
+            Some(Arc::new(IoFile {
+                file,
+                writable: write,
+                direct: new.cache_direct,
+                limits,
+            }))
+        } else {
+            None
+        };
+        let permissions = (
+            Permissions::for_device(!old.read_only, self.share_writes),
+            Permissions::for_device(!new.read_only, self.share_writes),
+        );
+        if self.locking && permissions.0 != permissions.1 {
+            let holder = self.lock_holder();
+            image_lock::change(&holder.file, &self.filename, permissions.0, permissions.1)?;
+        }
+        *self.lock_staged() = Some(StagedReopen {
+            io,
+            permissions,
+            flush_on_close: !new.read_only && !new.cache_no_flush,
+        });
+        Ok(())
+    }
+
+    /// The descriptor whose open file description holds the image locks: the first one.
+    fn lock_holder(&self) -> Arc<IoFile> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        first.clone().unwrap_or_else(|| self.io.load_full())
+    }
+
+    fn lock_staged(&self) -> std::sync::MutexGuard<'_, Option<StagedReopen>> {
+        // Each change is one assignment, so a poisoned lock is still consistent.
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads or writes all of `iov`, resubmitting after short transfers.
@@ -387,10 +488,10 @@ impl FileDriver {
     /// Linux 6.12 (and fallocate on one zeroes instead), and the ioctl blocks until the device
     /// is done, so it runs on a helper thread, never on the queue's worker.
     async fn discard_device(&self, offset: u64, len: u64) -> Result<()> {
-        let file = self
-            .file
-            .try_clone()
-            .map_err(|e| BlockError::io(&e, format!("Could not discard on '{}'", self.filename)))?;
+        let file =
+            self.io.load().file.try_clone().map_err(|e| {
+                BlockError::io(&e, format!("Could not discard on '{}'", self.filename))
+            })?;
         let res = run_blocking(move || {
             let range: [u64; 2] = [offset, len];
             // SAFETY: BLKDISCARD reads a [u64; 2] range from a valid local; `file` is an owned
@@ -458,7 +559,7 @@ impl BlockDriver for FileDriver {
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.block_device {
-                let actual = device_size(&self.file, &self.filename)?;
+                let actual = device_size(&self.io.load().file, &self.filename)?;
                 self.size.store(actual, Ordering::Release);
                 if size > actual {
                     return Err(BlockError::new(
@@ -471,7 +572,9 @@ impl BlockDriver for FileDriver {
                 }
                 return Ok(());
             }
-            self.file
+            self.io
+                .load()
+                .file
                 .set_len(size)
                 .map_err(|e| BlockError::io(&e, format!("Could not resize '{}'", self.filename)))?;
             self.size.store(size, Ordering::Release);
@@ -480,7 +583,42 @@ impl BlockDriver for FileDriver {
     }
 
     fn limits(&self) -> Limits {
-        self.limits
+        self.io.load().limits
+    }
+
+    fn reopen_prepare<'a>(&'a self, old: &NodeFlags, new: &NodeFlags) -> IoFuture<'a, ()> {
+        Box::pin(std::future::ready(self.prepare_reopen(old, new)))
+    }
+
+    fn reopen_commit(&self) {
+        if let Some(staged) = self.lock_staged().take() {
+            if let Some(io) = staged.io {
+                // No request is in flight: the old descriptor closes here, unused, unless it
+                // is the first one, which keeps the locks.
+                let old = self.io.swap(io);
+                let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert(old);
+            }
+            self.flush_on_close
+                .store(staged.flush_on_close, Ordering::Relaxed);
+        }
+    }
+
+    fn reopen_abort(&self) {
+        let Some(staged) = self.lock_staged().take() else {
+            return;
+        };
+        let (before, after) = staged.permissions;
+        if self.locking && before != after {
+            // Giving back what was taken; taking back what was given up may meet a new user.
+            let holder = self.lock_holder();
+            if let Err(e) = image_lock::change(&holder.file, &self.filename, after, before) {
+                log::warn!(
+                    "{}: could not restore its lock permissions: {e}",
+                    self.filename
+                );
+            }
+        }
     }
 
     fn filename(&self) -> String {
@@ -515,7 +653,7 @@ impl BlockDriver for FileDriver {
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             // The node is gone, so no request is in flight: make what was written durable.
-            if self.flush_on_close {
+            if self.flush_on_close.load(Ordering::Relaxed) {
                 self.flush().await?;
             }
             Ok(())

@@ -131,6 +131,43 @@ pub(crate) fn lock(file: &File, filename: &str, p: Permissions) -> Result<()> {
     }
 }
 
+/// Changes the lock permissions `file` holds from `from` to `to` (QMP's `blockdev-reopen`):
+/// the bytes of `to` are taken and checked as [`lock`] does, then those only `from` needed
+/// are given up. On a conflict, `file` holds `from` again.
+pub(crate) fn change(
+    file: &File,
+    filename: &str,
+    from: Permissions,
+    to: Permissions,
+) -> Result<()> {
+    if let Err(e) = lock(file, filename, to) {
+        release(file, to, from);
+        return Err(e);
+    }
+    release(file, from, to);
+    Ok(())
+}
+
+/// Unlocks the bytes that `held` takes and `keep` does not.
+fn release(file: &File, held: Permissions, keep: Permissions) {
+    for bit in 0..PERM_NAMES.len() {
+        let mask = 1u32 << bit;
+        let mut bytes = Vec::new();
+        if held.perm & mask != 0 && keep.perm & mask == 0 {
+            bytes.push(LOCK_PERM_BASE + bit as i64);
+        }
+        if held.shared & mask == 0 && keep.shared & mask != 0 {
+            bytes.push(LOCK_SHARED_BASE + bit as i64);
+        }
+        for byte in bytes {
+            // Unlocking a byte this description holds cannot conflict.
+            if let Err(e) = ofd_lock(file, libc::F_OFD_SETLK, libc::F_UNLCK, byte) {
+                log::warn!("could not unlock image lock byte {byte}: {e}");
+            }
+        }
+    }
+}
+
 /// The first lock of another user that conflicts with `p`, named as QEMU names it.
 fn conflict(file: &File, p: Permissions) -> std::io::Result<Option<String>> {
     for (bit, name) in PERM_NAMES.iter().enumerate() {

@@ -93,6 +93,15 @@ impl BlockDriver for NullDriver {
         "null-co://".to_string()
     }
 
+    // Nothing is opened: any flag can change.
+    fn reopen_prepare<'a>(
+        &'a self,
+        _old: &crate::flags::NodeFlags,
+        _new: &crate::flags::NodeFlags,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn supports_discard(&self) -> bool {
         true
     }

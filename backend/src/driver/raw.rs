@@ -203,6 +203,16 @@ impl BlockDriver for RawDriver {
         }
     }
 
+    // raw holds no file of its own: read-only and cache.direct are its file child's to
+    // apply (a reopen lists that node too), so any change is fine here.
+    fn reopen_prepare<'a>(
+        &'a self,
+        _old: &crate::flags::NodeFlags,
+        _new: &crate::flags::NodeFlags,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn supports_discard(&self) -> bool {
         self.file.discard_enabled()
     }

@@ -430,6 +430,29 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.resize(size))
     }
 
+    /// Becoming read-only needs nothing more than the flush the node does first (which
+    /// writes the cached metadata back). Becoming writable again works for an image opened
+    /// read-write; one opened read-only was never checked, repaired or marked for writing.
+    fn reopen_prepare<'a>(
+        &'a self,
+        _old: &crate::flags::NodeFlags,
+        new: &crate::flags::NodeFlags,
+    ) -> IoFuture<'a, ()> {
+        let result = if !new.read_only && self.read_only {
+            Err(BlockError::new(
+                libc::ENOTSUP,
+                format!(
+                    "Could not make the qcow2 image '{}' writable: it was opened read-only \
+                     (open it read-write and make it read-only with blockdev-reopen instead)",
+                    self.file.filename()
+                ),
+            ))
+        } else {
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only || self.check_writable().is_err() {
