@@ -294,3 +294,132 @@ fn qmp_jobs_exit_qemu_storage_daemon() {
         jobs_exit("qsd", "qemu-storage-daemon");
     }
 }
+
+/// The libblkio client tests/qmp/reopen.py asks for: "write SOCKET OFFSET TAG" writes one
+/// block of `pattern(TAG)` ("ok" or "error TEXT"), "read SOCKET OFFSET" reads one and names
+/// the tag whose pattern it holds ("ok TAG", "ok other" or "error TEXT"). Each request on a
+/// new connection, as the script adds and removes exports between them.
+mod blkio_client {
+    use std::mem::MaybeUninit;
+    use std::time::Duration;
+
+    use blkio::{Blkio, Completion, ReqFlags};
+
+    const BLOCK: usize = 4096;
+
+    fn pattern(tag: u8) -> Vec<u8> {
+        (0..BLOCK).map(|i| (i % 251) as u8 ^ tag).collect()
+    }
+
+    fn err(e: blkio::Error) -> String {
+        format!("{e} (errno {})", e.errno().raw_os_error())
+    }
+
+    fn request(op: &str, socket: &str, offset: u64, tag: u8) -> Result<String, String> {
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
+        b.set_str("path", socket).map_err(err)?;
+        // A read asks for a read-only connection, which a read-only device accepts; a write
+        // does not, and libblkio refuses it then, as the device offers VIRTIO_BLK_F_RO.
+        b.set_bool("read-only", op != "write").map_err(err)?;
+        b.connect().map_err(err)?;
+        b.set_i32("num-queues", 1).map_err(err)?;
+        let mut started = b.start().map_err(err)?;
+        let region = b.alloc_mem_region(BLOCK).map_err(err)?;
+        b.map_mem_region(&region).map_err(err)?;
+        let addr = region.addr as *mut u8;
+        // SAFETY: the region is a live read/write mapping of BLOCK bytes owned here, and no
+        // request is in flight while the slice is used.
+        let buf = unsafe { std::slice::from_raw_parts_mut(addr, BLOCK) };
+        let queue = &mut started.queues[0];
+        if op == "write" {
+            buf.copy_from_slice(&pattern(tag));
+            queue.write(offset, addr, BLOCK, 0, ReqFlags::empty());
+        } else {
+            queue.read(offset, addr, BLOCK, 0, ReqFlags::empty());
+        }
+        let mut done = [MaybeUninit::<Completion>::uninit()];
+        let mut timeout = Duration::from_secs(30);
+        let n = queue
+            .do_io(&mut done, 1, Some(&mut timeout), None)
+            .map_err(err)?;
+        let result = if n != 1 {
+            Err("no completion".to_string())
+        } else {
+            // SAFETY: do_io initialised the one completion it returned.
+            match unsafe { done[0].assume_init_ref() }.ret {
+                0 if op == "write" => Ok("ok".to_string()),
+                0 => Ok(match (0..=255u8).find(|t| buf[..] == pattern(*t)[..]) {
+                    Some(t) => format!("ok {t}"),
+                    None => "ok other".to_string(),
+                }),
+                r => Err(format!("request failed: {r}")),
+            }
+        };
+        started.queues.clear();
+        b.unmap_mem_region(&region);
+        result
+    }
+
+    /// Answers one "BLKIO ..." line.
+    pub fn answer(line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (op, socket, offset, tag) = match words[..] {
+            ["BLKIO", op, socket, offset, tag] => (op, socket, offset, tag),
+            _ => panic!("not a request: {line}"),
+        };
+        let offset: u64 = offset.parse().expect("offset");
+        let tag: u8 = tag.parse().expect("tag");
+        match request(op, socket, offset, tag) {
+            Ok(answer) => answer,
+            Err(e) => format!("error {e}"),
+        }
+    }
+}
+
+/// tests/qmp/reopen.py against `daemon`, answering its requests for libblkio I/O.
+fn reopen(daemon: &str, binary: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/reopen.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args([daemon, binary])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut to_script = child.stdin.take().expect("stdin");
+    let from_script = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut other = Vec::new();
+    for line in from_script.lines() {
+        let line = line.expect("read the script's output");
+        if line.starts_with("BLKIO ") {
+            let answer = blkio_client::answer(&line);
+            // The script may have failed meanwhile; its status tells.
+            let _ = writeln!(to_script, "{answer}");
+        } else {
+            other.push(line);
+        }
+    }
+    let out = child.wait_with_output().expect("wait for python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "reopen checks against {daemon} failed:\n{}\n{stderr}",
+        other.join("\n")
+    );
+    assert!(stderr.contains(" passed, 0 failed"), "{stderr}");
+}
+
+#[test]
+fn qmp_reopen_strata() {
+    if prerequisites() {
+        reopen("strata", env!("CARGO_BIN_EXE_strata"));
+    }
+}
+
+#[test]
+fn qmp_reopen_qemu_storage_daemon() {
+    if prerequisites() {
+        reopen("qsd", "qemu-storage-daemon");
+    }
+}

@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::args::Args;
-use super::commands::{control, exports, jobs, nodes, resize, stats};
+use super::commands::{control, exports, iothread, jobs, nodes, reopen, resize, stats};
 use super::protocol::QmpError;
 use super::server::Clients;
 use crate::daemon::Daemon;
@@ -32,6 +32,8 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-add", nodes::blockdev_add),
     ("blockdev-del", nodes::blockdev_del),
     ("query-named-block-nodes", nodes::query_named_block_nodes),
+    ("blockdev-reopen", reopen::blockdev_reopen),
+    ("x-blockdev-set-iothread", iothread::x_blockdev_set_iothread),
     ("block_resize", resize::block_resize),
     ("block-export-add", exports::block_export_add),
     ("block-export-del", exports::block_export_del),

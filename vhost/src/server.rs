@@ -238,6 +238,11 @@ impl BlkExport {
         &self.shared.cfg.stats
     }
 
+    /// Whether the export lets its frontend write (`writable=on`).
+    pub fn is_writable(&self) -> bool {
+        self.shared.cfg.writable
+    }
+
     /// Whether a frontend is connected now (QMP's `block-export-del` in safe mode refuses then).
     pub fn has_frontend(&self) -> bool {
         self.shared.conn().is_some()

@@ -2,7 +2,9 @@
 
 pub mod control;
 pub mod exports;
+pub mod iothread;
 pub mod jobs;
 pub mod nodes;
+pub mod reopen;
 pub mod resize;
 pub mod stats;

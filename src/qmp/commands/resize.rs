@@ -11,7 +11,7 @@ use crate::qmp::dispatch::Context;
 use crate::qmp::protocol::QmpError;
 
 /// Whether `node` is `target` or lies below it (as its file, its backing image, ...).
-fn uses(node: &Node, target: &Node) -> bool {
+pub(crate) fn uses(node: &Node, target: &Node) -> bool {
     std::ptr::eq(node, target) || node.children().iter().any(|c| uses(&c.node, target))
 }
 

@@ -182,6 +182,19 @@ pub const TYPES: &[TypeDef] = &[
         ],
     ),
     TypeDef::object(
+        "q_obj_blockdev-reopen-arg",
+        &[req("options", "[BlockdevOptions]")],
+    ),
+    TypeDef::object(
+        "q_obj_x-blockdev-set-iothread-arg",
+        &[
+            req("node-name", "str"),
+            req("iothread", "StrOrNull"),
+            opt("force", "bool"),
+        ],
+    ),
+    TypeDef::alternate("StrOrNull", &["str", "null"]),
+    TypeDef::object(
         "q_obj_blockdev-create-arg",
         &[
             req("job-id", "str"),

@@ -37,6 +37,12 @@ pub const COMMANDS: &[CommandDef] = &[
         "q_obj_query-named-block-nodes-arg",
         "[BlockDeviceInfo]",
     ),
+    command("blockdev-reopen", "q_obj_blockdev-reopen-arg", EMPTY),
+    command(
+        "x-blockdev-set-iothread",
+        "q_obj_x-blockdev-set-iothread-arg",
+        EMPTY,
+    ),
     command("block_resize", "q_obj_block_resize-arg", EMPTY),
     command("block-export-add", "BlockExportOptions", EMPTY),
     command("block-export-del", "q_obj_block-export-del-arg", EMPTY),
