@@ -31,7 +31,8 @@ passed = 0
 
 # strata's commands.
 COMMANDS = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
-            "blockdev-add", "blockdev-del", "query-named-block-nodes", "block_resize",
+            "blockdev-add", "blockdev-del", "query-named-block-nodes", "blockdev-reopen",
+            "x-blockdev-set-iothread", "block_resize",
             "block-export-add", "block-export-del", "query-block-exports", "blockdev-create",
             "query-jobs", "job-cancel", "job-pause", "job-resume", "job-complete",
             "job-finalize", "job-dismiss", "query-blockstats", "block-latency-histogram-set"]
