@@ -9,6 +9,12 @@
 # root), served with driver=host_device (aio=io_uring, cache.direct=on) + raw: a block device
 # in RAM, stable and CPU-bound, so the daemons' own cost shows (the file rows ride on this
 # machine's virtio disk, whose speed swings); io_uring runs directly on the loop device.
+# rbd (only when asked: --backends rbd; needs root and Ceph's packages): a single-node test
+# cluster of its own (scripts/ceph-test-cluster.sh in a fresh directory, on a free port from
+# 46799 up, stopped and removed at exit), a 1 GiB image written through once with
+# `rbd bench`, served by both daemons with driver=rbd,cache.direct=on (librbd's cache off in
+# both); workloads 4k randread/randwrite at QD1 and QD32; no io_uring row; the OSD's CPU per I/O
+# is reported too (it shares the CPUs with the daemon and the client).
 # Workloads: 4k randread/randwrite at QD1 and QD32, 128k sequential read/write at QD8, 4k
 # randread QD32 on 2 queues; qcow2 runs randread-4k-qd1, randread-4k-qd32 and randwrite-4k-qd32
 # (all of --workloads when that is given). qcow2 writes write the data already there, so the
@@ -21,7 +27,7 @@
 #   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
-#            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram  --workloads W1,W2,...
+#            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram,rbd  --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
@@ -44,6 +50,7 @@ TARGETS="strata,qsd,io_uring"
 BACKENDS="file,null,qcow2"
 WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32,read-128k-qd8,write-128k-qd8,randread-4k-qd32-2q"
 QCOW2_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32"
+RBD_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32"
 WORKLOADS_SET=0
 STRATA="$ROOT/target/release/strata"
 QSD=/usr/bin/qemu-storage-daemon
@@ -100,11 +107,12 @@ fi
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
 [[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
 for b in ${BACKENDS//,/ }; do
-    [[ $b == file || $b == null || $b == qcow2 || $b == ram ]] ||
-        die "unknown backend '$b' (file, null, qcow2, ram)"
+    [[ $b == file || $b == null || $b == qcow2 || $b == ram || $b == rbd ]] ||
+        die "unknown backend '$b' (file, null, qcow2, ram, rbd)"
 done
 if ((WORKLOADS_SET)); then
     QCOW2_WORKLOADS=$WORKLOADS
+    RBD_WORKLOADS=$WORKLOADS
 fi
 if ((!SHORT)) && ((ROUNDS < 3)); then
     echo "bench: note: fewer than 3 rounds; medians are less robust" >&2
@@ -195,7 +203,7 @@ fi
 # The image: 1 GiB raw, fully written (not just fallocated: unwritten extents read as zeroes
 # without touching the disk), reused between runs.
 [[ $IMAGE != *,* ]] || die "image path must not contain a comma: $IMAGE"
-if has_target io_uring || has_backend file; then
+if has_backend file; then
     alloc=0
     if [[ -f $IMAGE ]]; then
         alloc=$(($(stat -c '%b * %B' "$IMAGE")))
@@ -265,6 +273,9 @@ sync
 # ---------------------------------------------------------------------------------------------
 # Daemons.
 DPID=""
+CEPH_DIR=""
+OSD_PID=""
+RBD_IMAGE=strata-bench
 SOCK=""
 DLOG=""
 POLLPID=""
@@ -301,6 +312,10 @@ daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
         node=d0
         CMD+=(--blockdev "driver=file,node-name=f0,filename=$QCOW2_IMG,aio=io_uring,cache.direct=on"
             --blockdev "driver=qcow2,node-name=d0,file=f0")
+        ;;
+    rbd)
+        node=d0
+        CMD+=(--blockdev "driver=rbd,node-name=d0,pool=rbd,image=$RBD_IMAGE,conf=$CEPH_CONF,cache.direct=on")
         ;;
     *) die "unknown backend $backend" ;;
     esac
@@ -396,6 +411,9 @@ cleanup() {
         wait "$DPID" 2>/dev/null || true
     fi
     rm -rf "$RUNDIR"
+    if [[ -n $CEPH_DIR ]]; then
+        "$ROOT/scripts/ceph-test-cluster.sh" stop "$CEPH_DIR" || true
+    fi
     if [[ -n $RAMDEV ]]; then
         losetup -d "$RAMDEV" 2>/dev/null || true
     fi
@@ -404,6 +422,31 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The rbd test cluster: a directory and monitor port of its own (never the tests' cluster),
+# stopped and removed at exit (trap above). The image is written through once, so that reads
+# hit stored objects.
+if has_backend rbd && { has_target strata || has_target qsd; }; then
+    ((EUID == 0)) || die "the rbd backend needs root (scripts/ceph-test-cluster.sh)"
+    CEPH_DIR=$(mktemp -d /tmp/strata-bench-ceph.XXXXXX)
+    [[ $CEPH_DIR != *,* ]] || die "cluster path must not contain a comma: $CEPH_DIR"
+    port=46799
+    while ss -Htln "sport = :$port" | grep -q .; do
+        ((++port < 46899)) || die "no free port for the test cluster's monitor in 46799-46898"
+    done
+    echo "bench: rbd: starting a test cluster in $CEPH_DIR (monitor port $port)" >&2
+    cluster_env=$(STRATA_CEPH_PORT=$port "$ROOT/scripts/ceph-test-cluster.sh" start "$CEPH_DIR" \
+        2>"$OUT/logs/ceph-test-cluster.log") ||
+        die "the test cluster did not start (log: $OUT/logs/ceph-test-cluster.log)"
+    eval "$cluster_env"
+    OSD_PID=$(cat "$CEPH_DIR/run/osd.0.pid") || die "no OSD pid file in $CEPH_DIR/run"
+    timeout 60 rbd create --size "$((IMAGE_SIZE / 1048576))M" "rbd/$RBD_IMAGE" ||
+        die "rbd create failed"
+    echo "bench: rbd: writing rbd/$RBD_IMAGE once (rbd bench, 4 MiB sequential writes)" >&2
+    timeout 600 rbd bench --io-type write --io-size 4M --io-threads 4 --io-total "$IMAGE_SIZE" \
+        --io-pattern seq "rbd/$RBD_IMAGE" >"$OUT/logs/rbd-fill.log" 2>&1 ||
+        die "rbd bench (fill) failed (log: $OUT/logs/rbd-fill.log)"
+fi
 
 # Watchdog for one client call: a hung daemon must not hang the run (or CI).
 CLIENT_LIMIT=$(awk -v d="$DURATION" -v r="$RAMP" 'BEGIN { printf "%d", d + r + 60 }')
@@ -432,7 +475,11 @@ image_of() { # BACKEND -> the image io_uring runs on directly (file, ram)
 }
 
 workloads_for() { # BACKEND -> its workloads, space-separated
-    if [[ $1 == qcow2 ]]; then echo "${QCOW2_WORKLOADS//,/ }"; else echo "${WORKLOADS//,/ }"; fi
+    case $1 in
+    qcow2) echo "${QCOW2_WORKLOADS//,/ }" ;;
+    rbd) echo "${RBD_WORKLOADS//,/ }" ;;
+    *) echo "${WORKLOADS//,/ }" ;;
+    esac
 }
 
 # Interference check: timing from a machine that is busy with other work is not comparable.
@@ -480,6 +527,9 @@ for backend in ${BACKENDS//,/ }; do
         elif [[ $backend == qcow2 ]]; then
             client verify --target "$target" --backend qcow2 --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC"
+        elif [[ $backend == rbd ]]; then
+            client verify --target "$target" --backend rbd --path "$SOCK" \
+                --expect-size "$IMAGE_SIZE"
         else
             client verify --target "$target" --backend null --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --no-data
@@ -504,6 +554,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 # to its source).
                 if [[ $backend == qcow2 ]]; then
                     common+=(--write-source)
+                fi
+                if [[ $backend == rbd ]]; then
+                    common+=(--osd-pid "$OSD_PID")
                 fi
                 if [[ $target == io_uring ]]; then
                     client run "${common[@]}" --path "$(image_of "$backend")"
@@ -536,7 +589,7 @@ fi
 # Report.
 report_args=(--results "$RESULTS" --json "$OUT/summary-$STAMP.json" --markdown "$OUT/summary-$STAMP.md"
     --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd" --expect "qcow2=strata,qsd"
-    --expect "ram=strata,qsd,io_uring")
+    --expect "ram=strata,qsd,io_uring" --expect "rbd=strata,qsd")
 for m in "${MISSING[@]}"; do
     report_args+=(--missing "$m")
 done

@@ -57,7 +57,7 @@ struct TargetArgs {
     /// libblkio driver; default: io-uring when the target is "io_uring", else vhost-user.
     #[arg(long, value_enum)]
     driver: Option<DriverArg>,
-    /// Backend label: file, null or qcow2.
+    /// Backend label: file, null, qcow2, ram or rbd.
     #[arg(long, default_value = "file")]
     backend: String,
 }
@@ -95,6 +95,9 @@ enum Cmd {
         /// The daemon's pid: its utime+stime over the window gives CPU seconds per I/O.
         #[arg(long)]
         daemon_pid: Option<u32>,
+        /// The Ceph OSD's pid (rbd backend): its CPU seconds per I/O over the window too.
+        #[arg(long)]
+        osd_pid: Option<u32>,
         /// Round number, recorded in the JSON line.
         #[arg(long, default_value_t = 1)]
         round: u32,
@@ -200,6 +203,7 @@ fn run(cli: Cli) -> Result<(), String> {
             ramp,
             seed,
             daemon_pid,
+            osd_pid,
             round,
             span,
             out,
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     duration,
                     seed,
                     daemon_pid,
+                    osd_pid,
                     span,
                     write_source,
                 })
@@ -252,6 +257,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     "daemon_comm": daemon_comm,
                     "daemon_cpu_s": r.daemon_cpu_s,
                     "daemon_cpu_s_per_io": dcpu_io,
+                    "osd_pid": osd_pid,
+                    "osd_cpu_s": r.osd_cpu_s,
+                    "osd_cpu_s_per_io": r.osd_cpu_s.map(|c| c / r.ios as f64),
                     "client_cpu_s": r.client_cpu_s,
                     "client_cpu_s_per_io": r.client_cpu_s / r.ios as f64,
                     "other_cpu_s": r.other_cpu_s,
@@ -259,7 +267,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     "pinning": pinning,
                 });
                 println!(
-                    "{:<8} {:<5} {:<20} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} p99.9 {:>7.1} µs  daemon {} µs/IO  client {:.2} µs/IO",
+                    "{:<8} {:<5} {:<20} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} p99.9 {:>7.1} µs  daemon {} µs/IO  client {:.2} µs/IO{}",
                     t.target,
                     t.backend,
                     w.to_string(),
@@ -270,6 +278,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     r.p999_us,
                     dcpu_io.map_or("-".to_string(), |c| format!("{:.2}", c * 1e6)),
                     r.client_cpu_s / r.ios as f64 * 1e6,
+                    r.osd_cpu_s.map_or(String::new(), |c| format!(
+                        "  OSD {:.2} µs/IO",
+                        c / r.ios as f64 * 1e6
+                    )),
                 );
                 if let Some(path) = &out {
                     let mut f = OpenOptions::new()

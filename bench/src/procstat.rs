@@ -38,7 +38,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     if !std::path::Path::new(&path).exists() {
         return Err(format!(
-            "daemon (pid {pid}) is gone: it exited during the run"
+            "process {pid} (daemon or OSD) is gone: it exited during the run"
         ));
     }
     stat_seconds(&path)

@@ -11,7 +11,14 @@ use crate::error::Result;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
-const BACKEND_ORDER: &[&str] = &["file", "ram", "null", "qcow2"];
+const BACKEND_ORDER: &[&str] = &["file", "ram", "null", "qcow2", "rbd"];
+/// The rbd workloads whose strata / QSD ratios the report gives (when rbd rows exist).
+const RBD_WORKLOADS: &[&str] = &[
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd1",
+    "randwrite-4k-qd32",
+];
 /// Runs with more busy CPU than this outside the daemon and client (fraction of one CPU) are
 /// counted as disturbed in the report header.
 const NOISY: f64 = 0.25;
@@ -25,6 +32,7 @@ const METRICS: &[&str] = &[
     "mean_us",
     "daemon_cpu_s_per_io",
     "client_cpu_s_per_io",
+    "osd_cpu_s_per_io",
     "other_cpu_fraction",
 ];
 
@@ -149,15 +157,23 @@ pub fn report(opts: &Options) -> Result<()> {
         )
     });
 
-    // Table.
+    // Table. The OSD column only when some run measured an OSD (rbd).
+    let has_osd = groups
+        .values()
+        .any(|g| !g.values("osd_cpu_s_per_io").is_empty());
+    let (osd_head, osd_rule, osd_empty) = if has_osd {
+        (" OSD CPU µs/IO |", "---:|", " |")
+    } else {
+        ("", "", "")
+    };
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| backend | workload | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/IO | client CPU µs/IO | other CPU % | rounds |"
+        "| backend | workload | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/IO | client CPU µs/IO |{osd_head} other CPU % | rounds |"
     );
     let _ = writeln!(
         table,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|{osd_rule}---:|---:|"
     );
     let mut rows_json = Vec::new();
     for k in &keys {
@@ -167,7 +183,7 @@ pub fn report(opts: &Options) -> Result<()> {
                 let reason = missing_reason(t);
                 let _ = writeln!(
                     table,
-                    "| {b} | {w} | {t} | missing: {reason} | | | | | | | | 0 |"
+                    "| {b} | {w} | {t} | missing: {reason} | | | | | | |{osd_empty} | 0 |"
                 );
                 rows_json.push(json!({
                     "backend": b, "workload": w, "target": t, "rounds": 0,
@@ -181,7 +197,7 @@ pub fn report(opts: &Options) -> Result<()> {
                 let us = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2}", v * 1e6));
                 let _ = writeln!(
                     table,
-                    "| {b} | {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {b} | {w} | {t} | {} | {} | {} | {} | {} | {} | {} |{} {} | {} |",
                     f0(m("iops")),
                     f1(m("mib_s")),
                     f1(m("p50_us")),
@@ -189,6 +205,11 @@ pub fn report(opts: &Options) -> Result<()> {
                     f1(m("p999_us")),
                     us(m("daemon_cpu_s_per_io")),
                     us(m("client_cpu_s_per_io")),
+                    if has_osd {
+                        format!(" {} |", us(m("osd_cpu_s_per_io")))
+                    } else {
+                        String::new()
+                    },
                     m("other_cpu_fraction")
                         .map_or("-".to_string(), |v| format!("{:.0}", v * 100.0)),
                     g.runs.len()
@@ -218,7 +239,7 @@ pub fn report(opts: &Options) -> Result<()> {
         _ => None,
     };
     struct Ratio {
-        name: &'static str,
+        name: String,
         value: Option<f64>,
         goal: Option<(&'static str, f64)>,
         inputs: String,
@@ -246,9 +267,9 @@ pub fn report(opts: &Options) -> Result<()> {
         (Some(a), Some(d)) => Some(a - d),
         _ => None,
     };
-    let ratios = vec![
+    let mut ratios = vec![
         Ratio {
-            name: "ram randread-4k-qd32 IOPS, strata / io_uring direct",
+            name: "ram randread-4k-qd32 IOPS, strata / io_uring direct".into(),
             value: div(
                 get("ram", rr32, "strata", "iops"),
                 get("ram", rr32, "io_uring", "iops"),
@@ -263,7 +284,7 @@ pub fn report(opts: &Options) -> Result<()> {
             ),
         },
         Ratio {
-            name: "ram randwrite-4k-qd32 IOPS, strata / io_uring direct",
+            name: "ram randwrite-4k-qd32 IOPS, strata / io_uring direct".into(),
             value: div(
                 get("ram", rw32, "strata", "iops"),
                 get("ram", rw32, "io_uring", "iops"),
@@ -278,7 +299,7 @@ pub fn report(opts: &Options) -> Result<()> {
             ),
         },
         Ratio {
-            name: "ram randread-4k-qd1 p50 added over direct, strata (µs)",
+            name: "ram randread-4k-qd1 p50 added over direct, strata (µs)".into(),
             value: ram_added("strata"),
             goal: Some(("<=", 5.0)),
             inputs: format!(
@@ -288,7 +309,7 @@ pub fn report(opts: &Options) -> Result<()> {
             ),
         },
         Ratio {
-            name: "file randread-4k-qd32 IOPS, strata / io_uring direct",
+            name: "file randread-4k-qd32 IOPS, strata / io_uring direct".into(),
             value: div(
                 get("file", rr32, "strata", "iops"),
                 get("file", rr32, "io_uring", "iops"),
@@ -297,7 +318,7 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median IOPS".into(),
         },
         Ratio {
-            name: "file randread-4k-qd1 p50 added over direct, strata / QSD",
+            name: "file randread-4k-qd1 p50 added over direct, strata / QSD".into(),
             value: div(added("strata"), added("qsd")),
             goal: Some(("<=", 0.5)),
             inputs: format!(
@@ -308,7 +329,7 @@ pub fn report(opts: &Options) -> Result<()> {
             ),
         },
         Ratio {
-            name: "null randread-4k-qd32 IOPS, strata / QSD",
+            name: "null randread-4k-qd32 IOPS, strata / QSD".into(),
             value: div(
                 get("null", rr32, "strata", "iops"),
                 get("null", rr32, "qsd", "iops"),
@@ -317,7 +338,7 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median IOPS".into(),
         },
         Ratio {
-            name: "null randread-4k-qd32 daemon CPU s per I/O, strata / QSD",
+            name: "null randread-4k-qd32 daemon CPU s per I/O, strata / QSD".into(),
             value: div(
                 get("null", rr32, "strata", "daemon_cpu_s_per_io"),
                 get("null", rr32, "qsd", "daemon_cpu_s_per_io"),
@@ -326,7 +347,7 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median daemon (utime+stime)/I/O".into(),
         },
         Ratio {
-            name: "null randread-4k-qd32 IOPS, strata 2 queues / 1 queue",
+            name: "null randread-4k-qd32 IOPS, strata 2 queues / 1 queue".into(),
             value: div(
                 get("null", rr32q2, "strata", "iops"),
                 get("null", rr32, "strata", "iops"),
@@ -339,7 +360,7 @@ pub fn report(opts: &Options) -> Result<()> {
             ),
         },
         Ratio {
-            name: "qcow2 randread-4k-qd32 IOPS, strata / QSD",
+            name: "qcow2 randread-4k-qd32 IOPS, strata / QSD".into(),
             value: div(
                 get("qcow2", rr32, "strata", "iops"),
                 get("qcow2", rr32, "qsd", "iops"),
@@ -349,7 +370,7 @@ pub fn report(opts: &Options) -> Result<()> {
         },
         // References: where QSD stands on the same scales.
         Ratio {
-            name: "(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct",
+            name: "(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct".into(),
             value: div(
                 get("file", rr32, "qsd", "iops"),
                 get("file", rr32, "io_uring", "iops"),
@@ -358,7 +379,7 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median IOPS".into(),
         },
         Ratio {
-            name: "(ref) null randread-4k-qd32 IOPS, QSD 2 queues / 1 queue",
+            name: "(ref) null randread-4k-qd32 IOPS, QSD 2 queues / 1 queue".into(),
             value: div(
                 get("null", rr32q2, "qsd", "iops"),
                 get("null", rr32, "qsd", "iops"),
@@ -367,7 +388,7 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median IOPS".into(),
         },
         Ratio {
-            name: "(ref) randread-4k-qd32 IOPS, QSD qcow2 / QSD raw file",
+            name: "(ref) randread-4k-qd32 IOPS, QSD qcow2 / QSD raw file".into(),
             value: div(
                 get("qcow2", rr32, "qsd", "iops"),
                 get("file", rr32, "qsd", "iops"),
@@ -376,6 +397,31 @@ pub fn report(opts: &Options) -> Result<()> {
             inputs: "median IOPS".into(),
         },
     ];
+    // rbd: strata against QSD's own rbd driver on the same image, only when rbd was run.
+    if groups.keys().any(|(b, _, _)| b == "rbd") {
+        for w in RBD_WORKLOADS {
+            ratios.push(Ratio {
+                name: format!("rbd {w} IOPS, strata / QSD"),
+                value: div(
+                    get("rbd", w, "strata", "iops"),
+                    get("rbd", w, "qsd", "iops"),
+                ),
+                goal: Some((">=", 1.0)),
+                inputs: "median IOPS".into(),
+            });
+        }
+        for w in RBD_WORKLOADS {
+            ratios.push(Ratio {
+                name: format!("rbd {w} daemon CPU s per I/O, strata / QSD"),
+                value: div(
+                    get("rbd", w, "strata", "daemon_cpu_s_per_io"),
+                    get("rbd", w, "qsd", "daemon_cpu_s_per_io"),
+                ),
+                goal: Some(("<=", 1.0)),
+                inputs: "median daemon (utime+stime)/I/O, librbd's threads included".into(),
+            });
+        }
+    }
     let mut ratio_text = String::new();
     let _ = writeln!(ratio_text, "| ratio | value | goal | met | inputs |");
     let _ = writeln!(ratio_text, "|---|---:|---|---|---|");
@@ -421,9 +467,14 @@ pub fn report(opts: &Options) -> Result<()> {
     let noisy = other.iter().filter(|&&o| o > NOISY).count();
     let other_max = other.iter().copied().fold(0.0, f64::max);
     let other_med = median(&mut other).unwrap_or(0.0);
+    let outside = if has_osd {
+        "daemon, client and OSD"
+    } else {
+        "daemon and client"
+    };
     let header = format!(
         "strata-bench: median of {rounds} round(s), {duration:.1} s measured per run; {pin_line}\n\
-         interference (busy CPU outside daemon and client): median {:.0}%, max {:.0}% of one CPU; \
+         interference (busy CPU outside {outside}): median {:.0}%, max {:.0}% of one CPU; \
          {noisy} of {} runs above {:.0}%",
         other_med * 100.0,
         other_max * 100.0,
@@ -546,6 +597,73 @@ mod tests {
         assert_eq!(rows[3]["backend"], "qcow2");
         assert_eq!(rows[3]["target"], "strata");
         assert_eq!(rows[4]["target"], "qsd");
+        // No rbd rows: no rbd ratios, no OSD column.
+        let ratios = doc["ratios"].as_array().unwrap();
+        assert!(!ratios
+            .iter()
+            .any(|r| r["name"].as_str().unwrap().starts_with("rbd ")));
+        let md = dir.join("s.md");
+        report(&Options {
+            results: res.to_str().unwrap(),
+            json_out: None,
+            markdown_out: Some(md.to_str().unwrap()),
+            missing: vec![],
+            expect: vec![],
+        })
+        .unwrap();
+        assert!(!fs::read_to_string(&md).unwrap().contains("OSD CPU"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rbd_rows_give_osd_column_and_ratios() {
+        let dir = std::env::temp_dir().join(format!("strata-bench-rbd-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let res = dir.join("r.jsonl");
+        let mut lines = String::new();
+        for (t, iops, cpu) in [("strata", 4400.0, 100e-6), ("qsd", 4000.0, 125e-6)] {
+            lines.push_str(
+                &json!({"backend": "rbd", "workload": "randread-4k-qd32", "target": t,
+                        "round": 1, "iops": iops, "daemon_cpu_s_per_io": cpu,
+                        "osd_cpu_s_per_io": 150e-6, "seconds": 4.0})
+                .to_string(),
+            );
+            lines.push('\n');
+        }
+        fs::write(&res, lines).unwrap();
+        let (out, md) = (dir.join("s.json"), dir.join("s.md"));
+        report(&Options {
+            results: res.to_str().unwrap(),
+            json_out: Some(out.to_str().unwrap()),
+            markdown_out: Some(md.to_str().unwrap()),
+            missing: vec![],
+            expect: vec![("rbd".into(), vec!["strata".into(), "qsd".into()])],
+        })
+        .unwrap();
+        let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+        let ratio = |name: &str| {
+            doc["ratios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["name"] == name)
+                .unwrap_or_else(|| panic!("no ratio {name}"))
+                .clone()
+        };
+        let r = ratio("rbd randread-4k-qd32 IOPS, strata / QSD");
+        assert!((r["value"].as_f64().unwrap() - 1.1).abs() < 1e-9);
+        assert_eq!(r["met"], true);
+        let c = ratio("rbd randread-4k-qd32 daemon CPU s per I/O, strata / QSD");
+        assert!((c["value"].as_f64().unwrap() - 0.8).abs() < 1e-9);
+        assert_eq!(c["met"], true);
+        // Workloads not run: no value.
+        assert_eq!(
+            ratio("rbd randwrite-4k-qd1 IOPS, strata / QSD")["value"],
+            Value::Null
+        );
+        let text = fs::read_to_string(&md).unwrap();
+        assert!(text.contains("| OSD CPU µs/IO |"), "{text}");
+        assert!(text.contains("| 100.00 | - | 150.00 |"), "{text}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,6 +33,9 @@ pub struct RunSpec<'a> {
     pub seed: u64,
     /// Daemon whose CPU time is sampled at the window edges.
     pub daemon_pid: Option<u32>,
+    /// The storage cluster's OSD (rbd backend), sampled the same way: on one machine it
+    /// shares the CPUs with the daemon and the client.
+    pub osd_pid: Option<u32>,
     /// Limit offsets to the first `span` bytes.
     pub span: Option<u64>,
     /// Writes carry the source pattern of their offset (see [`fill_source`]) instead of
@@ -58,10 +61,12 @@ pub struct RunResult {
     pub mean_us: f64,
     /// CPU seconds the daemon used in the window, when its pid was given.
     pub daemon_cpu_s: Option<f64>,
+    /// CPU seconds the OSD used in the window, when its pid was given.
+    pub osd_cpu_s: Option<f64>,
     /// CPU seconds this client used in the window.
     pub client_cpu_s: f64,
     /// Busy CPU seconds of everything else on the machine in the window (other processes,
-    /// interrupts, kernel threads): a measure of interference.
+    /// interrupts, kernel threads; not the daemon, client or OSD): a measure of interference.
     pub other_cpu_s: f64,
     /// Size of the target in bytes.
     pub capacity: u64,
@@ -77,6 +82,7 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
         duration,
         seed,
         daemon_pid,
+        osd_pid,
         span,
         write_source,
     } = *spec;
@@ -140,10 +146,12 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
     // Sample CPU times at the window edges.
     sleep_until(t0 + ramp);
     let d0 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
+    let o0 = osd_pid.map(procstat::cpu_seconds).transpose()?;
     let c0 = procstat::self_cpu_seconds()?;
     let m0 = procstat::machine_busy_seconds()?;
     sleep_until(t0 + ramp + duration);
     let d1 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
+    let o1 = osd_pid.map(procstat::cpu_seconds).transpose()?;
     let c1 = procstat::self_cpu_seconds()?;
     let m1 = procstat::machine_busy_seconds()?;
 
@@ -179,6 +187,12 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
         lat[i] as f64 / 1000.0
     };
     let mean_us = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1000.0;
+    let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let daemon_cpu_s = delta(d0, d1);
+    let osd_cpu_s = delta(o0, o1);
     Ok(RunResult {
         ios,
         bytes,
@@ -187,12 +201,14 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
         p99_us: pct(0.99),
         p999_us: pct(0.999),
         mean_us,
-        daemon_cpu_s: match (d0, d1) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
+        daemon_cpu_s,
+        osd_cpu_s,
         client_cpu_s: c1 - c0,
-        other_cpu_s: ((m1 - m0) - (c1 - c0) - d1.unwrap_or(0.0) + d0.unwrap_or(0.0)).max(0.0),
+        other_cpu_s: ((m1 - m0)
+            - (c1 - c0)
+            - daemon_cpu_s.unwrap_or(0.0)
+            - osd_cpu_s.unwrap_or(0.0))
+        .max(0.0),
         capacity,
     })
 }
