@@ -345,6 +345,17 @@ fn path_str(p: &Path) -> String {
     p.to_str().expect("UTF-8 path").to_string()
 }
 
+/// The poll window the export logged when it started serving.
+fn logged_poll_max_ns(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains("serving node 'top'"))
+        .and_then(|l| l.rsplit_once("poll-max-ns="))
+        .map_or_else(
+            || panic!("no serving line in the log:\n{log}"),
+            |(_, ns)| ns,
+        )
+}
+
 fn rbd_node(image: &str, extra: &str) -> String {
     format!("driver=rbd,node-name=top,pool=rbd,image={image}{extra}")
 }
@@ -421,6 +432,12 @@ fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
     drop(client);
     let (ok, log) = daemon.terminate();
     assert!(ok, "exit after SIGTERM:\n{log}");
+    // Polling 50 µs after each completion of a network round trip only burns CPU.
+    assert_eq!(
+        logged_poll_max_ns(&log),
+        "0",
+        "rbd export's default poll window"
+    );
     let exported = image.export(dir.path());
     assert_eq!(exported.len(), model.len(), "exported size");
     let first_diff = exported.iter().zip(&model).position(|(a, b)| a != b);
@@ -455,6 +472,12 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
     drop(client);
     let (ok, log) = daemon.terminate();
     assert!(ok, "exit after SIGTERM:\n{log}");
+    // The rbd node below the qcow2 node decides the default too.
+    assert_eq!(
+        logged_poll_max_ns(&log),
+        "0",
+        "qcow2-on-rbd export's poll window"
+    );
     // The image as the cluster holds it: a clean qcow2 with the client's bytes.
     let exported = dir.path().join("back.qcow2");
     std::fs::write(&exported, image.export(dir.path())).expect("write export");

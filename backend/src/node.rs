@@ -203,6 +203,11 @@ impl Node {
         &self.children
     }
 
+    /// Whether this node or one below it sends requests over the network (rbd).
+    pub fn reaches_network(&self) -> bool {
+        self.driver.remote() || self.children.iter().any(|c| c.node.reaches_network())
+    }
+
     /// The child in a role.
     pub fn child(&self, role: ChildRole) -> Option<&Arc<Node>> {
         self.children

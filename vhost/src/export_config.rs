@@ -14,7 +14,8 @@ pub const MAX_QUEUES: u16 = 64;
 /// Default of [`BlkExportConfig::queue_size`].
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
-/// Default of [`BlkExportConfig::poll_max_ns`].
+/// Default of [`BlkExportConfig::poll_max_ns`] for a node on local storage (none for a
+/// node that reaches the network, see [`BlkExportConfig::new`]).
 pub const DEFAULT_POLL_MAX_NS: u64 = 50_000;
 
 /// Default of [`BlkExportConfig::socket_mode`]: owner and group may connect.
@@ -68,8 +69,16 @@ pub struct BlkExportConfig {
 }
 
 impl BlkExportConfig {
-    /// QSD's defaults: read-only, one queue, 512-byte blocks, writeback.
+    /// QSD's defaults: read-only, one queue, 512-byte blocks, writeback. Workers poll for
+    /// [`DEFAULT_POLL_MAX_NS`], except over a node that reaches the network (rbd): a network
+    /// round trip is far longer than the window, so polling after each completion would only
+    /// burn CPU that librbd's threads (and, on one machine, the cluster) need.
     pub fn new(id: impl Into<String>, node: Arc<Node>) -> Self {
+        let poll_max_ns = if node.reaches_network() {
+            0
+        } else {
+            DEFAULT_POLL_MAX_NS
+        };
         BlkExportConfig {
             id: id.into(),
             node,
@@ -79,7 +88,7 @@ impl BlkExportConfig {
             logical_block_size: 512,
             serial: None,
             writethrough: false,
-            poll_max_ns: DEFAULT_POLL_MAX_NS,
+            poll_max_ns,
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
             private_dir_parent: None,

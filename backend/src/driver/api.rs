@@ -90,6 +90,12 @@ pub trait BlockDriver: Send + Sync {
         false
     }
 
+    /// Whether requests travel over the network to a storage cluster (rbd): they take a
+    /// round trip far longer than an export's poll window.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// Changes the size to `size` bytes (QMP's `block_resize`); the node checks that it is
     /// writable first. Drivers that cannot resize keep this default, which says so.
     fn truncate(&self, _size: u64) -> IoFuture<'_, ()> {

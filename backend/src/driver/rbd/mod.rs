@@ -192,6 +192,10 @@ impl BlockDriver for RbdDriver {
         self.image.size()
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn filename(&self) -> String {
         self.filename.clone()
     }
