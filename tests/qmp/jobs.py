@@ -5,7 +5,7 @@ Usage: jobs.py strata|qsd DAEMON_BINARY STRATA_BENCH_BINARY
 
 A management tool's sequence: blockdev-create file -> blockdev-add file node ->
 blockdev-create qcow2 on it (with a backing file) -> blockdev-add qcow2 node ->
-block-export-add, checked with qemu-img (check, info) and through the export with libblkio
+block-export-add (and, strata-only, the same with strata's raw creation), checked with qemu-img (check, info) and through the export with libblkio
 (strata-bench verify: reads equal the backing file's data, a written pattern reads back).
 JOB_STATUS_CHANGE sequences, query-jobs, job verbs in the wrong state and unknown ids, and
 failing creations are compared with what QSD 7.2 does. Prints "N passed, 0 failed".
@@ -193,10 +193,13 @@ async def checks(d, mon, other_mon):
     await expect_error(qmp, "blockdev-create", {"job-id": "j"}, "Parameter 'options' is missing")
     await expect_error(qmp, "blockdev-create", {"job-id": "1j", "options": {
         "driver": "file", "filename": missing_dir, "size": 0}}, "Invalid job ID '1j'")
+    # raw: no case in QEMU 7.2's schema; strata's own BlockdevCreateOptionsRaw (6. below).
     await expect_error(qmp, "blockdev-create", {"job-id": "j", "options": {"driver": "raw"}},
+                       "Parameter 'options.file' is missing" if STRATA else
                        "Driver does not support blockdev-create")
     await expect_error(qmp, "blockdev-create", {"job-id": "j", "options": {
-        "driver": "raw", "file": "x"}}, "Parameter 'options.file' is unexpected")
+        "driver": "raw", "file": "x"}}, "Parameter 'options.size' is missing" if STRATA else
+        "Parameter 'options.file' is unexpected")
     await expect_error(qmp, "blockdev-create", {"job-id": "j", "options": {
         "driver": "qcow2", "size": MiB}}, "Parameter 'options.file' is missing")
     await expect_error(qmp, "blockdev-create", {"job-id": "j", "options": {
@@ -225,10 +228,88 @@ async def checks(d, mon, other_mon):
             "size": MiB, "preallocation": "metadata"})
         check("preallocation=metadata" in info.get("error", ""), f"metadata refused: {info}")
         await qmp.execute("job-dismiss", {"id": "meta"})
+        await raw_checks(qmp, events, d)
     events.task.cancel()
     other_events.task.cancel()
     await qmp.disconnect()
     await other.disconnect()
+
+
+async def raw_checks(qmp, events, d):
+    """strata-only: blockdev-create of a raw image (BlockdevCreateOptionsRaw) onto a file node
+    or an inline one; refused on a node that cannot grow and on a node in use."""
+    # 6. The management-tool sequence: file (job), file node, raw on it, raw node, export.
+    path = os.path.join(d, "disk.raw")
+    size = 24 * MiB
+    info = await create(qmp, events, "mkraw-file", {"driver": "file", "filename": path,
+                                                    "size": 0})
+    check("error" not in info, f"raw's file created: {info}")
+    await qmp.execute("job-dismiss", {"id": "mkraw-file"})
+    await qmp.execute("blockdev-add", {"driver": "file", "node-name": "raw-file",
+                                       "filename": path})
+    info = await create(qmp, events, "mkraw", {"driver": "raw", "file": "raw-file",
+                                               "size": size})
+    check(info == {"id": "mkraw", "type": "create", "status": "concluded",
+                   "current-progress": 1, "total-progress": 1}, f"raw created: {info}")
+    await qmp.execute("job-dismiss", {"id": "mkraw"})
+    check(os.path.getsize(path) == size, f"the file has the raw image's size: "
+                                         f"{os.path.getsize(path)}")
+    await qmp.execute("blockdev-add", {"driver": "raw", "node-name": "rawd", "file": "raw-file"})
+    nodes = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
+    for name in ["raw-file", "rawd"]:
+        check(nodes[name]["image"]["virtual-size"] == size, f"{name}: {nodes[name]['image']}")
+    sock = os.path.join(d, "raw.sock")
+    await qmp.execute("block-export-add", {"type": "vhost-user-blk", "id": "e-raw",
+                                           "node-name": "rawd", "writable": True,
+                                           "addr": {"type": "unix", "path": sock}})
+    exports = await qmp.execute("query-block-exports")
+    check([e["node-name"] for e in exports if e["id"] == "e-raw"] == ["rawd"],
+          f"query-block-exports {exports}")
+    # Read and written through the export with libblkio: the capacity is the image's size,
+    # and the pattern written lands in the file.
+    out = subprocess.run([BENCH, "verify", "--target", DAEMON, "--path", sock,
+                          "--backend", "raw", "--expect-size", str(size),
+                          "--check-file", path], capture_output=True, text=True)
+    check(out.returncode == 0, f"libblkio through the raw export: {out.stdout}{out.stderr}")
+
+    # 7. Refused: a node in use (by the raw node and, through it, the export), a node that
+    # cannot grow (null-co), a node that does not exist.
+    info = await create(qmp, events, "rawused", {"driver": "raw", "file": "raw-file",
+                                                 "size": MiB})
+    check(info.get("error") == "Node 'raw-file' is in use by node(s) rawd; blockdev-create "
+          "writes only onto a node nothing else uses", f"used node {info}")
+    check(os.path.getsize(path) == size, "a refused creation leaves the file as it was")
+    await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "nul", "size": MiB})
+    info = await create(qmp, events, "rawnull", {"driver": "raw", "file": "nul",
+                                                 "size": 2 * MiB})
+    check(info.get("error") == "Node 'nul' cannot be resized: a raw image is created only on "
+          "a node that can grow (a file node on a regular file)", f"null-co {info}")
+    info = await create(qmp, events, "rawnone", {"driver": "raw", "file": "zz", "size": MiB})
+    check(info.get("error") == "Cannot find device='zz' nor node-name='zz'", f"no node {info}")
+    for job in ["rawused", "rawnull", "rawnone"]:
+        await qmp.execute("job-dismiss", {"id": job})
+    await qmp.execute("block-export-del", {"id": "e-raw", "mode": "hard"})
+    deadline = time.monotonic() + 10
+    while any(e["id"] == "e-raw" for e in await qmp.execute("query-block-exports")):
+        check(time.monotonic() < deadline, "the raw export went away")
+        await asyncio.sleep(0.05)
+    for node in ["rawd", "raw-file", "nul"]:
+        await qmp.execute("blockdev-del", {"node-name": node})
+
+    # 8. Inline file, onto a file holding data: the new image is that many zeros.
+    old = os.path.join(d, "old.raw")
+    with open(old, "wb") as f:
+        f.write(b"\xa5" * (3 * MiB))
+    info = await create(qmp, events, "rawinline", {
+        "driver": "raw", "file": {"driver": "file", "filename": old}, "size": MiB})
+    check("error" not in info, f"raw on an inline file: {info}")
+    await qmp.execute("job-dismiss", {"id": "rawinline"})
+    with open(old, "rb") as f:
+        data = f.read()
+    check(len(data) == MiB and data == bytes(MiB), f"a raw image of zeros: {len(data)} bytes")
+    nodes = {n["node-name"] for n in await qmp.execute("query-named-block-nodes")}
+    check(not nodes, f"the inline node is closed with its job: {nodes}")
+    check(await qmp.execute("query-jobs") == [], "every raw job dismissed")
 
 
 def main():

@@ -46,7 +46,7 @@ VARIANTS = {
     "blockdev-add": [{"": c} for c in DRIVERS],
     "block-export-add": [{"": "vhost-user-blk", "addr": "unix"},
                          {"": "vhost-user-blk", "addr": "fd"}],
-    "blockdev-create": [{"options": "file"}, {"options": "qcow2"}],
+    "blockdev-create": [{"options": "file"}, {"options": "qcow2"}, {"options": "raw"}],
 }
 EVENTS = ["BLOCK_EXPORT_DELETED", "JOB_STATUS_CHANGE"]
 
@@ -62,6 +62,8 @@ EXPORTS = [label("block-export-add", c) for c in VARIANTS["block-export-add"]]
 STRATA_ONLY = {
     "blockdev-add/file/share-rw", "blockdev-add/host_device/share-rw",
     "blockdev-add/qcow2/discard-no-unref",
+    # BlockdevCreateOptionsRaw: QEMU 7.2's raw case has no members (no creation).
+    "blockdev-create/raw/options.file", "blockdev-create/raw/options.size",
 } | {f"{e}/{m}" for e in EXPORTS for m in ["serial", "socket-mode", "socket-group",
                                              "poll-max-ns"]}
 QEMU_ONLY = {f"blockdev-add/{d}/force-share" for d in DRIVERS} | {

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::error::{BlockError, Result};
 use crate::io::bounce::BounceBuffer;
+use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::node::{ChildRole, Node};
 use crate::probe;
@@ -26,37 +27,61 @@ pub const DRIVER: DriverInfo = DriverInfo {
     create: Some(create),
 };
 
-/// Creates a sparse raw image: the file, truncated to `size` bytes. Takes no options.
+/// Creates a sparse raw image of `size` bytes, on a new file or on an open node. Takes no
+/// options.
 fn create(req: CreateRequest<'_>) -> Result<Vec<(&'static str, String)>> {
     if let Some(key) = req.options.first_key() {
         return Err(BlockError::invalid(format!(
             "Invalid parameter '{key}' for file format 'raw'"
         )));
     }
-    let CreateTarget::File(path) = req.target else {
-        // A raw image on a node is the node itself: there is nothing to write.
-        return Err(BlockError::new(
-            libc::ENOTSUP,
-            "Format 'raw' is created as a file, not on a node",
-        ));
-    };
+    match req.target {
+        CreateTarget::File(path) => create_file(path, req.size)?,
+        CreateTarget::Node(node) => create_on_node(node, req.size)?,
+    }
+    Ok(vec![("size", req.size.to_string())])
+}
+
+/// The file, truncated to `size` bytes.
+fn create_file(path: &std::path::Path, size: u64) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(|e| BlockError::io(&e, format!("Could not create '{}'", path.display())))?;
-    file.set_len(req.size).map_err(|e| {
+    file.set_len(size).map_err(|e| {
         BlockError::io(
             &e,
-            format!(
-                "Could not resize '{}' to {} bytes",
-                path.display(),
-                req.size
-            ),
+            format!("Could not resize '{}' to {size} bytes", path.display()),
         )
-    })?;
-    Ok(vec![("size", req.size.to_string())])
+    })
+}
+
+/// A raw image on a node is the node's bytes: the node is emptied, then resized to `size`,
+/// so that the new image reads as zeros, as a new file does. Only a node that can grow (a
+/// file node on a regular file) can be resized so; a device or null-co node is refused.
+fn create_on_node(node: &Node, size: u64) -> Result<()> {
+    if !node.can_grow() {
+        return Err(BlockError::new(
+            libc::ENOTSUP,
+            format!(
+                "Node '{}' cannot be resized: a raw image is created only on a node that can \
+                 grow (a file node on a regular file)",
+                node.name()
+            ),
+        ));
+    }
+    block_on(async {
+        node.truncate(0).await?;
+        node.truncate(size).await
+    })?
+    .map_err(|e| {
+        e.context(format!(
+            "Could not make node '{}' a raw image of {size} bytes",
+            node.name()
+        ))
+    })
 }
 
 /// Bytes of sector 0 checked against the format probes.

@@ -1,7 +1,7 @@
 //! Commands on jobs: `query-jobs`, `job-cancel`, `job-pause`, `job-resume`, `job-complete`,
 //! `job-finalize`, `job-dismiss`, the `JOB_STATUS_CHANGE` event, and `blockdev-create`
-//! (BlockdevCreateOptions of QEMU 7.2 for `file` and `qcow2`, checked here and created by the
-//! driver registry's hooks on the job's thread).
+//! (BlockdevCreateOptions of QEMU 7.2 for `file` and `qcow2`, and strata's own for `raw`,
+//! checked here and created by the driver registry's hooks on the job's thread).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,10 +113,11 @@ pub fn blockdev_create(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpEr
     let job = match driver.as_str() {
         "file" => file_job(ctx, opts)?,
         "qcow2" => qcow2_job(ctx, opts)?,
+        "raw" => raw_job(ctx, opts)?,
         "rbd" => {
             return Err(QmpError::generic(
-                "strata's blockdev-create does not support driver 'rbd' (it creates file and \
-                 qcow2)",
+                "strata's blockdev-create does not support driver 'rbd' (it creates file, \
+                 qcow2 and raw)",
             ))
         }
         // The schema's other cases have no members: QEMU has no creation for them either.
@@ -212,7 +213,7 @@ fn qcow2_job(ctx: &Context<'_>, mut opts: Args) -> Result<CreateJob, QmpError> {
     opts.finish()?;
     let target = match file {
         None => return Err(missing("options.file")),
-        Some(file) => qcow2_target(ctx, file)?,
+        Some(file) => node_target(ctx, file)?,
     };
     let target = if size % 512 != 0 {
         Err("Image size must be a multiple of 512 bytes".to_string())
@@ -228,10 +229,32 @@ fn qcow2_job(ctx: &Context<'_>, mut opts: Args) -> Result<CreateJob, QmpError> {
     })
 }
 
-/// The node a qcow2 image is written onto: a node name, or a node defined inline (opened now,
+/// BlockdevCreateOptionsRaw (strata's: QEMU 7.2 has no raw case): the `file` node becomes a
+/// raw image of `size` bytes, so that a management tool creates raw images as it creates
+/// qcow2 ones.
+fn raw_job(ctx: &Context<'_>, mut opts: Args) -> Result<CreateJob, QmpError> {
+    let mut rest = opts.take_rest();
+    let file = rest.remove("options.file");
+    let mut opts = Args::new(rest);
+    let size = opts.u64("options.size")?;
+    opts.finish()?;
+    let target = match file {
+        None => return Err(missing("options.file")),
+        Some(file) => node_target(ctx, file)?,
+    };
+    Ok(CreateJob {
+        format: "raw",
+        target,
+        size,
+        options: Options::new(),
+        sandbox_dirs: ctx.daemon.sandbox_dirs.clone(),
+    })
+}
+
+/// The node an image is written onto: a node name, or a node defined inline (opened now,
 /// closed when the job ends). A node that cannot be found, is used by another node or an
 /// export, or cannot be opened fails the job (QEMU reports the first and last in the job).
-fn qcow2_target(ctx: &Context<'_>, file: Value) -> Result<Result<Target, String>, QmpError> {
+fn node_target(ctx: &Context<'_>, file: Value) -> Result<Result<Target, String>, QmpError> {
     let node = match file {
         Value::String(name) => match ctx.daemon.graph.find(&name) {
             Some(node) => node,

@@ -212,7 +212,7 @@ pub const TYPES: &[TypeDef] = &[
             ("host_device", crate::qmp::schema::EMPTY),
             ("null-co", crate::qmp::schema::EMPTY),
             ("qcow2", "BlockdevCreateOptionsQcow2"),
-            ("raw", crate::qmp::schema::EMPTY),
+            ("raw", "BlockdevCreateOptionsRaw"),
             ("rbd", crate::qmp::schema::EMPTY),
         ],
     ),
@@ -243,6 +243,12 @@ pub const TYPES: &[TypeDef] = &[
             opt("refcount-bits", "int"),
             opt("compression-type", "Qcow2CompressionType"),
         ],
+    ),
+    // strata's own (QEMU 7.2 has no raw case): the `file` node becomes a raw image of `size`
+    // bytes.
+    TypeDef::object(
+        "BlockdevCreateOptionsRaw",
+        &[req("file", "BlockdevRef"), req("size", "size")],
     ),
     TypeDef::enumeration("BlockdevQcow2Version", &["v2", "v3"]),
     TypeDef::enumeration("Qcow2CompressionType", &["zlib", "zstd"]),
