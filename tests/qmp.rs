@@ -38,20 +38,27 @@ fn prerequisites() -> bool {
     false
 }
 
-fn conformance(daemon: &str, binary: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/conformance.py");
+/// Runs the script tests/qmp/NAME.py against `daemon` (its label and binary, then `extra`
+/// arguments) and asserts that every check passed.
+fn run_script(name: &str, daemon: &str, binary: &str, extra: &[&std::ffi::OsStr]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/qmp/{name}.py"));
     let out = Command::new("python3")
         .arg(&script)
         .args([daemon, binary])
+        .args(extra)
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "conformance against {daemon} failed:\n{stdout}\n{}",
+        "{name} against {daemon} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+fn conformance(daemon: &str, binary: &str) {
+    run_script("conformance", daemon, binary, &[]);
 }
 
 #[test]
@@ -88,23 +95,9 @@ fn bench_binary() -> Option<std::path::PathBuf> {
 
 /// tests/qmp/jobs.py: blockdev-create and the job commands, against `daemon`.
 fn jobs(daemon: &str, binary: &str) {
-    let Some(bench) = bench_binary() else {
-        return;
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/jobs.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([daemon, binary])
-        .arg(&bench)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "jobs against {daemon} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    if let Some(bench) = bench_binary() {
+        run_script("jobs", daemon, binary, &[bench.as_os_str()]);
+    }
 }
 
 #[test]
@@ -234,19 +227,7 @@ fn qmp_stats_qemu_storage_daemon() {
 /// tests/qmp/schema.py against `daemon`: every command's arguments as its query-qmp-schema
 /// describes them (against strata, also compared with qemu-storage-daemon's schema).
 fn schema(daemon: &str, binary: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/schema.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([daemon, binary])
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "schema against {daemon} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    run_script("schema", daemon, binary, &[]);
 }
 
 #[test]
@@ -266,19 +247,7 @@ fn qmp_schema_qemu_storage_daemon() {
 /// tests/qmp/jobs_exit.py against `daemon`: a create running at SIGTERM is cancelled and
 /// waited for, every job dismissed, no half image left, nothing else removed.
 fn jobs_exit(daemon: &str, binary: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/jobs_exit.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([daemon, binary])
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "jobs at exit against {daemon} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    run_script("jobs_exit", daemon, binary, &[]);
 }
 
 #[test]
