@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
@@ -25,8 +26,41 @@ const IO_TIMEOUT: Duration = Duration::from_secs(90);
 const IMAGE_SIZE: u64 = 64 << 20;
 const LEN: usize = 64 << 10;
 
+/// The test cluster for the length of one test: its configuration file and this test's turn.
+/// Most tests share the cluster; a test that stops the OSD has it alone, since any other
+/// test's open or I/O would wait on the missing OSD past its own timeouts.
+struct Cluster {
+    conf: String,
+    _shared: Option<RwLockReadGuard<'static, ()>>,
+    _alone: Option<RwLockWriteGuard<'static, ()>>,
+}
+
+static TURNS: RwLock<()> = RwLock::new(());
+
+/// The test cluster, shared with other tests, or None (a skip, or a failure under CI).
+fn cluster() -> Option<Cluster> {
+    let conf = cluster_conf()?;
+    let turn = TURNS.read().unwrap_or_else(|p| p.into_inner());
+    Some(Cluster {
+        conf,
+        _shared: Some(turn),
+        _alone: None,
+    })
+}
+
+/// The test cluster with no other test running on it, for the tests that stop the OSD.
+fn cluster_alone() -> Option<Cluster> {
+    let conf = cluster_conf()?;
+    let turn = TURNS.write().unwrap_or_else(|p| p.into_inner());
+    Some(Cluster {
+        conf,
+        _shared: None,
+        _alone: Some(turn),
+    })
+}
+
 /// The test cluster's configuration file, or None (a skip, or a failure under CI).
-fn cluster() -> Option<String> {
+fn cluster_conf() -> Option<String> {
     match std::env::var("CEPH_CONF") {
         Ok(conf) if Path::new(&conf).exists() => Some(conf),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
@@ -417,7 +451,7 @@ fn exercise(c: &mut Client, model: &mut [u8]) {
 
 #[test]
 fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
-    let Some(_) = cluster() else { return };
+    let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let image = RbdImage::create("raw");
     let socket = dir.path().join("vm.sock");
@@ -449,7 +483,7 @@ fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
 
 #[test]
 fn qcow2_on_rbd_reads_back_and_checks_clean() {
-    let Some(_) = cluster() else { return };
+    let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let local = dir.path().join("fresh.qcow2");
     tool(
@@ -502,7 +536,7 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
 
 #[test]
 fn a_snapshot_opens_read_only_with_the_snapshot_data() {
-    let Some(_) = cluster() else { return };
+    let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let before = pattern(7, IMAGE_SIZE as usize);
     let file = dir.path().join("before.raw");
@@ -553,7 +587,8 @@ fn open_failure(blockdev: String, extra: &[String]) -> (String, Duration) {
 
 #[test]
 fn open_errors_name_the_missing_pool_image_bad_key_and_unreachable_cluster() {
-    let Some(conf) = cluster() else { return };
+    let Some(cluster) = cluster() else { return };
+    let conf = &cluster.conf;
     let dir = tempfile::tempdir().expect("tempdir");
     let image = RbdImage::create("err");
 
@@ -631,9 +666,6 @@ struct Osd {
     dir: PathBuf,
 }
 
-/// Taken by the tests that stop the OSD, one at a time.
-static OSD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 impl Osd {
     fn of_test_cluster() -> Osd {
         let Ok(dir) = std::env::var("STRATA_CEPH_DIR") else {
@@ -678,8 +710,9 @@ impl Osd {
 
 #[test]
 fn io_resumes_after_the_osd_is_killed_and_restarted() {
-    let Some(_) = cluster() else { return };
-    let _turn = OSD_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(_cluster) = cluster_alone() else {
+        return;
+    };
     let osd = Osd::of_test_cluster();
     let tmp = tempfile::tempdir().expect("tempdir");
     let image = RbdImage::create("osd");
@@ -761,10 +794,12 @@ fn conf_with_op_timeout(conf: &str, dir: &Path) -> PathBuf {
 
 #[test]
 fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits() {
-    let Some(conf) = cluster() else { return };
-    let _turn = OSD_TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(cluster) = cluster_alone() else {
+        return;
+    };
+    let conf = &cluster.conf;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let conf = conf_with_op_timeout(&conf, tmp.path());
+    let conf = conf_with_op_timeout(conf, tmp.path());
     let image = RbdImage::create("down");
     let (rbd_socket, null_socket) = (tmp.path().join("rbd.sock"), tmp.path().join("null.sock"));
     let export = |id: &str, node: &str, socket: &Path| {
@@ -848,7 +883,7 @@ fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits(
 
 #[test]
 fn two_daemons_on_one_image_see_each_others_flushed_writes() {
-    let Some(_) = cluster() else { return };
+    let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     // Ceph's default features include exclusive-lock: librbd hands the lock to whichever
     // client writes (it asks the holder to release it), as QEMU's rbd driver lets it.
@@ -882,14 +917,15 @@ fn two_daemons_on_one_image_see_each_others_flushed_writes() {
 
 #[test]
 fn a_namespace_and_server_options_reach_the_image() {
-    let Some(conf) = cluster() else { return };
+    let Some(cluster) = cluster() else { return };
+    let conf = &cluster.conf;
     let dir = tempfile::tempdir().expect("tempdir");
     let ns = image_name("ns");
     tool("rbd", &["namespace", "create", &format!("rbd/{ns}")]);
     let spec = format!("rbd/{ns}/img");
     tool("rbd", &["create", "--size", "64M", &spec]);
     // The monitor named by server= (its address from the conf), not by the conf's mon_host.
-    let text = std::fs::read_to_string(&conf).expect("conf");
+    let text = std::fs::read_to_string(conf).expect("conf");
     let port = text
         .lines()
         .find_map(|l| l.strip_prefix("mon host = v2:127.0.0.1:"))
