@@ -28,9 +28,8 @@ const RING_ENTRIES: u32 = 512;
 /// The only operations a ring accepts: what the drivers submit (IORING_REGISTER_RESTRICTIONS).
 /// Anything else (opening files, sockets, ...) fails with EACCES, so neither a bug nor an
 /// attacker who reached a ring can use it to do more than these. Timeout (null-co's
-/// `latency-ns`) touches no file; PollAdd waits for a watched descriptor (see
-/// [`Reactor::watch`]).
-const ALLOWED_OPS: [u8; 8] = [
+/// `latency-ns`) touches no file.
+const ALLOWED_OPS: [u8; 7] = [
     opcode::Read::CODE,
     opcode::Write::CODE,
     opcode::Readv::CODE,
@@ -38,7 +37,6 @@ const ALLOWED_OPS: [u8; 8] = [
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
     opcode::Timeout::CODE,
-    opcode::PollAdd::CODE,
 ];
 
 /// A ring, created disabled (so restrictions can be registered) when the kernel allows it;
@@ -88,9 +86,6 @@ enum OpState {
     Pending(Option<Waker>),
     /// Completed with this result (bytes or negative errno).
     Done(i32),
-    /// A watched descriptor's poll (see [`Reactor::watch`]): its handler, run when the poll
-    /// fires, says whether to poll again.
-    Watch(Option<Box<dyn FnMut() -> bool>>, RawFd),
 }
 
 /// One thread's io_uring, its completion eventfd and its in-flight operations.
@@ -148,7 +143,7 @@ impl Reactor {
         self.eventfd.as_raw_fd()
     }
 
-    /// Number of operations queued or in the kernel, watches included.
+    /// Number of operations queued or in the kernel.
     pub fn in_flight(&self) -> usize {
         self.ops.borrow().len()
     }
@@ -169,7 +164,6 @@ impl Reactor {
     /// Delivers completions to their operations and wakes their tasks. Returns how many.
     pub fn reap(&self) -> usize {
         let mut wakers = Vec::new();
-        let mut watches = Vec::new();
         {
             let mut ring = self.ring.borrow_mut();
             let mut ops = self.ops.borrow_mut();
@@ -184,20 +178,12 @@ impl Reactor {
             loop {
                 for cqe in ring.completion() {
                     let key = cqe.user_data() as usize;
-                    match ops.get_mut(key) {
-                        Some(OpState::Watch(handler, fd)) => {
-                            if let Some(handler) = handler.take() {
-                                watches.push((key, *fd, handler));
-                            }
+                    if let Some(state) = ops.get_mut(key) {
+                        if let OpState::Pending(waker) =
+                            std::mem::replace(state, OpState::Done(cqe.result()))
+                        {
+                            wakers.extend(waker);
                         }
-                        Some(state) => {
-                            if let OpState::Pending(waker) =
-                                std::mem::replace(state, OpState::Done(cqe.result()))
-                            {
-                                wakers.extend(waker);
-                            }
-                        }
-                        None => {}
                     }
                 }
                 // Completions that did not fit in the completion queue wait in the kernel
@@ -223,55 +209,7 @@ impl Reactor {
         for w in wakers {
             w.wake();
         }
-        // Handlers run without the borrows too (they may wake tasks or queue operations).
-        for (key, fd, mut handler) in watches {
-            if handler() {
-                if let Some(OpState::Watch(slot, _)) = self.ops.borrow_mut().get_mut(key) {
-                    *slot = Some(handler);
-                }
-                if let Err(e) = self.arm(key, fd) {
-                    log::error!("Could not poll watched descriptor {fd} again: {e}");
-                    self.ops.borrow_mut().try_remove(key);
-                }
-            } else {
-                self.ops.borrow_mut().try_remove(key);
-            }
-        }
         n
-    }
-
-    /// Watches `fd`: whenever it becomes readable, `handler` runs on this thread (from
-    /// [`reap`](Self::reap)); the watch ends when the handler returns false. For descriptors
-    /// that other libraries signal (librbd's completion eventfd): the thread's own waits, in
-    /// its epoll loop or [`wait`](Self::wait), cover them with no descriptor of their own.
-    pub fn watch(&self, fd: RawFd, handler: Box<dyn FnMut() -> bool>) -> Result<()> {
-        let key = self
-            .ops
-            .borrow_mut()
-            .insert(OpState::Watch(Some(handler), fd));
-        self.arm(key, fd).inspect_err(|_| {
-            self.ops.borrow_mut().remove(key);
-        })
-    }
-
-    /// Queues a one-shot poll for readability of watched `fd`, completing as `key`.
-    fn arm(&self, key: usize, fd: RawFd) -> Result<()> {
-        let entry = opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(key as u64);
-        let mut ring = self.ring.borrow_mut();
-        loop {
-            // SAFETY: a poll references no memory; the watcher keeps `fd` open until its
-            // handler returned false (or the ring, and so the poll, is gone).
-            if unsafe { ring.submission().push(&entry) }.is_ok() {
-                break;
-            }
-            ring.submit()
-                .map_err(|e| BlockError::io(&e, "io_uring submit failed"))?;
-            self.queued.set(0);
-        }
-        self.queued.set(self.queued.get() + 1);
-        Ok(())
     }
 
     /// Blocks until the eventfd fires (a completion or a cross-thread wake), then clears it.
@@ -397,9 +335,7 @@ impl Future for UringOp<'_> {
                 }
                 Poll::Pending
             }
-            None | Some(OpState::Watch(..)) => {
-                Poll::Ready(Err(BlockError::invalid("io_uring operation lost")))
-            }
+            None => Poll::Ready(Err(BlockError::invalid("io_uring operation lost"))),
         }
     }
 }

@@ -15,9 +15,6 @@ pub type Completion = *mut c_void;
 /// `rbd_callback_t`.
 pub type Callback = Option<unsafe extern "C" fn(Completion, *mut c_void)>;
 
-/// `EVENT_TYPE_EVENTFD` of `rbd_set_image_notification`.
-pub const EVENT_TYPE_EVENTFD: c_int = 2;
-
 #[link(name = "rados")]
 extern "C" {
     pub fn rados_create2(
@@ -58,15 +55,12 @@ extern "C" {
     pub fn rbd_close(image: Image) -> c_int;
     pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
-    pub fn rbd_set_image_notification(image: Image, fd: c_int, kind: c_int) -> c_int;
-    pub fn rbd_poll_io_events(image: Image, comps: *mut Completion, numcomp: c_int) -> c_int;
     pub fn rbd_aio_create_completion(
         arg: *mut c_void,
         cb: Callback,
         comp: *mut Completion,
     ) -> c_int;
     pub fn rbd_aio_get_return_value(comp: Completion) -> isize;
-    pub fn rbd_aio_get_arg(comp: Completion) -> *mut c_void;
     pub fn rbd_aio_release(comp: Completion);
     pub fn rbd_aio_readv(
         image: Image,

@@ -1,41 +1,30 @@
 //! An open rbd image and its asynchronous requests.
 //!
-//! Completions reach the workers through librbd's image event notification: librbd queues
-//! each finished request and signals the image's eventfd, which every worker thread that
-//! submitted to the image watches with its io_uring (a poll, see [`Reactor::watch`]). The
-//! thread whose poll fires takes the finished requests with `rbd_poll_io_events` and wakes
-//! their tasks, on its own thread or another's. Nothing but librbd's lock-free completion
-//! queue and atomics stands between a completion and its task.
+//! Completions reach the workers through librbd's completion callback, as in QEMU: librbd
+//! calls it on one of its own threads, and it stores the result and wakes the request's task,
+//! which writes that worker's eventfd (the one its epoll already watches). That is one hop
+//! fewer than librbd's image event notification, which a worker would have to poll, read and
+//! re-arm before taking the completions.
 
-use std::cell::RefCell;
-use std::collections::HashSet;
 use std::ffi::CString;
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::raw::{c_int, c_void};
 use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::task::AtomicWaker;
 
 use super::connect::Cluster;
 use super::ffi;
 use crate::error::{BlockError, Result};
-use crate::io::reactor::Reactor;
-
-/// Completions taken from librbd at once.
-const POLL_BATCH: usize = 32;
 
 /// An open image; closed (and its cluster connection shut down) when the last reference goes.
 pub struct Image {
     handle: ffi::Image,
-    /// librbd signals it when requests finish; watch handlers hold it open too.
-    eventfd: Arc<OwnedFd>,
-    /// Identifies the image in the threads' watch sets (an address could be reused).
-    id: u64,
     size: AtomicU64,
     /// Held while the image grows for a write past its end (rare: not the hot path).
     growing: Mutex<()>,
@@ -47,11 +36,6 @@ pub struct Image {
 unsafe impl Send for Image {}
 // SAFETY: as above.
 unsafe impl Sync for Image {}
-
-thread_local! {
-    /// The images this thread's reactor watches.
-    static WATCHED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
-}
 
 /// One request's result, shared by its future and librbd (through the completion's argument).
 #[derive(Default)]
@@ -97,40 +81,12 @@ impl Image {
             return Err(BlockError::from_errno(-r, what));
         }
         // From here on, `image`'s Drop closes the handle on every error path.
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        let fd = if fd < 0 {
-            let e = BlockError::last_os_error("rbd: cannot create an eventfd");
-            // SAFETY: the handle was just opened and is used by nothing else.
-            unsafe { ffi::rbd_close(handle) };
-            return Err(e);
-        } else {
-            // SAFETY: a fresh descriptor that nothing else owns.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        };
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let image = Self {
             handle,
-            eventfd: Arc::new(fd),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             size: AtomicU64::new(0),
             growing: Mutex::new(()),
             _cluster: cluster,
         };
-        // SAFETY: a live image and our own eventfd, which outlives the image's handle.
-        let r = unsafe {
-            ffi::rbd_set_image_notification(
-                image.handle,
-                image.eventfd.as_raw_fd(),
-                ffi::EVENT_TYPE_EVENTFD,
-            )
-        };
-        if r < 0 {
-            return Err(BlockError::from_errno(
-                -r,
-                "rbd: cannot set the image's completion eventfd",
-            ));
-        }
         let mut size = 0;
         // SAFETY: a live image and an out-pointer to a local.
         let r = unsafe { ffi::rbd_get_size(image.handle, &mut size) };
@@ -173,65 +129,6 @@ impl Image {
         self.resize(end)
     }
 
-    /// Makes this thread's reactor watch the image's eventfd, once per thread.
-    fn watch_here(self: &Arc<Self>) -> Result<()> {
-        let id = self.id;
-        if WATCHED.with(|w| w.borrow().contains(&id)) {
-            return Ok(());
-        }
-        let image = Arc::downgrade(self);
-        let eventfd = self.eventfd.clone();
-        let fd = eventfd.as_raw_fd();
-        let handler = move || match Weak::upgrade(&image) {
-            Some(image) => {
-                image.take_completions();
-                true
-            }
-            None => {
-                // The image closed (its drop signals the eventfd to get here): stop watching.
-                let _ = &eventfd;
-                WATCHED.with(|w| w.borrow_mut().remove(&id));
-                false
-            }
-        };
-        Reactor::current()?.watch(fd, Box::new(handler))?;
-        WATCHED.with(|w| w.borrow_mut().insert(id));
-        Ok(())
-    }
-
-    /// Takes every finished request from librbd and wakes its task.
-    fn take_completions(&self) {
-        let mut value: u64 = 0;
-        // Cleared before polling: a completion queued after this read signals again.
-        // SAFETY: reads 8 bytes into a local from our own non-blocking eventfd.
-        let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
-        let mut comps = [ptr::null_mut(); POLL_BATCH];
-        loop {
-            // SAFETY: a live image and an array of POLL_BATCH completion slots.
-            let n = unsafe {
-                ffi::rbd_poll_io_events(self.handle, comps.as_mut_ptr(), POLL_BATCH as c_int)
-            };
-            let n = n.clamp(0, POLL_BATCH as c_int) as usize;
-            for &comp in &comps[..n] {
-                // SAFETY: a finished completion librbd handed over; its argument is the
-                // reference to a Request that `run` gave it, taken back here exactly once.
-                let request = unsafe {
-                    let result = ffi::rbd_aio_get_return_value(comp);
-                    let arg = ffi::rbd_aio_get_arg(comp);
-                    ffi::rbd_aio_release(comp);
-                    let request = Arc::from_raw(arg as *const Request);
-                    request.result.store(result, Ordering::Relaxed);
-                    request
-                };
-                request.done.store(true, Ordering::Release);
-                request.waker.wake();
-            }
-            if n < POLL_BATCH {
-                return;
-            }
-        }
-    }
-
     /// Runs one asynchronous request: `start` is given the image and a completion and
     /// returns librbd's submission result. Resolves to the request's return value.
     ///
@@ -242,12 +139,11 @@ impl Image {
         self: &'a Arc<Self>,
         start: impl FnOnce(ffi::Image, ffi::Completion) -> c_int,
     ) -> Result<InFlight<'a>> {
-        self.watch_here()?;
         let request = Arc::new(Request::default());
         let arg = Arc::into_raw(request.clone()) as *mut c_void;
         let mut comp = ptr::null_mut();
-        // SAFETY: an out-pointer to a local; no callback (the eventfd delivers completions).
-        let r = unsafe { ffi::rbd_aio_create_completion(arg, None, &mut comp) };
+        // SAFETY: an out-pointer to a local; the callback takes back the reference in `arg`.
+        let r = unsafe { ffi::rbd_aio_create_completion(arg, Some(request_finished), &mut comp) };
         if r < 0 {
             // SAFETY: librbd did not take the reference made for it above.
             drop(unsafe { Arc::from_raw(arg as *const Request) });
@@ -267,7 +163,7 @@ impl Image {
             return Err(BlockError::from_errno(-r, "rbd: request refused"));
         }
         Ok(InFlight {
-            image: self,
+            _image: self,
             request,
         })
     }
@@ -284,16 +180,30 @@ impl Drop for Image {
                 std::io::Error::from_raw_os_error(-r)
             );
         }
-        // Wake the threads that watch the eventfd, so they stop.
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local to our own eventfd.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
+}
+
+/// librbd's completion callback, called once per submitted request on one of librbd's
+/// threads: stores the result and wakes the request's task.
+unsafe extern "C" fn request_finished(comp: ffi::Completion, arg: *mut c_void) {
+    // SAFETY: `comp` is the finished completion `Image::run` created with `arg`, the reference
+    // to a Request made for it there; librbd calls this once, so the reference is taken back
+    // once, and the completion is released once (as QEMU's callback does).
+    let request = unsafe {
+        let result = ffi::rbd_aio_get_return_value(comp);
+        ffi::rbd_aio_release(comp);
+        let request = Arc::from_raw(arg as *const Request);
+        request.result.store(result, Ordering::Relaxed);
+        request
+    };
+    request.done.store(true, Ordering::Release);
+    request.waker.wake();
 }
 
 /// A submitted request; resolves to librbd's return value (bytes, or a negative errno).
 pub struct InFlight<'a> {
-    image: &'a Arc<Image>,
+    /// The image outlives the request.
+    _image: &'a Arc<Image>,
     request: Arc<Request>,
 }
 
@@ -314,17 +224,10 @@ impl Future for InFlight<'_> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        // librbd may still write into the request's buffers: wait for it, taking completions
-        // here (another thread may take this one first, hence the short poll).
+        // librbd may still write into the request's buffers: wait for it (a request dropped
+        // before it finished is rare: a cancelled task at shutdown).
         while !self.request.done.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd {
-                fd: self.image.eventfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, 10) };
-            self.image.take_completions();
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
