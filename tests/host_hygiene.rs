@@ -2,122 +2,37 @@
 //! permissions, a live socket never taken over, an inherited socket used once, and `serve`
 //! never probing an image its guest could have written.
 
+mod common;
+
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::path_str;
 
 /// How long a daemon gets to start, log or exit.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running strata whose log lines arrive on a channel; killed if still running when dropped.
-struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    log: String,
-}
-
-impl Daemon {
-    fn start<S: AsRef<OsStr>>(args: &[S]) -> Daemon {
-        Self::start_with_stdin(args, Stdio::null())
-    }
-
-    fn start_with_stdin<S: AsRef<OsStr>>(args: &[S], stdin: Stdio) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(args)
-            .stdin(stdin)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run strata");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            log: String::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no '{needle}' in the log:\n{}", self.log),
-            }
-        }
-    }
-
-    /// Waits for the daemon to exit; None if it still runs after TIMEOUT. Returns the log too.
-    fn exit(&mut self) -> (Option<ExitStatus>, String) {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            match self.child.try_wait().expect("wait for strata") {
-                Some(status) => break Some(status),
-                None if Instant::now() > deadline => break None,
-                None => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        if status.is_some() {
-            while let Ok(line) = self.lines.recv_timeout(TIMEOUT) {
-                self.log.push_str(&line);
-                self.log.push('\n');
-            }
-        }
-        (status, self.log.clone())
-    }
-
-    /// Sends SIGTERM and waits for the exit.
-    fn terminate(&mut self) -> (Option<ExitStatus>, String) {
-        let pid = libc::pid_t::try_from(self.pid()).expect("pid");
-        // SAFETY: kill has no memory-safety preconditions; `pid` is our child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        self.exit()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts strata with `args`, without waiting for it to serve.
+fn start<S: AsRef<OsStr>>(args: &[S]) -> Daemon {
+    Daemon::spawn(args, TIMEOUT)
 }
 
 /// A daemon that is expected to refuse to start: its log, after checking it exited with an
 /// error (rather than serving).
 fn refused<S: AsRef<OsStr>>(args: &[S], stdin: Stdio) -> String {
-    let mut d = Daemon::start_with_stdin(args, stdin);
-    match d.exit() {
-        (Some(status), log) => {
-            assert!(!status.success(), "strata succeeded:\n{log}");
-            log
+    let mut d = Daemon::spawn_with_stdin(args, stdin, TIMEOUT);
+    match d.exit_within(TIMEOUT) {
+        Some(status) => {
+            assert!(!status.success(), "strata succeeded:\n{}", d.log);
+            std::mem::take(&mut d.log)
         }
-        (None, log) => panic!("strata started instead of refusing:\n{log}"),
+        None => panic!("strata started instead of refusing:\n{}", d.log),
     }
 }
 
@@ -141,10 +56,6 @@ fn daemon_args(exports: &[String], extra: &[&str]) -> Vec<String> {
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temporary path")
 }
 
 /// Waits until `path` holds `content`.
@@ -172,11 +83,16 @@ fn the_pidfile_is_written_once_the_exports_listen_and_removed_at_exit() {
         .enumerate()
         .map(|(i, s)| export(&format!("e{i}"), s, ""))
         .collect();
-    let mut d = Daemon::start(&daemon_args(&exports, &["--pidfile", path_str(&pidfile)]));
+    let mut d = start(&daemon_args(&exports, &["--pidfile", path_str(&pidfile)]));
     // A client that waits for the pidfile to exist can connect at once, to every export.
     let deadline = Instant::now() + TIMEOUT;
     while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "no pidfile:\n{:?}", d.exit());
+        assert!(
+            Instant::now() < deadline,
+            "no pidfile: {:?}\n{}",
+            d.exit_within(TIMEOUT),
+            d.log
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
     for s in &socks {
@@ -185,8 +101,8 @@ fn the_pidfile_is_written_once_the_exports_listen_and_removed_at_exit() {
         }
     }
     wait_for_content(&pidfile, &format!("{}\n", d.pid()));
-    let (status, log) = d.terminate();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let (ok, log) = d.terminate();
+    assert!(ok, "{log}");
     assert!(!pidfile.exists(), "the pidfile is left behind:\n{log}");
 }
 
@@ -211,7 +127,7 @@ fn a_second_daemon_with_the_same_pidfile_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pidfile = dir.path().join("strata.pid");
     let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut first = Daemon::start(&daemon_args(
+    let first = start(&daemon_args(
         &[export("a", &a, "")],
         &["--pidfile", path_str(&pidfile)],
     ));
@@ -227,8 +143,8 @@ fn a_second_daemon_with_the_same_pidfile_refuses_to_start() {
     );
     assert_eq!(std::fs::read_to_string(&pidfile).expect("pidfile"), content);
     assert!(!b.exists(), "the refused daemon listened");
-    let (status, log) = first.terminate();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let (ok, log) = first.terminate();
+    assert!(ok, "{log}");
 }
 
 #[test]
@@ -281,7 +197,7 @@ fn sockets_are_0660_by_default_or_as_socket_mode_and_group_say() {
     let own_gid = std::fs::metadata(&probe).expect("stat").gid();
     let (group, gid) = other_group(own_gid);
     let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut d = Daemon::start(&daemon_args(
+    let mut d = start(&daemon_args(
         &[
             export("a", &a, ""),
             export("b", &b, &format!(",socket-mode=0640,socket-group={group}")),
@@ -305,7 +221,7 @@ fn sockets_are_0660_by_default_or_as_socket_mode_and_group_say() {
 fn a_socket_in_use_is_not_taken_over() {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("vm.sock");
-    let mut first = Daemon::start(&daemon_args(&[export("first", &sock, "")], &[]));
+    let mut first = start(&daemon_args(&[export("first", &sock, "")], &[]));
     first.wait_for("serving node");
     let log = refused(
         &daemon_args(&[export("second", &sock, "")], &[]),
@@ -321,8 +237,8 @@ fn a_socket_in_use_is_not_taken_over() {
     // The first daemon still serves on the path.
     let _client = UnixStream::connect(&sock).expect("connect to the first daemon");
     first.wait_for(&format!("frontend connected (pid {}", std::process::id()));
-    let (status, log) = first.terminate();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let (ok, log) = first.terminate();
+    assert!(ok, "{log}");
 }
 
 #[test]
@@ -378,7 +294,7 @@ fn serve(image: &Path, dir: &Path, extra: &[&str]) -> (Daemon, String) {
         "--cached",
     ];
     args.extend_from_slice(extra);
-    let mut d = Daemon::start(&args);
+    let mut d = start(&args);
     let line = d.wait_for("serving node");
     (d, line)
 }
@@ -410,7 +326,7 @@ fn serve_never_probes_an_image_its_guest_could_have_written() {
         .open(&image)
         .and_then(|f| f.set_len(raw_size))
         .expect("size the raw image");
-    let (mut d, line) = serve(&image, dir.path(), &[]);
+    let (d, line) = serve(&image, dir.path(), &[]);
     // The guest sees its raw disk (4 MiB, starting with the header it wrote), not a 64 MiB
     // qcow2 disk over /etc/passwd.
     assert!(line.contains(&format!("({raw_size} bytes")), "{line}");
@@ -429,8 +345,8 @@ fn serve_never_probes_an_image_its_guest_could_have_written() {
             "strata opened the backing file"
         );
     }
-    let (status, log) = d.terminate();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let (ok, log) = d.terminate();
+    assert!(ok, "{log}");
 }
 
 #[test]
@@ -438,11 +354,11 @@ fn serve_opens_qcow2_when_told() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = dir.path().join("disk.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&image), "32M"]);
-    let (mut d, line) = serve(&image, dir.path(), &["--format", "qcow2"]);
+    let (d, line) = serve(&image, dir.path(), &["--format", "qcow2"]);
     assert!(line.contains(&format!("({} bytes", 32 << 20)), "{line}");
     assert!(!d.log.contains("looks like"), "{}", d.log);
-    let (status, log) = d.terminate();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let (ok, log) = d.terminate();
+    assert!(ok, "{log}");
 }
 
 #[test]

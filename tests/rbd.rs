@@ -9,16 +9,19 @@
 //!
 //! Without a cluster the tests say so and pass, except under CI=true, where they fail.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::{Completion, ReqFlags};
+use common::client::{pattern, Client, ClientConfig};
+use common::daemon::Daemon;
+use common::path_str;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 /// A request may wait this long while an OSD restarts.
@@ -111,7 +114,7 @@ impl RbdImage {
 
     fn import(tag: &str, file: &Path) -> RbdImage {
         let name = image_name(tag);
-        tool("rbd", &["import", &path_str(file), &format!("rbd/{name}")]);
+        tool("rbd", &["import", path_str(file), &format!("rbd/{name}")]);
         RbdImage(name)
     }
 
@@ -120,7 +123,7 @@ impl RbdImage {
         let out = dir.join(format!("{}.export", self.0));
         tool(
             "rbd",
-            &["export", &format!("rbd/{}", self.0), &path_str(&out)],
+            &["export", &format!("rbd/{}", self.0), path_str(&out)],
         );
         let data = std::fs::read(&out).expect("read export");
         let _ = std::fs::remove_file(&out);
@@ -136,247 +139,51 @@ impl Drop for RbdImage {
     }
 }
 
-/// A running strata, killed if still running when dropped; its stderr lines on a channel.
-struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    log: String,
+/// What a daemon logs when the sandbox refuses a system call: no daemon here may.
+const REFUSED: &str = "which the sandbox refuses";
+
+/// Runs strata with `args`; its exit fails the test if the sandbox refused a call.
+fn spawn(args: &[String]) -> Daemon {
+    Daemon::spawn(args, TIMEOUT).forbidding(REFUSED)
 }
 
-impl Daemon {
-    fn spawn(args: &[String]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run strata");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            log: String::new(),
-        }
+/// Starts strata exporting `node` (the last of `blockdevs`) on `socket`.
+fn start(blockdevs: &[String], socket: &Path, writable: bool) -> Daemon {
+    let mut args = Vec::new();
+    for b in blockdevs {
+        args.push("--blockdev".to_string());
+        args.push(b.clone());
     }
-
-    /// Starts strata exporting `node` (the last of `blockdevs`) on `socket`.
-    fn start(blockdevs: &[String], socket: &Path, writable: bool) -> Daemon {
-        let mut args = Vec::new();
-        for b in blockdevs {
-            args.push("--blockdev".to_string());
-            args.push(b.clone());
-        }
-        args.push("--export".into());
-        args.push(format!(
-            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},\
-             writable={},num-queues=2",
-            path_str(socket),
-            if writable { "on" } else { "off" }
-        ));
-        let mut d = Daemon::spawn(&args);
-        let deadline = Instant::now() + TIMEOUT;
-        while !socket.exists() {
-            d.drain();
-            assert!(
-                Instant::now() < deadline && d.child.try_wait().expect("wait").is_none(),
-                "strata did not start:\n{}",
-                d.log
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.log.push_str(&line);
-            self.log.push('\n');
-        }
-    }
-
-    /// Waits for the daemon to exit by itself; returns success and the log.
-    fn wait_exit(mut self, limit: Duration) -> (bool, String, Duration) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(start.elapsed() < limit, "still running:\n{}", self.log);
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let took = start.elapsed();
-        std::thread::sleep(Duration::from_millis(50));
-        self.drain();
-        assert!(
-            !self.log.contains("which the sandbox refuses"),
-            "the sandbox refused a system call:\n{}",
-            self.log
-        );
-        (status.success(), std::mem::take(&mut self.log), took)
-    }
-
-    /// SIGTERM, then the exit status and the log.
-    fn terminate(self) -> (bool, String) {
-        // SAFETY: kill references no memory; the pid is our own child's.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let (ok, log, _) = self.wait_exit(TIMEOUT);
-        (ok, log)
-    }
+    args.push("--export".into());
+    args.push(format!(
+        "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},\
+         writable={},num-queues=2",
+        path_str(socket),
+        if writable { "on" } else { "off" }
+    ));
+    let mut d = spawn(&args);
+    d.wait_for_sockets(&[socket]);
+    d
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Every thread, strata's and librbd's, runs under the seccomp filter.
+fn assert_sandboxed(daemon: &Daemon) {
+    let modes = daemon.thread_modes();
+    assert!(modes.len() > 10, "librbd's threads are missing: {modes:?}");
+    assert!(
+        modes.iter().all(|(_, mode)| *mode == 2),
+        "threads without the seccomp filter: {modes:?}"
+    );
 }
 
-impl Daemon {
-    /// Seccomp mode (0 none, 2 filter) and name of every thread.
-    fn thread_modes(&self) -> Vec<(String, u32)> {
-        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
-        let mut modes = Vec::new();
-        for task in std::fs::read_dir(tasks)
-            .expect("list threads")
-            .map_while(Result::ok)
-        {
-            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-                continue; // the thread ended meanwhile
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(str::trim)
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let mode = field("Seccomp:").parse().expect("Seccomp: field");
-            modes.push((field("Name:"), mode));
-        }
-        modes
-    }
-
-    /// Every thread, strata's and librbd's, runs under the seccomp filter.
-    fn assert_sandboxed(&self) {
-        let modes = self.thread_modes();
-        assert!(modes.len() > 10, "librbd's threads are missing: {modes:?}");
-        assert!(
-            modes.iter().all(|(_, mode)| *mode == 2),
-            "threads without the seccomp filter: {modes:?}"
-        );
-    }
-}
-
-/// A connected libblkio client with one memory region.
-struct Client {
-    queues: Vec<Blkioq>,
-    blkio: Blkio,
-    region: MemoryRegion,
-}
-
-fn err(e: blkio::Error) -> String {
-    format!("{e} (errno {})", e.errno().raw_os_error())
-}
-
-impl Client {
-    fn connect(socket: &Path) -> Client {
-        Client::connect_as(socket, false)
-    }
-
-    fn connect_as(socket: &Path, read_only: bool) -> Client {
-        let connect = || -> Result<Client, String> {
-            let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
-            b.set_str("path", socket.to_str().ok_or("path")?)
-                .map_err(err)?;
-            b.set_bool("read-only", read_only).map_err(err)?;
-            b.connect().map_err(err)?;
-            b.set_i32("num-queues", 2).map_err(err)?;
-            let outcome = b.start().map_err(err)?;
-            let region = b.alloc_mem_region(LEN).map_err(err)?;
-            b.map_mem_region(&region).map_err(err)?;
-            Ok(Client {
-                queues: outcome.queues,
-                blkio: b,
-                region,
-            })
-        };
-        connect().unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()))
-    }
-
-    fn buf(&mut self) -> &mut [u8] {
-        // SAFETY: the region is a live read/write mapping of `len` bytes owned by the client,
-        // and no request is in flight while the slice is borrowed (`run` waits).
-        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
-    }
-
-    /// Submits one request on queue `q` and returns its result.
-    fn run(&mut self, q: usize, submit: impl FnOnce(&mut Blkioq, *mut u8)) -> i32 {
-        let addr = self.region.addr as *mut u8;
-        let queue = &mut self.queues[q];
-        submit(queue, addr);
-        let mut done = [MaybeUninit::<Completion>::uninit()];
-        let mut timeout = IO_TIMEOUT;
-        let n = queue
-            .do_io(&mut done, 1, Some(&mut timeout), None)
-            .unwrap_or_else(|e| panic!("do_io: {}", err(e)));
-        assert_eq!(n, 1, "no completion within {IO_TIMEOUT:?}");
-        // SAFETY: do_io initialised the one completion it returned.
-        unsafe { done[0].assume_init_ref() }.ret
-    }
-
-    fn read(&mut self, q: usize, offset: u64, len: usize) -> Vec<u8> {
-        let r = self.run(q, |queue, buf| {
-            queue.read(offset, buf, len, 0, ReqFlags::empty())
-        });
-        assert_eq!(r, 0, "read at {offset}");
-        self.buf()[..len].to_vec()
-    }
-
-    fn try_write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
-        self.buf()[..data.len()].copy_from_slice(data);
-        self.run(q, |queue, buf| {
-            queue.write(offset, buf, data.len(), 0, ReqFlags::empty())
-        })
-    }
-
-    fn write(&mut self, q: usize, offset: u64, data: &[u8]) {
-        assert_eq!(self.try_write(q, offset, data), 0, "write at {offset}");
-    }
-
-    fn flush(&mut self) {
-        assert_eq!(
-            self.run(0, |q, _| q.flush(0, ReqFlags::empty())),
-            0,
-            "flush"
-        );
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.queues.clear();
-        self.blkio.unmap_mem_region(&self.region);
-    }
-}
-
-fn pattern(tag: u32, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u32).wrapping_mul(31) ^ tag.wrapping_mul(0x9e37_79b9) >> 5) as u8)
-        .collect()
-}
-
-fn path_str(p: &Path) -> String {
-    p.to_str().expect("UTF-8 path").to_string()
+/// A client of the export on `socket` (read-only if `read_only`).
+fn connect(socket: &Path, read_only: bool) -> Client {
+    let config = ClientConfig {
+        region_len: LEN,
+        read_only,
+        timeout: IO_TIMEOUT,
+    };
+    Client::connect(socket, config)
 }
 
 /// The poll window the export logged when it started serving.
@@ -455,8 +262,8 @@ fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = RbdImage::create("raw");
     let socket = dir.path().join("vm.sock");
-    let daemon = Daemon::start(&[rbd_node(&image.0, ",discard=unmap")], &socket, true);
-    let mut client = Client::connect(&socket);
+    let daemon = start(&[rbd_node(&image.0, ",discard=unmap")], &socket, true);
+    let mut client = connect(&socket, false);
     assert_eq!(
         client.blkio.get_u64("capacity").expect("capacity"),
         IMAGE_SIZE
@@ -488,7 +295,7 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
     let local = dir.path().join("fresh.qcow2");
     tool(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", &path_str(&local), "64M"],
+        &["create", "-q", "-f", "qcow2", path_str(&local), "64M"],
     );
     let image = RbdImage::import("qcow2", &local);
     let socket = dir.path().join("vm.sock");
@@ -499,8 +306,8 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
         ),
         "driver=qcow2,node-name=top,file=r0,discard=unmap".to_string(),
     ];
-    let daemon = Daemon::start(&blockdevs, &socket, true);
-    let mut client = Client::connect(&socket);
+    let daemon = start(&blockdevs, &socket, true);
+    let mut client = connect(&socket, false);
     let mut model = vec![0u8; IMAGE_SIZE as usize];
     exercise(&mut client, &mut model);
     drop(client);
@@ -515,17 +322,11 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
     // The image as the cluster holds it: a clean qcow2 with the client's bytes.
     let exported = dir.path().join("back.qcow2");
     std::fs::write(&exported, image.export(dir.path())).expect("write export");
-    tool("qemu-img", &["check", "-q", &path_str(&exported)]);
+    tool("qemu-img", &["check", "-q", path_str(&exported)]);
     let raw = dir.path().join("back.raw");
     tool(
         "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            &path_str(&exported),
-            &path_str(&raw),
-        ],
+        &["convert", "-O", "raw", path_str(&exported), path_str(&raw)],
     );
     let data = std::fs::read(&raw).expect("read raw");
     assert!(
@@ -545,8 +346,8 @@ fn a_snapshot_opens_read_only_with_the_snapshot_data() {
     tool("rbd", &["snap", "create", &format!("rbd/{}@s1", image.0)]);
     // The head changes after the snapshot.
     let socket = dir.path().join("head.sock");
-    let daemon = Daemon::start(&[rbd_node(&image.0, "")], &socket, true);
-    let mut client = Client::connect(&socket);
+    let daemon = start(&[rbd_node(&image.0, "")], &socket, true);
+    let mut client = connect(&socket, false);
     client.write(0, 0, &pattern(8, LEN));
     drop(client);
     assert!(daemon.terminate().0);
@@ -560,10 +361,10 @@ fn a_snapshot_opens_read_only_with_the_snapshot_data() {
     let mut args = vec!["--blockdev".to_string(), snapshot.clone()];
     args.extend(export_args(&socket));
     args[3].push_str(",writable=on");
-    let (ok, log, _) = Daemon::spawn(&args).wait_exit(TIMEOUT);
+    let (ok, log, _) = spawn(&args).wait_exit(TIMEOUT);
     assert!(!ok, "a writable export of a snapshot started:\n{log}");
-    let daemon = Daemon::start(&[snapshot], &socket, false);
-    let mut client = Client::connect_as(&socket, true);
+    let daemon = start(&[snapshot], &socket, false);
+    let mut client = connect(&socket, true);
     assert!(client.read(0, 0, LEN) == before[..LEN], "snapshot data");
     assert!(client.read(1, 32 << 20, LEN) == before[32 << 20..(32 << 20) + LEN]);
     drop(client);
@@ -580,7 +381,7 @@ fn open_failure(blockdev: String, extra: &[String]) -> (String, Duration) {
     let mut args = extra.to_vec();
     args.extend(["--blockdev".to_string(), blockdev]);
     args.extend(export_args(&dir.path().join("never.sock")));
-    let (ok, log, took) = Daemon::spawn(&args).wait_exit(Duration::from_secs(60));
+    let (ok, log, took) = spawn(&args).wait_exit(Duration::from_secs(60));
     assert!(!ok, "the open succeeded:\n{log}");
     (log, took)
 }
@@ -632,17 +433,8 @@ fn open_errors_name_the_missing_pool_image_bad_key_and_unreachable_cluster() {
             path_str(&socket2)
         ),
     ]);
-    let mut d = Daemon::spawn(&full);
-    let deadline = Instant::now() + TIMEOUT;
-    while !socket2.exists() {
-        d.drain();
-        assert!(
-            Instant::now() < deadline,
-            "no start with the key file:\n{}",
-            d.log
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut d = spawn(&full);
+    d.wait_for_sockets(&[&socket2]);
     drop(d);
 
     // A monitor that is not there (a closed port): the open fails after the connect timeout
@@ -696,7 +488,7 @@ impl Osd {
         // CEPH_KEYRING (client.admin's, exported for the tools) would replace the OSD's own
         // keyring, and the monitor would refuse it.
         let out = Command::new("ceph-osd")
-            .args(["-c", &path_str(&conf), "-i", "0"])
+            .args(["-c", path_str(&conf), "-i", "0"])
             .env_remove("CEPH_KEYRING")
             .output()
             .expect("run ceph-osd");
@@ -718,11 +510,11 @@ fn io_resumes_after_the_osd_is_killed_and_restarted() {
     let image = RbdImage::create("osd");
     let socket = tmp.path().join("vm.sock");
     // No librbd cache: every write goes to the OSD.
-    let daemon = Daemon::start(&[rbd_node(&image.0, ",cache.direct=on")], &socket, true);
-    let mut client = Client::connect(&socket);
+    let daemon = start(&[rbd_node(&image.0, ",cache.direct=on")], &socket, true);
+    let mut client = connect(&socket, false);
     client.write(0, 0, &pattern(99, LEN));
     // The sandbox is on (the default): every thread, librbd's included, has the filter.
-    daemon.assert_sandboxed();
+    assert_sandboxed(&daemon);
     let blocks = 96u64;
     // The OSD goes down first and comes back 2 s later: the writes issued meanwhile wait in
     // librbd and complete once it is back.
@@ -752,7 +544,7 @@ fn io_resumes_after_the_osd_is_killed_and_restarted() {
     restarter.join().expect("restarter");
     client.flush();
     // librbd reconnected under the filter (a refused call would be in the log at exit).
-    daemon.assert_sandboxed();
+    assert_sandboxed(&daemon);
     for i in 0..blocks {
         assert!(
             client.read((i % 2) as usize, i * LEN as u64 * 8, LEN) == pattern(100 + i as u32, LEN),
@@ -822,14 +614,9 @@ fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits(
         "--export".into(),
         export("e1", "n0", &null_socket),
     ];
-    let mut daemon = Daemon::spawn(&args);
-    let deadline = Instant::now() + TIMEOUT;
-    while !(rbd_socket.exists() && null_socket.exists()) {
-        daemon.drain();
-        assert!(Instant::now() < deadline, "no start:\n{}", daemon.log);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut client = Client::connect(&rbd_socket);
+    let mut daemon = spawn(&args);
+    daemon.wait_for_sockets(&[&rbd_socket, &null_socket]);
+    let mut client = connect(&rbd_socket, false);
     client.write(0, 0, &pattern(200, LEN));
 
     let osd = Osd::of_test_cluster();
@@ -846,7 +633,7 @@ fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits(
         "the write failed after {waited:?}, not after the 5 s timeout"
     );
     // Meanwhile the other export serves.
-    let mut other = Client::connect(&null_socket);
+    let mut other = connect(&null_socket, false);
     other.write(0, 4096, &pattern(202, LEN));
     assert!(
         other.read(1, 0, LEN).iter().all(|&b| b == 0),
@@ -862,8 +649,7 @@ fn an_osd_that_stays_down_fails_requests_after_the_timeout_and_the_daemon_exits(
     let _ = client.queues[0].do_io(&mut none, 0, Some(&mut zero), None);
     std::thread::sleep(Duration::from_millis(500));
     drop(other);
-    // SAFETY: kill references no memory; the pid is our own child's.
-    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) };
+    daemon.sigterm();
     let (ok, log, took) = daemon.wait_exit(Duration::from_secs(60));
     drop(client);
     assert!(ok, "exit status after SIGTERM with the OSD down:\n{log}");
@@ -894,10 +680,10 @@ fn two_daemons_on_one_image_see_each_others_flushed_writes() {
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let node = rbd_node(&image.0, ",cache.direct=on");
     let (da, db) = (
-        Daemon::start(std::slice::from_ref(&node), &sa, true),
-        Daemon::start(&[node], &sb, true),
+        start(std::slice::from_ref(&node), &sa, true),
+        start(&[node], &sb, true),
     );
-    let (mut a, mut b) = (Client::connect(&sa), Client::connect(&sb));
+    let (mut a, mut b) = (connect(&sa, false), connect(&sb, false));
     for round in 0..3u32 {
         let (x, y) = (pattern(300 + round, LEN), pattern(400 + round, LEN));
         a.write(0, 0, &x);
@@ -946,14 +732,14 @@ fn a_namespace_and_server_options_reach_the_image() {
          server.0.host=127.0.0.1,server.0.port={port}",
         path_str(&own_conf)
     );
-    let daemon = Daemon::start(&[node], &socket, true);
-    let mut client = Client::connect(&socket);
+    let daemon = start(&[node], &socket, true);
+    let mut client = connect(&socket, false);
     client.write(0, 4096, &pattern(500, LEN));
     client.flush();
     drop(client);
     assert!(daemon.terminate().0);
     let out = dir.path().join("ns.raw");
-    tool("rbd", &["export", "--no-progress", &spec, &path_str(&out)]);
+    tool("rbd", &["export", "--no-progress", &spec, path_str(&out)]);
     let data = std::fs::read(&out).expect("export");
     assert!(
         data[4096..4096 + LEN] == pattern(500, LEN)[..],
