@@ -1,7 +1,12 @@
 //! The command line: usage, errors that name the wrong option, `img create`.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::daemon::Daemon;
 
 fn strata(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -116,27 +121,11 @@ fn img_create_raw_makes_a_sparse_file() {
 
 /// Starts the daemon with `args`, returns its log up to the line saying `n` exports serve.
 fn startup_log(args: &[&str], n: usize) -> String {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run strata");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut log = String::new();
-    let mut serving = 0;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("log line");
-        serving += usize::from(line.contains("serving node"));
-        log.push_str(&line);
-        log.push('\n');
-        if serving == n {
-            break;
-        }
+    let mut daemon = Daemon::spawn(args, Duration::from_secs(20));
+    for _ in 0..n {
+        daemon.wait_for("serving node");
     }
-    child.kill().expect("stop strata");
-    child.wait().expect("reap strata");
-    log
+    std::mem::take(&mut daemon.log)
 }
 
 #[test]
