@@ -6,13 +6,14 @@
 //! eventfd, which the worker's epoll already watches.
 
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::reactor::Reactor;
+use super::task_cell::TaskCell;
 use crate::accounting;
 use crate::error::Result;
 
@@ -69,9 +70,9 @@ impl Wake for SlotWaker {
     }
 }
 
-/// One task slot: the task (none when free) and the slot's waker.
+/// One task slot: the task (none when free), in memory the slot keeps, and the slot's waker.
 struct Slot<'a> {
-    task: Option<Pin<Box<dyn Future<Output = ()> + 'a>>>,
+    task: TaskCell<'a>,
     waker: Arc<SlotWaker>,
     /// `waker` as a Waker, made once: polling with it touches no reference count.
     handle: Waker,
@@ -79,8 +80,8 @@ struct Slot<'a> {
 
 /// A set of tasks on the current thread.
 ///
-/// Tasks live in slots that are reused, each with a waker made once, so running a task costs
-/// one allocation (its box) and no reference-counted task node per spawn.
+/// Tasks live in slots that are reused, each with a waker made once and memory that the next
+/// task of the slot reuses, so spawning a task allocates nothing once the slots are made.
 pub struct LocalExecutor<'a> {
     slots: Vec<Slot<'a>>,
     free: Vec<usize>,
@@ -119,8 +120,15 @@ impl<'a> LocalExecutor<'a> {
     }
 
     /// Adds a task; it first runs at the next [`poll`](Self::poll).
+    #[inline]
     pub fn spawn(&mut self, task: impl Future<Output = ()> + 'a) {
-        let task: Pin<Box<dyn Future<Output = ()> + 'a>> = Box::pin(task);
+        self.spawn_with(|| task);
+    }
+
+    /// Adds the task `make` returns, built in the memory it runs in (a task built by the
+    /// caller is copied there); it first runs at the next [`poll`](Self::poll).
+    #[inline]
+    pub fn spawn_with<F: Future<Output = ()> + 'a>(&mut self, make: impl FnOnce() -> F) {
         let slot = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -131,7 +139,7 @@ impl<'a> LocalExecutor<'a> {
                     shared: self.shared.clone(),
                 });
                 self.slots.push(Slot {
-                    task: None,
+                    task: TaskCell::new(),
                     handle: Waker::from(waker.clone()),
                     waker,
                 });
@@ -139,7 +147,7 @@ impl<'a> LocalExecutor<'a> {
             }
         };
         let s = &mut self.slots[slot];
-        s.task = Some(task);
+        s.task.put(make);
         self.live += 1;
         // A new task is polled once without a wake. It goes on the executor's own list: the
         // shared one's lock and atomics would each wait for the caller's pending stores (on the
@@ -182,18 +190,13 @@ impl<'a> LocalExecutor<'a> {
                 };
                 // Cleared before the poll, so a wake during it queues the slot again.
                 s.waker.queued.store(false, Ordering::Release);
-                let Some(task) = s.task.as_mut() else {
+                if !s.task.is_occupied() {
                     continue;
-                };
+                }
                 any = true;
-                if task
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&s.handle))
-                    .is_ready()
-                {
+                if s.task.poll(&mut Context::from_waker(&s.handle)).is_ready() {
                     // Dropped here, outside any borrow of the executor's lists.
-                    let finished = s.task.take();
-                    drop(finished);
+                    s.task.clear();
                     self.free.push(slot);
                     self.live -= 1;
                 }

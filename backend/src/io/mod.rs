@@ -7,3 +7,4 @@ pub mod executor;
 pub mod iovec;
 pub mod reactor;
 pub mod serialise;
+mod task_cell;

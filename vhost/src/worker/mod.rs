@@ -499,7 +499,7 @@ impl Worker {
         match outcome {
             Outcome::Request(parsed) => {
                 self.exec
-                    .spawn(request_task(ctx.clone(), held.clone(), parsed, origin));
+                    .spawn_with(|| request_task(ctx.clone(), held.clone(), parsed, origin));
             }
             Outcome::Refused(status, why, kind) => {
                 ctx.log_failure(&format!("queue {queue}: refused request"), &why);
