@@ -7,7 +7,6 @@
 //! not counted.
 
 use strata_backend::accounting::IoKind;
-use strata_backend::io::iovec;
 
 use crate::request::{Op, Refusal, RequestType};
 
@@ -16,8 +15,8 @@ use crate::request::{Op, Refusal, RequestType};
 pub(crate) fn counted_as(op: &Op) -> Option<(IoKind, u64)> {
     let segments = |segs: &[crate::request::Segment]| segs.iter().map(|s| s.len).sum();
     match op {
-        Op::Read { iov, .. } => Some((IoKind::Read, iovec::total_len(iov))),
-        Op::Write { iov, .. } => Some((IoKind::Write, iovec::total_len(iov))),
+        Op::Read { len, .. } => Some((IoKind::Read, *len)),
+        Op::Write { len, .. } => Some((IoKind::Write, *len)),
         Op::Flush => Some((IoKind::Flush, 0)),
         Op::GetId { .. } => None,
         Op::Discard(segs) => Some((IoKind::Unmap, segments(segs))),

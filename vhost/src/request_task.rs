@@ -12,6 +12,7 @@ use strata_backend::io::iovec;
 use strata_backend::{BlockError, IoVec, Node};
 
 use crate::accounting::counted_as;
+use crate::device_config::DeviceConfig;
 use crate::request::{Op, Parsed, Segment, StatusByte, S_IOERR, S_OK};
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
@@ -117,12 +118,12 @@ async fn execute(ctx: Rc<TaskCtx>, op: Op) -> u8 {
     let cfg = &ctx.cfg;
     let node = &cfg.node;
     let (what, result): (&str, Result<(), BlockError>) = match &op {
-        Op::Read { offset, iov } => (
+        Op::Read { offset, len, iov } => (
             "read",
-            read_write(node, false, *offset, iov, cfg.max_iov, cfg.max_transfer).await,
+            read_write(node, false, *offset, iov, *len, cfg).await,
         ),
-        Op::Write { offset, iov } => {
-            let mut r = read_write(node, true, *offset, iov, cfg.max_iov, cfg.max_transfer).await;
+        Op::Write { offset, len, iov } => {
+            let mut r = read_write(node, true, *offset, iov, *len, cfg).await;
             if r.is_ok() && ctx.writethrough() {
                 // Boxed, like the other rare operations below: the request task is moved into
                 // its box when it starts, and inline states of these would make every task
@@ -180,17 +181,17 @@ async fn write_zeroes(node: &Node, segs: &[Segment], writethrough: bool) -> Resu
     Ok(())
 }
 
-/// Reads or writes `iov` at `offset`, splitting requests the node cannot take at once (more
-/// buffers than `max_iov`, more bytes than `max_transfer`).
+/// Reads or writes `iov` (`total` bytes) at `offset`, splitting requests the node cannot take
+/// at once (more buffers than `cfg.max_iov`, more bytes than `cfg.max_transfer`).
 async fn read_write(
     node: &Arc<Node>,
     write: bool,
     offset: u64,
     iov: &[IoVec<'_>],
-    max_iov: usize,
-    max_transfer: u64,
+    total: u64,
+    cfg: &DeviceConfig,
 ) -> Result<(), BlockError> {
-    let total = iovec::total_len(iov);
+    let (max_iov, max_transfer) = (cfg.max_iov, cfg.max_transfer);
     let fits_bytes = max_transfer == 0 || total <= max_transfer;
     if iov.len() <= max_iov && fits_bytes {
         return if write {

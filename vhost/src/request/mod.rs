@@ -33,10 +33,14 @@ pub(crate) struct Segment {
 pub(crate) enum Op {
     Read {
         offset: u64,
+        /// The bytes of `iov`, summed once by the parser.
+        len: u64,
         iov: Vec<IoVec<'static>>,
     },
     Write {
         offset: u64,
+        /// The bytes of `iov`, summed once by the parser.
+        len: u64,
         iov: Vec<IoVec<'static>>,
     },
     Flush,
@@ -53,8 +57,8 @@ impl std::fmt::Debug for Op {
             iov.iter().map(|v| (v.as_ptr() as usize, v.len())).collect()
         };
         match self {
-            Op::Read { offset, iov } => write!(f, "Read({offset}, {:?})", bufs(iov)),
-            Op::Write { offset, iov } => write!(f, "Write({offset}, {:?})", bufs(iov)),
+            Op::Read { offset, iov, .. } => write!(f, "Read({offset}, {:?})", bufs(iov)),
+            Op::Write { offset, iov, .. } => write!(f, "Write({offset}, {:?})", bufs(iov)),
             Op::Flush => write!(f, "Flush"),
             Op::GetId { iov } => write!(f, "GetId({:?})", bufs(iov)),
             Op::Discard(s) => write!(f, "Discard({s:?})"),

@@ -232,12 +232,12 @@ fn read_write(
     let len = len.ok_or(Refusal::DataOutsideMemory)?;
     let offset = check_range(cfg, sector, len)?;
     if write {
-        return Ok((Op::Write { offset, iov }, 0));
+        return Ok((Op::Write { offset, len, iov }, 0));
     }
     // len <= u32::MAX: a chain's descriptors are u32 and the sum was checked below the
     // capacity, but a chain may still be longer than 4 GiB in theory.
     let in_len = u32::try_from(len).map_err(|_| Refusal::TooLong)?;
-    Ok((Op::Read { offset, iov }, in_len))
+    Ok((Op::Read { offset, len, iov }, in_len))
 }
 
 /// A GET_ID request: the serial goes into the device-writable `data`.
@@ -713,7 +713,7 @@ mod tests {
         let g = Guest::new();
         let cfg = config();
         let p = request(g.simple(&cfg, VIRTIO_BLK_T_IN, 8, (DATA, 4096)));
-        let Op::Read { offset, iov } = &p.op else {
+        let Op::Read { offset, iov, .. } = &p.op else {
             panic!("{:?}", p.op);
         };
         assert_eq!(*offset, 8 * 512);
@@ -722,7 +722,7 @@ mod tests {
         status_at(&g, p.status, STATUS);
 
         let p = request(g.simple(&cfg, VIRTIO_BLK_T_OUT, 16, (DATA, 1024)));
-        let Op::Write { offset, iov } = &p.op else {
+        let Op::Write { offset, iov, .. } = &p.op else {
             panic!("{:?}", p.op);
         };
         assert_eq!(*offset, 16 * 512);
@@ -795,11 +795,15 @@ mod tests {
             chain.extend(pieces.iter().map(|&(addr, len)| (addr, len, dir)));
             chain.push((STATUS, 1, W));
             let p = request(g.request(&cfg, &chain));
-            let iov = match &p.op {
-                Op::Read { iov, .. } | Op::Write { iov, .. } => iov,
+            let (iov, len) = match &p.op {
+                Op::Read { iov, len, .. } | Op::Write { iov, len, .. } => (iov, *len),
                 other => panic!("{other:?}"),
             };
             assert_eq!(bufs(iov), expected);
+            assert_eq!(
+                len, 2560,
+                "the byte count the request is accounted and split by"
+            );
             let in_len = if dir == W { 2560 } else { 0 };
             assert_eq!(p.in_len, in_len);
         }
@@ -822,7 +826,7 @@ mod tests {
             (STATUS, 1, W),
         ];
         let p = request(g.request(&cfg, &chain));
-        let Op::Write { offset, iov } = &p.op else {
+        let Op::Write { offset, iov, .. } = &p.op else {
             panic!("{:?}", p.op);
         };
         assert_eq!(*offset, 24 * 512);
@@ -834,7 +838,7 @@ mod tests {
         // One descriptor whose header crosses from one region into the next.
         g.write(REGION - 8, &h);
         let p = request(g.request(&cfg, &[(REGION - 8, 16 + 512, R), (STATUS, 1, W)]));
-        let Op::Write { offset, iov } = &p.op else {
+        let Op::Write { offset, iov, .. } = &p.op else {
             panic!("{:?}", p.op);
         };
         assert_eq!(*offset, 24 * 512);
@@ -849,7 +853,7 @@ mod tests {
         g.chain(INDIRECT, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
         g.desc(TABLE, 5, INDIRECT, 48, INDIRECT_F, 0);
         let p = request(g.parse_head(&cfg, 5, true));
-        let Op::Read { offset, iov } = &p.op else {
+        let Op::Read { offset, iov, .. } = &p.op else {
             panic!("{:?}", p.op);
         };
         assert_eq!(*offset, 2 * 512);
