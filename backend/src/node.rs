@@ -349,8 +349,8 @@ impl Node {
             self.stats.zero_copy.add(1);
             return self.driver.read(offset, iov).await;
         }
-        // Boxed (here and on the other slow paths): a request's future is moved into its task
-        // box whole, so rare paths kept inline would make every request bigger to copy.
+        // Boxed (here and on the other slow paths): a request's task is as big as its future's
+        // largest state, so rare paths kept inline would make every request's task bigger.
         Box::pin(self.read_bounced(offset, iov, len)).await
     }
 
