@@ -9,6 +9,12 @@
 # root), served with driver=host_device (aio=io_uring, cache.direct=on) + raw: a block device
 # in RAM, stable and CPU-bound, so the daemons' own cost shows (the file rows ride on this
 # machine's virtio disk, whose speed swings); io_uring runs directly on the loop device.
+# qcow2-ram (only when asked): the qcow2 image above copied to /dev/shm behind a loop device,
+# served with driver=host_device + qcow2, so the format's own cost shows; same workloads and
+# checks as qcow2. qcow2-alloc (only when asked): an empty qcow2 (4 GiB virtual, 64k clusters)
+# on a RAM loop device, created anew (qemu-img create, after a discard that frees its memory)
+# before every daemon start, so each run writes into unallocated clusters: workloads
+# randwrite-4k-qd1, randwrite-4k-qd32 and randwrite-64k-qd32, qemu-img check after each run.
 # rbd (only when asked: --backends rbd; needs root and Ceph's packages): a single-node test
 # cluster of its own (scripts/ceph-test-cluster.sh in a fresh directory, on a free port from
 # 46799 up, stopped and removed at exit), a 1 GiB image written through once with
@@ -27,7 +33,8 @@
 #   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
-#            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram,rbd  --workloads W1,W2,...
+#            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram,qcow2-ram,qcow2-alloc,rbd
+#            --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
@@ -50,6 +57,7 @@ TARGETS="strata,qsd,io_uring"
 BACKENDS="file,null,qcow2"
 WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32,read-128k-qd8,write-128k-qd8,randread-4k-qd32-2q"
 QCOW2_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32"
+QALLOC_WORKLOADS="randwrite-4k-qd1,randwrite-4k-qd32,randwrite-64k-qd32"
 RBD_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32"
 WORKLOADS_SET=0
 STRATA="$ROOT/target/release/strata"
@@ -61,6 +69,10 @@ WAIT_IDLE=0
 QMP_POLL=0
 CLIENT_CPU=""
 IMAGE_SIZE=$((1024 * 1024 * 1024))
+# qcow2-alloc: the image's virtual size (large, so that most random writes of a run allocate)
+# and the RAM device under it (room for every cluster plus metadata).
+QALLOC_SIZE=$((4 * IMAGE_SIZE))
+QALLOC_DEV_SIZE=$((QALLOC_SIZE + IMAGE_SIZE / 2))
 
 die() {
     echo "bench: error: $*" >&2
@@ -107,11 +119,12 @@ fi
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
 [[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
 for b in ${BACKENDS//,/ }; do
-    [[ $b == file || $b == null || $b == qcow2 || $b == ram || $b == rbd ]] ||
-        die "unknown backend '$b' (file, null, qcow2, ram, rbd)"
+    [[ $b =~ ^(file|null|qcow2|ram|qcow2-ram|qcow2-alloc|rbd)$ ]] ||
+        die "unknown backend '$b' (file, null, qcow2, ram, qcow2-ram, qcow2-alloc, rbd)"
 done
 if ((WORKLOADS_SET)); then
     QCOW2_WORKLOADS=$WORKLOADS
+    QALLOC_WORKLOADS=$WORKLOADS
     RBD_WORKLOADS=$WORKLOADS
 fi
 if ((!SHORT)) && ((ROUNDS < 3)); then
@@ -216,18 +229,33 @@ if has_backend file; then
     fi
 fi
 
-# The RAM loop device: a 1 GiB file in /dev/shm behind a loop device, removed at exit.
+# RAM loop devices: files in /dev/shm behind loop devices, removed at exit (cleanup).
+RAM_DEVS=()
+RAM_FILES=()
+# Until the full cleanup below takes over: a failure in between leaves no device behind.
+trap 'for d in "${RAM_DEVS[@]}"; do losetup -d "$d"; done; rm -f "${RAM_FILES[@]}"' EXIT
+RAM_DEV=""
+ram_device() { # NAME SIZE CONTENT(zeroes|sparse|a file to copy) -> RAM_DEV: a new loop device
+    local file
+    ((EUID == 0)) || die "the $1 backend needs root (losetup)"
+    file=$(mktemp "/dev/shm/strata-bench-$1.XXXXXX") || die "cannot create a file in /dev/shm"
+    RAM_FILES+=("$file")
+    case $3 in
+    zeroes) # written once, so that reads touch real pages
+        dd if=/dev/zero of="$file" bs=4M count=$(($2 / 4194304)) status=none ||
+            die "cannot fill $file" ;;
+    sparse) ;;
+    *) cp "$3" "$file" || die "cannot copy $3 to $file" ;;
+    esac
+    truncate -s "$2" "$file" || die "cannot size $file"
+    RAM_DEV=$(losetup -f --show "$file") || die "losetup failed for $file"
+    RAM_DEVS+=("$RAM_DEV")
+    echo "bench: $1 backend: $RAM_DEV over $file" >&2
+}
 RAMDEV=""
-RAMFILE=""
 if has_backend ram; then
-    ((EUID == 0)) || die "the ram backend needs root (losetup)"
-    RAMFILE=$(mktemp /dev/shm/strata-bench-ram.XXXXXX)
-    truncate -s "$IMAGE_SIZE" "$RAMFILE" || die "cannot size $RAMFILE"
-    # Written once, so that reads touch real pages.
-    dd if=/dev/zero of="$RAMFILE" bs=4M count=$((IMAGE_SIZE / 4194304)) conv=notrunc status=none ||
-        die "cannot fill $RAMFILE"
-    RAMDEV=$(losetup -f --show "$RAMFILE") || die "losetup failed for $RAMFILE"
-    echo "bench: ram backend: $RAMDEV over $RAMFILE" >&2
+    ram_device ram "$IMAGE_SIZE" zeroes
+    RAMDEV=$RAM_DEV
 fi
 
 # The qcow2 image: converted with qemu-img from a raw source that strata-bench fills with its
@@ -238,7 +266,7 @@ fi
 QCOW2_SRC_ID="strata-bench source pattern v1, $IMAGE_SIZE bytes"
 QCOW2_ID="qcow2 from $QCOW2_SRC_ID, cluster_size=65536"
 QCOW2_ACTIVE=0
-if has_backend qcow2 && { has_target strata || has_target qsd; }; then
+if { has_backend qcow2 || has_backend qcow2-ram; } && { has_target strata || has_target qsd; }; then
     QEMU_IMG=$(command -v qemu-img) || die "qemu-img not found (scripts/install-deps.sh installs it)"
     [[ $QCOW2_IMG != *,* ]] || die "output path must not contain a comma: $QCOW2_IMG"
     if [[ ! -f $QCOW2_SRC || $(cat "$QCOW2_SRC.ok" 2>/dev/null) != "$QCOW2_SRC_ID" ]] ||
@@ -263,9 +291,35 @@ if has_backend qcow2 && { has_target strata || has_target qsd; }; then
         echo "$QCOW2_ID" >"$QCOW2_IMG.ok"
     fi
     # From here on the run writes to the image: it is clean again only if the run completes.
-    rm -f "$QCOW2_IMG.ok"
-    QCOW2_ACTIVE=1
+    if has_backend qcow2; then
+        rm -f "$QCOW2_IMG.ok"
+        QCOW2_ACTIVE=1
+    fi
 fi
+QCOW2_RAMDEV=""
+if has_backend qcow2-ram && { has_target strata || has_target qsd; }; then
+    size=$(stat -c %s "$QCOW2_IMG") || die "no $QCOW2_IMG"
+    ram_device qcow2-ram "$(((size + 511) / 512 * 512))" "$QCOW2_IMG"
+    QCOW2_RAMDEV=$RAM_DEV
+fi
+QALLOC_DEV=""
+if has_backend qcow2-alloc && { has_target strata || has_target qsd; }; then
+    QEMU_IMG=$(command -v qemu-img) || die "qemu-img not found (scripts/install-deps.sh installs it)"
+    command -v blkdiscard >/dev/null || die "blkdiscard not found (util-linux)"
+    # Sparse: only what the runs write takes memory, and the discard before each run frees it.
+    ram_device qcow2-alloc "$QALLOC_DEV_SIZE" sparse
+    QALLOC_DEV=$RAM_DEV
+fi
+# An empty qcow2 on the qcow2-alloc device, for the next daemon.
+fresh_qalloc() {
+    blkdiscard "$QALLOC_DEV" || die "blkdiscard $QALLOC_DEV failed"
+    "$QEMU_IMG" create -q -f qcow2 -o cluster_size=65536 "$QALLOC_DEV" "$QALLOC_SIZE" ||
+        die "qemu-img create on $QALLOC_DEV failed"
+}
+check_qalloc() {
+    "$QEMU_IMG" check -q -f qcow2 "$QALLOC_DEV" ||
+        die "qemu-img check found errors in the qcow2-alloc image after $*"
+}
 
 # Images just written must not be written back during the first measured rounds.
 sync
@@ -311,6 +365,13 @@ daemon_cmd() { # TARGET BACKEND NQ SOCK -> prints nothing, fills CMD
     qcow2)
         node=d0
         CMD+=(--blockdev "driver=file,node-name=f0,filename=$QCOW2_IMG,aio=io_uring,cache.direct=on"
+            --blockdev "driver=qcow2,node-name=d0,file=f0")
+        ;;
+    qcow2-ram | qcow2-alloc)
+        node=d0
+        local dev=$QCOW2_RAMDEV
+        [[ $backend == qcow2-ram ]] || dev=$QALLOC_DEV
+        CMD+=(--blockdev "driver=host_device,node-name=f0,filename=$dev,aio=io_uring,cache.direct=on"
             --blockdev "driver=qcow2,node-name=d0,file=f0")
         ;;
     rbd)
@@ -414,10 +475,11 @@ cleanup() {
     if [[ -n $CEPH_DIR ]]; then
         "$ROOT/scripts/ceph-test-cluster.sh" stop "$CEPH_DIR" || true
     fi
-    if [[ -n $RAMDEV ]]; then
-        losetup -d "$RAMDEV" 2>/dev/null || true
-    fi
-    [[ -z $RAMFILE ]] || rm -f "$RAMFILE"
+    local dev
+    for dev in "${RAM_DEVS[@]}"; do
+        losetup -d "$dev" 2>/dev/null || true
+    done
+    rm -f "${RAM_FILES[@]}"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -476,7 +538,8 @@ image_of() { # BACKEND -> the image io_uring runs on directly (file, ram)
 
 workloads_for() { # BACKEND -> its workloads, space-separated
     case $1 in
-    qcow2) echo "${QCOW2_WORKLOADS//,/ }" ;;
+    qcow2 | qcow2-ram) echo "${QCOW2_WORKLOADS//,/ }" ;;
+    qcow2-alloc) echo "${QALLOC_WORKLOADS//,/ }" ;;
     rbd) echo "${RBD_WORKLOADS//,/ }" ;;
     *) echo "${WORKLOADS//,/ }" ;;
     esac
@@ -520,13 +583,17 @@ for backend in ${BACKENDS//,/ }; do
                 --expect-size "$IMAGE_SIZE"
             continue
         fi
+        [[ $backend != qcow2-alloc ]] || fresh_qalloc
         start_daemon "$target" "$backend" 1
         if [[ $backend == file || $backend == ram ]]; then
             client verify --target "$target" --backend "$backend" --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --check-file "$(image_of "$backend")"
-        elif [[ $backend == qcow2 ]]; then
-            client verify --target "$target" --backend qcow2 --path "$SOCK" \
+        elif [[ $backend == qcow2 || $backend == qcow2-ram ]]; then
+            client verify --target "$target" --backend "$backend" --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC"
+        elif [[ $backend == qcow2-alloc ]]; then
+            client verify --target "$target" --backend "$backend" --path "$SOCK" \
+                --expect-size "$QALLOC_SIZE"
         elif [[ $backend == rbd ]]; then
             client verify --target "$target" --backend rbd --path "$SOCK" \
                 --expect-size "$IMAGE_SIZE"
@@ -552,7 +619,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                     --out "$RESULTS")
                 # qcow2: writes carry the data already at their offset (the image stays equal
                 # to its source).
-                if [[ $backend == qcow2 ]]; then
+                if [[ $backend == qcow2 || $backend == qcow2-ram ]]; then
                     common+=(--write-source)
                 fi
                 if [[ $backend == rbd ]]; then
@@ -561,10 +628,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 if [[ $target == io_uring ]]; then
                     client run "${common[@]}" --path "$(image_of "$backend")"
                 else
+                    [[ $backend != qcow2-alloc ]] || fresh_qalloc
                     start_daemon "$target" "$backend" "$nq"
                     start_poller
                     client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
                     stop_daemon
+                    [[ $backend != qcow2-alloc ]] || check_qalloc "$target $wl round $round"
                 fi
             done
         done
@@ -584,12 +653,22 @@ if ((QCOW2_ACTIVE)); then
     "$QEMU_IMG" check -q -f qcow2 "$QCOW2_IMG" || die "qemu-img check found errors in $QCOW2_IMG"
     echo "$QCOW2_ID" >"$QCOW2_IMG.ok"
 fi
+if [[ -n $QCOW2_RAMDEV ]]; then
+    for target in $(targets_for qcow2-ram); do
+        start_daemon "$target" qcow2-ram 1
+        client verify --target "$target" --backend qcow2-ram --path "$SOCK" \
+            --expect-size "$IMAGE_SIZE" --source "$QCOW2_SRC" --read-only
+        stop_daemon
+    done
+    "$QEMU_IMG" check -q -f qcow2 "$QCOW2_RAMDEV" || die "qemu-img check found errors in the qcow2-ram image"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Report.
 report_args=(--results "$RESULTS" --json "$OUT/summary-$STAMP.json" --markdown "$OUT/summary-$STAMP.md"
     --expect "file=strata,qsd,io_uring" --expect "null=strata,qsd" --expect "qcow2=strata,qsd"
-    --expect "ram=strata,qsd,io_uring" --expect "rbd=strata,qsd")
+    --expect "ram=strata,qsd,io_uring" --expect "qcow2-ram=strata,qsd"
+    --expect "qcow2-alloc=strata,qsd" --expect "rbd=strata,qsd")
 for m in "${MISSING[@]}"; do
     report_args+=(--missing "$m")
 done

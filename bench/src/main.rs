@@ -57,7 +57,7 @@ struct TargetArgs {
     /// libblkio driver; default: io-uring when the target is "io_uring", else vhost-user.
     #[arg(long, value_enum)]
     driver: Option<DriverArg>,
-    /// Backend label: file, null, qcow2, ram or rbd.
+    /// Backend label: file, null, qcow2, ram, qcow2-ram, qcow2-alloc or rbd.
     #[arg(long, default_value = "file")]
     backend: String,
 }

@@ -11,7 +11,15 @@ use crate::error::Result;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
-const BACKEND_ORDER: &[&str] = &["file", "ram", "null", "qcow2", "rbd"];
+const BACKEND_ORDER: &[&str] = &[
+    "file",
+    "ram",
+    "null",
+    "qcow2",
+    "qcow2-ram",
+    "qcow2-alloc",
+    "rbd",
+];
 /// The rbd workloads whose strata / QSD ratios the report gives (when rbd rows exist).
 const RBD_WORKLOADS: &[&str] = &[
     "randread-4k-qd1",
