@@ -100,14 +100,23 @@ impl Qcow2 {
         Ok((slice, in_table % self.slice_entries))
     }
 
-    /// Writes metadata back after changes, when the cache is getting full or many frees wait.
+    /// Writes metadata back after changes, when many frees wait or dirty slices fill the
+    /// cache of an image whose tables do not all fit in it. When they fit, nothing is ever
+    /// evicted, so dirty slices wait for the next flush, as in QEMU (writing back here would
+    /// cost flushes and table writes every few allocating writes).
     pub(super) async fn after_change(&self, meta: &mut Meta) -> Result<()> {
         if meta.pending_frees.len() >= FREE_BATCH {
             self.apply_frees(meta).await?;
-        } else if self.l2.dirty_count() * 2 > self.l2.capacity() {
+        } else if self.l2.dirty_count() * 2 > self.l2.capacity() && !self.l2_cache_holds_all() {
             self.write_back(meta).await?;
         }
         Ok(())
+    }
+
+    /// Whether the L2 cache has room for every slice of the image's L2 tables.
+    fn l2_cache_holds_all(&self) -> bool {
+        let clusters = self.size().div_ceil(self.cluster_size);
+        clusters.div_ceil(self.slice_entries) <= self.l2.capacity() as u64
     }
 
     /// Writes dirty metadata in crash-safe order; returns whether the file was flushed last.
