@@ -39,31 +39,82 @@ const ALLOWED_OPS: [u8; 7] = [
     opcode::Timeout::CODE,
 ];
 
-/// A ring, created disabled (so restrictions can be registered) when the kernel allows it;
-/// also whether it was.
-fn build_ring() -> Result<(IoUring, bool)> {
-    // Cooperative task running: a completion does not interrupt this thread with an IPI
-    // (costly in a VM, and a busy-polling worker is always running); the kernel sets
-    // IORING_SQ_TASKRUN instead, and the completion is posted at the thread's next system
-    // call, which `reap` makes when the flag is set. A sleeping thread is still woken.
-    // Kernels before 5.19 lack it, before 5.10 restrictions: fewer features then.
-    let attempts: [(bool, bool); 3] = [(true, true), (false, true), (false, false)];
-    let mut last = None;
-    for (coop, disabled) in attempts {
-        let mut builder = IoUring::builder();
-        if coop {
-            builder.setup_coop_taskrun().setup_taskrun_flag();
+/// How a ring is set up: the first that the kernel accepts, from [`RingSetup::BEST`] down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingSetup {
+    /// Single issuer with deferred task running (Linux 6.1+), restricted. Completions wait
+    /// on the ring until its thread enters the kernel with GETEVENTS, which
+    /// [`Reactor::reap`] does when IORING_SQ_TASKRUN says some wait; no task work interrupts
+    /// the thread, and the kernel skips the locking a shared ring needs. The eventfd still
+    /// fires for the first completion that waits, so a sleeping thread wakes.
+    DeferTaskrun,
+    /// Cooperative task running (5.19+), restricted: a completion does not interrupt the
+    /// thread with an IPI (costly in a VM, and a busy-polling worker is always running); it
+    /// is posted at the thread's next system call, which `reap` makes when the flag is set.
+    CoopTaskrun,
+    /// Restricted (5.10+): created disabled so that the operations can be limited.
+    Restricted,
+    /// None of the above.
+    Plain,
+}
+
+impl RingSetup {
+    /// The setup tried first.
+    pub const BEST: RingSetup = RingSetup::DeferTaskrun;
+
+    /// The next setup to try when the kernel refuses this one.
+    fn fallback(self) -> Option<RingSetup> {
+        match self {
+            RingSetup::DeferTaskrun => Some(RingSetup::CoopTaskrun),
+            RingSetup::CoopTaskrun => Some(RingSetup::Restricted),
+            RingSetup::Restricted => Some(RingSetup::Plain),
+            RingSetup::Plain => None,
         }
-        if disabled {
+    }
+
+    fn builder(self) -> io_uring::Builder {
+        let mut builder = IoUring::builder();
+        match self {
+            // The ring is used by the thread that creates it only (it is thread-local, and
+            // SINGLE_ISSUER binds it to the thread that enables it, the same one here).
+            RingSetup::DeferTaskrun => {
+                builder
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
+            }
+            RingSetup::CoopTaskrun => {
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            RingSetup::Restricted | RingSetup::Plain => {}
+        }
+        if self != RingSetup::Plain {
             builder.setup_r_disabled();
         }
-        match builder.build(RING_ENTRIES) {
-            Ok(ring) => return Ok((ring, disabled)),
+        builder
+    }
+}
+
+/// A ring with the first setup from `first` down that the kernel accepts (created disabled,
+/// so restrictions can be registered, unless [`RingSetup::Plain`]), and that setup.
+fn build_ring(first: RingSetup) -> Result<(IoUring, RingSetup)> {
+    let mut setup = Some(first);
+    let mut last = None;
+    while let Some(s) = setup {
+        match s.builder().build(RING_ENTRIES) {
+            Ok(ring) => return Ok((ring, s)),
             Err(e) => last = Some(e),
         }
+        setup = s.fallback();
     }
     let e = last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
     Err(BlockError::io(&e, "Could not create an io_uring"))
+}
+
+/// Whether completions wait in the kernel for an io_uring_enter with GETEVENTS.
+fn waiting_in_kernel(ring: &mut IoUring) -> bool {
+    let sq = ring.submission();
+    sq.taskrun() || sq.cq_overflow()
 }
 
 /// Limits a disabled ring to [`ALLOWED_OPS`] and enables it.
@@ -94,6 +145,7 @@ pub struct Reactor {
     ops: RefCell<Slab<OpState>>,
     queued: Cell<u32>,
     eventfd: OwnedFd,
+    setup: RingSetup,
 }
 
 thread_local! {
@@ -108,14 +160,23 @@ impl Reactor {
             if let Some(r) = cur.as_ref() {
                 return Ok(r.clone());
             }
-            let r = Rc::new(Reactor::new()?);
+            let r = Rc::new(Reactor::new(RingSetup::BEST)?);
             *cur = Some(r.clone());
             Ok(r)
         })
     }
 
-    fn new() -> Result<Self> {
-        let (ring, restrictable) = build_ring()?;
+    /// Makes a reactor whose ring has the first setup from `first` down that the kernel
+    /// accepts, and makes it the calling thread's (for tests of the older kernels' setups).
+    #[cfg(test)]
+    fn install(first: RingSetup) -> Result<Rc<Reactor>> {
+        let r = Rc::new(Reactor::new(first)?);
+        CURRENT.with(|cur| *cur.borrow_mut() = Some(r.clone()));
+        Ok(r)
+    }
+
+    fn new(first: RingSetup) -> Result<Self> {
+        let (ring, setup) = build_ring(first)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -126,7 +187,7 @@ impl Reactor {
         ring.submitter()
             .register_eventfd(fd)
             .map_err(|e| BlockError::io(&e, "Could not register the io_uring eventfd"))?;
-        if restrictable {
+        if setup != RingSetup::Plain {
             restrict(&ring)?;
         }
         Ok(Self {
@@ -134,7 +195,13 @@ impl Reactor {
             ops: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             queued: Cell::new(0),
             eventfd,
+            setup,
         })
+    }
+
+    /// How this thread's ring is set up.
+    pub fn setup(&self) -> RingSetup {
+        self.setup
     }
 
     /// The eventfd that becomes readable when completions arrive or a task is woken from
@@ -167,16 +234,29 @@ impl Reactor {
         {
             let mut ring = self.ring.borrow_mut();
             let mut ops = self.ops.borrow_mut();
-            if ring.submission().taskrun() {
-                // Completions wait as task work (cooperative task running): enter the kernel
-                // to have them posted. submit() adds GETEVENTS when the flag is set.
-                self.queued.set(0);
-                if let Err(e) = ring.submit() {
-                    log::error!("io_uring enter to run completion task work failed: {e}");
-                }
-            }
+            // Completions that wait as task work (IORING_SQ_TASKRUN), or that did not fit in
+            // the completion queue (IORING_SQ_CQ_OVERFLOW, kept by IORING_FEAT_NODROP), are
+            // posted by an io_uring_enter with GETEVENTS, which submit() makes when either
+            // flag is set. The eventfd does not fire again for them: with deferred task
+            // running, one enter posts a limited number and sets the flag again for the rest,
+            // so this enters again while the flag is set and the last enter posted some. The
+            // flag is a hint, not a count: the kernel sets it after queueing the work, so it
+            // can stay set with nothing left (the work ran in between), until work comes
+            // again; entering until it clears would spin forever then. (Work that posts
+            // nothing, such as a request the kernel re-issues, could end the loop early with
+            // some left; they are posted at this thread's next reap.)
+            let mut enter = waiting_in_kernel(&mut ring);
             loop {
+                if enter {
+                    self.queued.set(0);
+                    if let Err(e) = ring.submit() {
+                        log::error!("io_uring enter to post completions failed: {e}");
+                        enter = false;
+                    }
+                }
+                let mut posted = false;
                 for cqe in ring.completion() {
+                    posted = true;
                     let key = cqe.user_data() as usize;
                     if let Some(state) = ops.get_mut(key) {
                         if let OpState::Pending(waker) =
@@ -186,16 +266,7 @@ impl Reactor {
                         }
                     }
                 }
-                // Completions that did not fit in the completion queue wait in the kernel
-                // (IORING_FEAT_NODROP) until an io_uring_enter with GETEVENTS moves them in;
-                // submit() makes that call when the overflow flag is set. Without it, they would
-                // never arrive: the eventfd already fired for them.
-                if !ring.submission().cq_overflow() {
-                    break;
-                }
-                self.queued.set(0);
-                if let Err(e) = ring.submit() {
-                    log::error!("io_uring enter to flush overflowed completions failed: {e}");
+                if !enter || !posted || !waiting_in_kernel(&mut ring) {
                     break;
                 }
             }
@@ -361,27 +432,250 @@ pub fn check(res: i32, what: impl FnOnce() -> String) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::time::{Duration, Instant};
+
+    use io_uring::types;
+
     use super::*;
-    use crate::io::executor::block_on;
+    use crate::io::executor::{block_on, LocalExecutor};
+
+    /// Every setup, best first.
+    const SETUPS: [RingSetup; 4] = [
+        RingSetup::DeferTaskrun,
+        RingSetup::CoopTaskrun,
+        RingSetup::Restricted,
+        RingSetup::Plain,
+    ];
+
+    /// The running kernel's (major, minor) version.
+    fn kernel_version() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+        let mut parts = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    }
+
+    /// Runs `f` on a new thread whose reactor has `setup` (asserted where the kernel has it).
+    fn on_ring_with(setup: RingSetup, f: impl FnOnce(&Rc<Reactor>) + Send + 'static) {
+        std::thread::spawn(move || {
+            let reactor = Reactor::install(setup).expect("reactor");
+            if kernel_version() >= (6, 1) {
+                assert_eq!(reactor.setup(), setup, "this kernel has every setup");
+            }
+            f(&reactor);
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    /// A monotonic-clock time `after` from now, as io_uring takes it.
+    fn deadline(after: Duration) -> types::Timespec {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the local timespec.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        assert_eq!(r, 0);
+        let at = Duration::new(now.tv_sec as u64, now.tv_nsec as u32) + after;
+        types::Timespec::new()
+            .sec(at.as_secs())
+            .nsec(at.subsec_nanos())
+    }
 
     #[test]
     fn a_ring_refuses_operations_the_drivers_do_not_use() {
+        for setup in &SETUPS[..3] {
+            on_ring_with(*setup, |reactor| {
+                // SAFETY: a no-op and an fsync of a file reference no memory.
+                let nop = block_on(unsafe { reactor.op(opcode::Nop::new().build()) })
+                    .expect("executor")
+                    .expect("submitted");
+                assert_eq!(
+                    nop,
+                    -libc::EACCES,
+                    "a NOP is not among the allowed operations"
+                );
+                let file = tempfile::tempfile().expect("temp file");
+                let fd = types::Fd(file.as_raw_fd());
+                // SAFETY: as above; the file outlives the operation.
+                let fsync = block_on(unsafe { reactor.op(opcode::Fsync::new(fd).build()) })
+                    .expect("executor")
+                    .expect("submitted");
+                assert_eq!(fsync, 0, "an allowed operation still works");
+            });
+        }
+    }
+
+    #[test]
+    fn a_thread_gets_the_best_setup_its_kernel_has() {
         let reactor = Reactor::current().expect("reactor");
-        // SAFETY: a no-op and an fsync of stdin reference no memory.
-        let nop = block_on(unsafe { reactor.op(opcode::Nop::new().build()) })
-            .expect("executor")
-            .expect("submitted");
-        assert_eq!(
-            nop,
-            -libc::EACCES,
-            "a NOP is not among the allowed operations"
-        );
-        let file = tempfile::tempfile().expect("temp file");
-        let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(&file));
-        // SAFETY: as above; the file outlives the operation.
-        let fsync = block_on(unsafe { reactor.op(opcode::Fsync::new(fd).build()) })
-            .expect("executor")
-            .expect("submitted");
-        assert_eq!(fsync, 0, "an allowed operation still works");
+        let expected = match kernel_version() {
+            v if v >= (6, 1) => RingSetup::DeferTaskrun,
+            v if v >= (5, 19) => RingSetup::CoopTaskrun,
+            v if v >= (5, 10) => RingSetup::Restricted,
+            _ => RingSetup::Plain,
+        };
+        assert_eq!(reactor.setup(), expected);
+    }
+
+    /// A thread asleep on its eventfd wakes when an operation completes, and direct I/O on a
+    /// real file goes through, with every setup.
+    #[test]
+    fn every_setup_wakes_a_sleeping_thread_and_does_direct_io() {
+        for setup in SETUPS {
+            on_ring_with(setup, |reactor| {
+                let ts = types::Timespec::new().nsec(20_000_000);
+                let started = Instant::now();
+                // SAFETY: the timeout's timespec is a local that outlives the operation.
+                let res = block_on(unsafe { reactor.op(opcode::Timeout::new(&ts).build()) })
+                    .expect("executor")
+                    .expect("submitted");
+                assert_eq!(res, -libc::ETIME, "the timeout expired");
+                assert!(started.elapsed() >= Duration::from_millis(20));
+
+                let dir = tempfile::tempdir().expect("dir");
+                let path = dir.path().join("image");
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&path)
+                    .expect("O_DIRECT file");
+                let mut buf = crate::io::bounce::BounceBuffer::new(4096).expect("buffer");
+                buf.as_mut_slice().fill(0xa5);
+                let fd = types::Fd(file.as_raw_fd());
+                let write = opcode::Write::new(fd, buf.as_mut_slice().as_mut_ptr(), 4096)
+                    .offset(8192)
+                    .build();
+                // SAFETY: `buf` outlives the operation.
+                let res = block_on(unsafe { reactor.op(write) })
+                    .expect("executor")
+                    .expect("submitted");
+                assert_eq!(res, 4096, "the direct write went through");
+                let mut back = vec![0u8; 4096];
+                drop(file);
+                std::fs::File::open(&path)
+                    .and_then(|mut f| {
+                        f.seek(std::io::SeekFrom::Start(8192))?;
+                        f.read_exact(&mut back)
+                    })
+                    .expect("read back");
+                assert!(back.iter().all(|b| *b == 0xa5), "the data is in the file");
+            });
+        }
+    }
+
+    /// More completions than one io_uring_enter posts with deferred task running (it sets
+    /// IORING_SQ_TASKRUN again for the rest, with no new eventfd wake): one reap delivers
+    /// them all, so a worker that sleeps on its eventfd after a reap loses none.
+    #[test]
+    fn one_reap_delivers_every_completion_that_waits() {
+        const OPS: usize = 64;
+        for setup in SETUPS {
+            on_ring_with(setup, move |reactor| {
+                let mut exec = LocalExecutor::new().expect("executor");
+                // One deadline for all: they expire in the same timer interrupt.
+                let at = deadline(Duration::from_millis(30));
+                let done = Rc::new(Cell::new(0));
+                for _ in 0..OPS {
+                    let reactor = reactor.clone();
+                    let done = done.clone();
+                    exec.spawn(async move {
+                        let entry = opcode::Timeout::new(&at)
+                            .flags(types::TimeoutFlags::ABS)
+                            .build();
+                        // SAFETY: `at` is copied into this future, which outlives the operation.
+                        let res = unsafe { reactor.op(entry) }.await;
+                        assert_eq!(res.expect("submitted"), -libc::ETIME);
+                        done.set(done.get() + 1);
+                    });
+                }
+                exec.poll().expect("submitted");
+                std::thread::sleep(Duration::from_millis(60));
+                assert_eq!(
+                    reactor.reap(),
+                    OPS,
+                    "{setup:?}: every expired timeout, in one reap"
+                );
+                exec.poll().expect("tasks ran");
+                assert_eq!(done.get(), OPS);
+            });
+        }
+    }
+
+    /// The kernel's offset of the submission queue flags in the ring mapping, from a ring of
+    /// the test's own (the same for every ring of the kernel).
+    fn sq_flags_offset() -> usize {
+        /// `struct io_uring_params` (include/uapi/linux/io_uring.h): fields, then the
+        /// submission and completion queue offsets.
+        #[repr(C)]
+        struct Params {
+            fields: [u32; 10],
+            sq_off: [u32; 10],
+            cq_off: [u32; 10],
+        }
+        let mut p = Params {
+            fields: [0; 10],
+            sq_off: [0; 10],
+            cq_off: [0; 10],
+        };
+        // SAFETY: io_uring_setup writes into `p`, a live struct of the kernel's layout.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, &mut p as *mut Params) };
+        assert!(fd >= 0, "io_uring_setup");
+        // SAFETY: the descriptor is the fresh ring's, owned here only.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        // `flags` is the fifth offset: head, tail, ring_mask, ring_entries, flags.
+        p.sq_off[4] as usize
+    }
+
+    /// IORING_SQ_TASKRUN set with no task work behind it, as the kernel leaves it when the
+    /// thread ran the work between its queueing and the flag's setting: a reap still returns
+    /// (once spun forever, entering the kernel again and again), and the ring works after.
+    #[test]
+    fn a_stale_taskrun_flag_does_not_make_a_reap_spin() {
+        let offset = sq_flags_offset();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let reactor = Reactor::install(RingSetup::DeferTaskrun).expect("reactor");
+            let fd = reactor.ring.borrow().as_raw_fd();
+            let len = offset + 4;
+            // SAFETY: maps the ring's submission queue ring (offset 0), shared, as the
+            // library does; unmapped below.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(map, libc::MAP_FAILED, "map the ring");
+            // SAFETY: the flags word lies in the mapping, 4-byte aligned, and the kernel
+            // updates it atomically too.
+            let flags =
+                unsafe { &*(map.cast::<u8>().add(offset) as *const std::sync::atomic::AtomicU32) };
+            flags.fetch_or(1 << 1, std::sync::atomic::Ordering::SeqCst); // IORING_SQ_TASKRUN
+            assert_eq!(reactor.reap(), 0, "nothing completed");
+            // SAFETY: `map` is the mapping made above, no longer used.
+            unsafe { libc::munmap(map, len) };
+            let ts = types::Timespec::new().nsec(1_000_000);
+            // SAFETY: the timeout's timespec is a local that outlives the operation.
+            let res = block_on(unsafe { reactor.op(opcode::Timeout::new(&ts).build()) })
+                .expect("executor")
+                .expect("submitted");
+            let _ = tx.send(res);
+        });
+        let res = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reap returned and the ring still works");
+        assert_eq!(res, -libc::ETIME);
     }
 }
