@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use strata_backend::Options;
 
 /// Properties of QEMU's iothread that are accepted but have no effect here: strata's workers
-/// do not adapt their window (`poll-grow`, `poll-shrink`) and submit whole batches
-/// (`aio-max-batch`); it has no thread pool for blocking calls (`thread-pool-*`).
+/// adapt their window with QEMU's default factors (`poll-grow`, `poll-shrink`) and submit
+/// whole batches (`aio-max-batch`); it has no thread pool for blocking calls (`thread-pool-*`).
 const IGNORED: [&str; 5] = [
     "poll-grow",
     "poll-shrink",

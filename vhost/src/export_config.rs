@@ -52,8 +52,9 @@ pub struct BlkExportConfig {
     /// Start with the guest's write cache off (wce=0): every write is flushed before it
     /// completes. The guest may toggle it through the config space.
     pub writethrough: bool,
-    /// How long a worker keeps polling its virtqueues and io_uring completions after the last
-    /// request or completion before it sleeps until a kick (`poll-max-ns=`, 0: never poll).
+    /// The longest a worker keeps polling its virtqueues and io_uring completions after the
+    /// last request or completion before it sleeps until a kick (`poll-max-ns=`, 0: never
+    /// poll); the window adapts below it to how long the worker waits for work.
     /// While it polls, the guest need not kick and completions need no eventfd wake-up.
     pub poll_max_ns: u64,
     /// Permissions of the socket the export creates at a path (`socket-mode=`, a strata

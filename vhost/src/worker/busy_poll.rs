@@ -1,8 +1,7 @@
 //! Busy polling: after a burst, a worker watches its virtqueues and its io_uring completion
 //! queue for a while instead of sleeping on their eventfds.
 
-use std::time::{Duration, Instant};
-
+use strata_backend::accounting::clock;
 use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -12,7 +11,7 @@ use crate::device::Device;
 
 /// Longest a worker stays in one busy-poll stint before it goes back to its epoll loop (which
 /// must see exit and control events now and then even under constant load).
-const MAX_POLL_STINT: Duration = Duration::from_millis(2);
+const MAX_POLL_STINT_NS: u64 = 2_000_000;
 
 /// CPU pause instructions after an idle busy-poll round (tens of ns each).
 const IDLE_PAUSES: u32 = 16;
@@ -24,14 +23,34 @@ const CLOCK_EVERY: u32 = 8;
 const YIELD_EVERY: u32 = 32;
 
 impl Worker {
+    /// At a wake-up: adapts the poll window to how long the worker waited for this work.
+    pub(super) fn woke(&mut self) {
+        if self.poll.adapts() && self.last_work != 0 {
+            self.poll
+                .waited(clock::read().saturating_sub(self.last_work));
+        }
+    }
+
+    /// After an event: busy-polls for the current window (if open), then notes when the
+    /// worker last found work, for the next wake-up to measure from.
+    pub(super) fn poll_before_sleep(&mut self, dev: &Device, vrings: &[VringMutex]) {
+        if self.poll.ns() > 0 {
+            self.last_work = self.busy_poll(dev, vrings);
+        } else if self.poll.adapts() {
+            self.last_work = clock::read();
+        }
+    }
+
     /// Busy-polls the thread's virtqueues and its io_uring completion queue until nothing
-    /// happened for `poll_window` (or for at most MAX_POLL_STINT), then re-enables kicks.
+    /// happened for the current poll window (or for at most MAX_POLL_STINT_NS), then
+    /// re-enables kicks. Returns when the worker last found work (a [`clock::read`] reading),
+    /// from which the next wake-up measures how long it waited.
     ///
     /// While the worker polls, guest notifications stay off, so the driver does not kick,
     /// and completions are seen without the eventfd wake-up: at high queue depth requests
     /// flow in and out continuously instead of in kick-sized batches, and at low depth the
     /// two cross-CPU wake-ups per request (kick, io_uring completion) are gone.
-    pub(super) fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex]) {
+    fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex]) -> u64 {
         // Only the rings in use (a frontend may set up fewer than the 64 this thread could
         // serve); one that starts later is seen at its first kick, after this stint.
         self.active.clear();
@@ -40,12 +59,13 @@ impl Worker {
                 let state = vring.get_ref();
                 (state.is_enabled() && state.get_queue().ready()).then_some(slot)
             }));
+        let start = clock::read();
         if self.active.is_empty() {
-            return;
+            return start;
         }
-        let start = Instant::now();
+        let window = self.poll.ns();
         // When the current run of idle rounds began (None while there is work).
-        let mut idle_since: Option<Instant> = None;
+        let mut idle_since: Option<u64> = None;
         let mut rounds = 0u32;
         loop {
             let mut work = false;
@@ -82,8 +102,10 @@ impl Worker {
                 }
                 continue;
             }
-            let now = Instant::now();
-            if now - start >= MAX_POLL_STINT {
+            let now = clock::read();
+            if now.saturating_sub(start) >= MAX_POLL_STINT_NS {
+                // Still busy: the work goes on after the epoll loop's turn.
+                idle_since = Some(now);
                 break;
             }
             if work {
@@ -91,7 +113,7 @@ impl Worker {
                 continue;
             }
             let since = *idle_since.get_or_insert(now);
-            if now - since >= self.poll_window {
+            if now.saturating_sub(since) >= window {
                 break;
             }
             if rounds % YIELD_EVERY == 0 {
@@ -109,5 +131,6 @@ impl Worker {
         }
         self.submit();
         self.complete(dev, vrings);
+        idle_since.unwrap_or(start)
     }
 }

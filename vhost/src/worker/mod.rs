@@ -13,7 +13,6 @@ use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
-use std::time::Duration;
 
 use strata_backend::accounting::clock;
 use strata_backend::LocalExecutor;
@@ -33,6 +32,9 @@ use crate::split_ring::SplitRing;
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
 mod busy_poll;
+mod poll_window;
+
+use poll_window::PollWindow;
 
 thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
@@ -83,8 +85,11 @@ pub(crate) struct Worker {
     heads: Vec<u16>,
     /// The finished requests being published.
     spare: Vec<Done>,
-    /// Busy-poll window after the last activity (zero: sleep at once).
-    poll_window: Duration,
+    /// Busy-poll window after the last activity, adapted to how long the worker waits.
+    poll: PollWindow,
+    /// When the worker last found work (a [`clock::read`] reading; 0: not known), from which
+    /// the next event measures how long it waited for work.
+    last_work: u64,
     /// Slots of the rings a busy-poll stint watches.
     active: Vec<usize>,
     /// The memory table the requests started during this event hold (see [`HeldMem`]).
@@ -163,7 +168,8 @@ impl Worker {
             descs: Vec::new(),
             heads: Vec::new(),
             spare: Vec::new(),
-            poll_window: Duration::from_nanos(dev.cfg.poll_max_ns),
+            poll: PollWindow::new(dev.cfg.poll_max_ns),
+            last_work: 0,
             active: Vec::new(),
             held: None,
             backlog: Vec::new(),
@@ -180,6 +186,7 @@ impl Worker {
     pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
         // The thread slept since its last event: no cached clock reading holds.
         clock::invalidate();
+        self.woke();
         if u64::from(device_event) == dev.eventfd_token() {
             self.on_eventfd();
             if !self.paused.is_empty() && !dev.paused() {
@@ -195,9 +202,7 @@ impl Worker {
             self.submit();
         }
         self.complete(dev, vrings);
-        if self.poll_window > Duration::ZERO {
-            self.busy_poll(dev, vrings);
-        }
+        self.poll_before_sleep(dev, vrings);
         // Between events only requests in flight hold the memory table: update_memory
         // waits until nothing holds the one it replaced.
         self.held = None;
