@@ -25,18 +25,25 @@
 # randread QD32 on 2 queues; qcow2 runs randread-4k-qd1, randread-4k-qd32 and randwrite-4k-qd32
 # (all of --workloads when that is given). qcow2 writes write the data already there, so the
 # image keeps the content of its raw source (checked before and after the rounds).
+# Fixed rate (--rates 1000,10000,50000): 4k random reads issued at each rate (IOPS) at QD1 and
+# QD4 (--rate-qds), workloads named like randread-4k-qd1-r10k, on the file, null and ram
+# backends; the report adds a table of the daemons' CPU per second (% of one CPU, utime+stime
+# over the window) and p50/p99 latency, strata beside QSD. Without --workloads only the
+# fixed-rate workloads run.
 # Rounds alternate the targets per workload (A B C A B C ...); each daemon is started fresh for
 # each workload with num-queues matching it and stopped after. The report gives medians over
 # rounds as a table and as JSON (target/bench/ by default).
 #
 #   scripts/bench.sh                 full run: 3 rounds x 5 s per workload and target (~14 min)
-#   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly, data verify;
+#   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly (and one at a
+#                                    fixed rate), data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
 #            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram,qcow2-ram,qcow2-alloc,rbd
 #            --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
+#            --rates R1,R2,...  --rate-qds Q1,Q2,...   (fixed-rate load, see above)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
 #            --qmp-poll       give each daemon a QMP monitor and poll query-blockstats on it
 #                             every 100 ms while it is measured (scripts/qmp-poll.py, needs
@@ -60,6 +67,8 @@ QCOW2_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32"
 QALLOC_WORKLOADS="randwrite-4k-qd1,randwrite-4k-qd32,randwrite-64k-qd32"
 RBD_WORKLOADS="randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32"
 WORKLOADS_SET=0
+RATES=""
+RATE_QDS="1,4"
 STRATA="$ROOT/target/release/strata"
 QSD=/usr/bin/qemu-storage-daemon
 REQUIRE_STRATA=0
@@ -96,6 +105,8 @@ while [[ $# -gt 0 ]]; do
     --require-strata) REQUIRE_STRATA=1 ;;
     --no-build) BUILD=0 ;;
     --wait-idle) need_arg "$@"; WAIT_IDLE=$2; shift ;;
+    --rates) need_arg "$@"; RATES=$2; shift ;;
+    --rate-qds) need_arg "$@"; RATE_QDS=$2; shift ;;
     --qmp-poll) QMP_POLL=1 ;;
     --daemon-cpu) need_arg "$@"; DAEMON_CPU=$2; shift ;;
     --client-cpu) need_arg "$@"; CLIENT_CPU=$2; shift ;;
@@ -122,6 +133,22 @@ for b in ${BACKENDS//,/ }; do
     [[ $b =~ ^(file|null|qcow2|ram|qcow2-ram|qcow2-alloc|rbd)$ ]] ||
         die "unknown backend '$b' (file, null, qcow2, ram, qcow2-ram, qcow2-alloc, rbd)"
 done
+if [[ -n $RATES ]]; then
+    rated=()
+    for r in ${RATES//,/ }; do
+        [[ $r =~ ^[1-9][0-9]*$ ]] || die "--rates wants requests per second, got '$r'"
+        for qd in ${RATE_QDS//,/ }; do
+            [[ $qd =~ ^[1-9][0-9]*$ ]] || die "--rate-qds wants queue depths, got '$qd'"
+            rated+=("randread-4k-qd$qd-r$r")
+        done
+    done
+    rated=$(IFS=,; echo "${rated[*]}")
+    if ((WORKLOADS_SET)); then WORKLOADS=$WORKLOADS,$rated; else WORKLOADS=$rated; fi
+fi
+if ((SHORT)) && [[ -z $RATES ]]; then
+    # The smoke run takes the fixed-rate path too.
+    WORKLOADS=$WORKLOADS,randread-4k-qd4-r2000
+fi
 if ((WORKLOADS_SET)); then
     QCOW2_WORKLOADS=$WORKLOADS
     QALLOC_WORKLOADS=$WORKLOADS

@@ -14,6 +14,7 @@ mod data_pattern;
 mod device;
 mod error;
 mod procstat;
+mod rate_report;
 mod report;
 mod rng;
 mod run;
@@ -79,8 +80,9 @@ enum Cmd {
     Run {
         #[command(flatten)]
         t: TargetArgs,
-        /// Workloads, comma-separated or repeated: PATTERN-BS-qdN[-Mq], e.g.
-        /// randread-4k-qd32, write-128k-qd8, randread-4k-qd32-2q.
+        /// Workloads, comma-separated or repeated: PATTERN-BS-qdN[-Mq][-rIOPS], e.g.
+        /// randread-4k-qd32, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd1-r10k (a
+        /// fixed rate of 10000 requests per second, at most QD in flight).
         #[arg(long, value_delimiter = ',', required = true)]
         workload: Vec<String>,
         /// Measured seconds per workload.
@@ -257,6 +259,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     "daemon_comm": daemon_comm,
                     "daemon_cpu_s": r.daemon_cpu_s,
                     "daemon_cpu_s_per_io": dcpu_io,
+                    "daemon_cpu_per_s": r.daemon_cpu_s.map(|c| c / r.seconds),
+                    "rate": w.rate,
                     "osd_pid": osd_pid,
                     "osd_cpu_s": r.osd_cpu_s,
                     "osd_cpu_s_per_io": r.osd_cpu_s.map(|c| c / r.ios as f64),

@@ -8,6 +8,7 @@ use std::fs;
 use serde_json::{json, Map, Value};
 
 use crate::error::Result;
+use crate::rate_report;
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
@@ -39,6 +40,7 @@ const METRICS: &[&str] = &[
     "p999_us",
     "mean_us",
     "daemon_cpu_s_per_io",
+    "daemon_cpu_per_s",
     "client_cpu_s_per_io",
     "osd_cpu_s_per_io",
     "other_cpu_fraction",
@@ -95,6 +97,7 @@ pub fn report(opts: &Options) -> Result<()> {
         fs::read_to_string(opts.results).map_err(|e| format!("read {}: {e}", opts.results))?;
     let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
     let mut workload_order: Vec<String> = Vec::new();
+    let mut rated: Vec<(String, String)> = Vec::new();
     let mut pinning: Vec<String> = Vec::new();
     let mut durations: Vec<f64> = Vec::new();
     let mut other: Vec<f64> = Vec::new();
@@ -108,6 +111,11 @@ pub fn report(opts: &Options) -> Result<()> {
         let (backend, workload, target) = (s("backend"), s("workload"), s("target"));
         if !workload_order.contains(&workload) {
             workload_order.push(workload.clone());
+        }
+        if v.get("rate").is_some_and(|r| !r.is_null())
+            && !rated.iter().any(|(b, w)| *b == backend && *w == workload)
+        {
+            rated.push((backend.clone(), workload.clone()));
         }
         if let Some(p) = v.get("pinning").and_then(Value::as_str) {
             if !pinning.iter().any(|x| x == p) {
@@ -495,6 +503,18 @@ pub fn report(opts: &Options) -> Result<()> {
     md.push_str(&table);
     md.push('\n');
     md.push_str(&ratio_text);
+    rated.sort_by_key(|(b, w)| {
+        (
+            rank(BACKEND_ORDER, b),
+            b.clone(),
+            workload_order.iter().position(|x| x == w),
+        )
+    });
+    let (rate_text, rate_json) = rate_report::table(&rated, &get);
+    if !rate_text.is_empty() {
+        md.push('\n');
+        md.push_str(&rate_text);
+    }
     print!("{md}");
 
     if let Some(p) = opts.markdown_out {
@@ -520,6 +540,7 @@ pub fn report(opts: &Options) -> Result<()> {
             "missing": opts.missing.iter().map(|(t, r)| json!({"target": t, "reason": r})).collect::<Vec<_>>(),
             "rows": rows_json,
             "ratios": ratios_json,
+            "fixed_rate": rate_json,
         });
         let s = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         fs::write(p, s + "\n").map_err(|e| format!("write {p}: {e}"))?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkioq, Completion, ReqFlags};
+use blkio::{Blkioq, Completion, Errno, ReqFlags};
 
 use crate::data_pattern::fill_source;
 use crate::device::{completion_error, Device, Driver, IO_TIMEOUT};
@@ -236,9 +236,11 @@ struct WorkerStats {
     bytes: u64,
 }
 
-/// One client thread: keeps `w.queue_depth` requests in flight on `q`, each in its own slot
-/// of `buf`, until `t_end`, and records the requests that complete between `t_ramp` and
-/// `t_end`.
+/// One client thread: keeps `w.queue_depth` requests in flight on `q` (or, at a fixed rate,
+/// issues its share of the rate with at most that many in flight), each in its own slot of
+/// `buf`, until `t_end`, and records the requests that complete between `t_ramp` and `t_end`.
+/// Latency runs from a request's submission, not from when it was due: a target that cannot
+/// keep the rate shows it in the IOPS.
 #[allow(clippy::too_many_arguments)]
 fn worker(
     mut q: Blkioq,
@@ -288,27 +290,63 @@ fn worker(
     let mut submitted_at = vec![Instant::now(); qd];
     let mut completions: Vec<MaybeUninit<Completion>> = Vec::with_capacity(qd);
     completions.resize_with(qd, MaybeUninit::uninit);
-
-    let now = Instant::now();
-    for (slot, at) in submitted_at.iter_mut().enumerate() {
-        *at = now;
-        submit(&mut q, slot, next_offset());
+    // At a fixed rate: this queue's share of it, one request every `interval`, the next due
+    // at `due` (a request that finds no free slot goes as soon as one frees).
+    let interval = w
+        .rate
+        .map(|r| Duration::from_secs_f64(w.queues as f64 / r as f64));
+    if interval.is_some() {
+        // Sleeps between requests are short: the kernel's default timer slack (50 µs) would
+        // stretch each of them and lower the rate.
+        // SAFETY: PR_SET_TIMERSLACK takes an integer and touches no memory.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     }
-    let mut in_flight = qd;
+    let mut free: Vec<usize> = (0..qd).rev().collect();
+    let mut in_flight = 0;
     let mut error: Option<String> = None;
-    while in_flight > 0 {
-        let mut timeout = IO_TIMEOUT;
+    let mut now = Instant::now();
+    let mut due = now;
+    loop {
+        while now < t_end && error.is_none() {
+            if let Some(interval) = interval {
+                if now < due {
+                    break;
+                }
+                due += interval;
+            }
+            let Some(slot) = free.pop() else { break };
+            submitted_at[slot] = now;
+            submit(&mut q, slot, next_offset());
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            if now >= t_end || error.is_some() || interval.is_none() {
+                break;
+            }
+            sleep_until(due);
+            now = Instant::now();
+            continue;
+        }
+        // At a fixed rate with a free slot, wait for a completion only until the next request
+        // is due.
+        let wait = match interval {
+            Some(_) if !free.is_empty() && due < t_end => due.saturating_duration_since(now),
+            _ => IO_TIMEOUT,
+        };
+        let mut timeout = wait;
         let n = match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
             Ok(n) => n,
+            Err(e) if e.errno() == Errno::TIME && wait < IO_TIMEOUT => 0,
             Err(e) => return Err(format!("do_io: {e} ({} requests in flight)", in_flight)),
         };
-        let now = Instant::now();
+        now = Instant::now();
         let in_window = now >= t_ramp && now < t_end;
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first n entries.
             let c = unsafe { c.assume_init_ref() };
             let slot = c.user_data;
             in_flight -= 1;
+            free.push(slot);
             if c.ret != 0 {
                 error.get_or_insert_with(|| completion_error(c));
                 continue;
@@ -318,11 +356,6 @@ fn worker(
                 stats.lat_ns.push(ns.min(u32::MAX as u128) as u32);
                 stats.ios += 1;
                 stats.bytes += bs as u64;
-            }
-            if now < t_end && error.is_none() {
-                submitted_at[slot] = now;
-                submit(&mut q, slot, next_offset());
-                in_flight += 1;
             }
         }
     }

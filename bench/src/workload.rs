@@ -37,7 +37,8 @@ impl Pattern {
     }
 }
 
-/// A workload, named like `randread-4k-qd32` or `randread-4k-qd32-2q`.
+/// A workload, named like `randread-4k-qd32`, `randread-4k-qd32-2q` or, at a fixed rate,
+/// `randread-4k-qd4-r10k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// What the requests do and where they go.
@@ -48,18 +49,29 @@ pub struct Workload {
     pub queue_depth: usize,
     /// Queues, one client thread each.
     pub queues: usize,
+    /// Requests per second over all queues, issued at even intervals (each queue its share,
+    /// at most `queue_depth` in flight); None: as fast as the target completes them.
+    pub rate: Option<u64>,
 }
 
 impl Workload {
-    /// Parses a workload name: `PATTERN-BS-qdN[-Mq]`.
+    /// Parses a workload name: `PATTERN-BS-qdN[-Mq][-rIOPS]`.
     pub fn parse(s: &str) -> Result<Workload> {
         let err = || {
             format!(
-                "bad workload {s:?}: expected PATTERN-BS-qdN[-Mq], PATTERN one of \
-                 randread, randwrite, read, write (e.g. randread-4k-qd32-2q)"
+                "bad workload {s:?}: expected PATTERN-BS-qdN[-Mq][-rIOPS], PATTERN one of \
+                 randread, randwrite, read, write (e.g. randread-4k-qd32-2q, \
+                 randread-4k-qd1-r10k: 10000 requests per second)"
             )
         };
-        let parts: Vec<&str> = s.split('-').collect();
+        let mut parts: Vec<&str> = s.split('-').collect();
+        let rate = match parts.last().and_then(|p| p.strip_prefix('r')) {
+            Some(r) if parts.len() > 3 => {
+                parts.pop();
+                Some(parse_count(r).filter(|&n| n > 0).ok_or_else(err)?)
+            }
+            _ => None,
+        };
         if parts.len() < 3 || parts.len() > 4 {
             return Err(err());
         }
@@ -90,6 +102,7 @@ impl Workload {
             block_size,
             queue_depth,
             queues,
+            rate,
         })
     }
 }
@@ -107,7 +120,20 @@ impl fmt::Display for Workload {
         if self.queues != 1 {
             write!(f, "-{}q", self.queues)?;
         }
+        match self.rate {
+            Some(r) if r % 1000 == 0 => write!(f, "-r{}k", r / 1000)?,
+            Some(r) => write!(f, "-r{r}")?,
+            None => {}
+        }
         Ok(())
+    }
+}
+
+/// A count like `500`, `10k` or `10000`.
+fn parse_count(s: &str) -> Option<u64> {
+    match s.strip_suffix(['k', 'K']) {
+        Some(n) => n.parse::<u64>().ok()?.checked_mul(1000),
+        None => s.parse().ok(),
     }
 }
 
@@ -133,6 +159,9 @@ mod tests {
             "read-128k-qd8",
             "write-128k-qd8",
             "randread-4k-qd32-2q",
+            "randread-4k-qd1-r1k",
+            "randread-4k-qd4-r50k",
+            "randread-4k-qd4-2q-r1500",
         ] {
             assert_eq!(Workload::parse(s).unwrap().to_string(), s);
         }
@@ -143,5 +172,12 @@ mod tests {
         assert!(Workload::parse("randread-4k").is_err());
         assert!(Workload::parse("trim-4k-qd1").is_err());
         assert!(Workload::parse("randread-100-qd1").is_err());
+        let r = Workload::parse("randread-4k-qd4-r10000").unwrap();
+        assert_eq!((r.queue_depth, r.queues, r.rate), (4, 1, Some(10_000)));
+        assert_eq!(r.to_string(), "randread-4k-qd4-r10k");
+        assert_eq!(Workload::parse("randread-4k-qd1").unwrap().rate, None);
+        assert!(Workload::parse("randread-4k-qd1-r0").is_err());
+        assert!(Workload::parse("randread-4k-qd1-rfast").is_err());
+        assert!(Workload::parse("randread-4k-r10k").is_err());
     }
 }
