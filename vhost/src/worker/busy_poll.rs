@@ -34,15 +34,16 @@ impl Worker {
     /// After an event: busy-polls for the current window (if open), then notes when the
     /// worker last found work, for the next wake-up to measure from.
     pub(super) fn poll_before_sleep(&mut self, dev: &Device, vrings: &[VringMutex]) {
-        if self.poll.ns() > 0 {
-            self.last_work = self.busy_poll(dev, vrings);
+        let window = self.poll.next_poll();
+        if window > 0 {
+            self.last_work = self.busy_poll(dev, vrings, window);
         } else if self.poll.adapts() {
             self.last_work = clock::read();
         }
     }
 
     /// Busy-polls the thread's virtqueues and its io_uring completion queue until nothing
-    /// happened for the current poll window (or for at most MAX_POLL_STINT_NS), then
+    /// happened for `window` ns (or for at most MAX_POLL_STINT_NS), then
     /// re-enables kicks. Returns when the worker last found work (a [`clock::read`] reading),
     /// from which the next wake-up measures how long it waited.
     ///
@@ -50,7 +51,7 @@ impl Worker {
     /// and completions are seen without the eventfd wake-up: at high queue depth requests
     /// flow in and out continuously instead of in kick-sized batches, and at low depth the
     /// two cross-CPU wake-ups per request (kick, io_uring completion) are gone.
-    fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex]) -> u64 {
+    fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex], window: u64) -> u64 {
         // Only the rings in use (a frontend may set up fewer than the 64 this thread could
         // serve); one that starts later is seen at its first kick, after this stint.
         self.active.clear();
@@ -63,7 +64,6 @@ impl Worker {
         if self.active.is_empty() {
             return start;
         }
-        let window = self.poll.ns();
         // When the current run of idle rounds began (None while there is work).
         let mut idle_since: Option<u64> = None;
         let mut rounds = 0u32;
@@ -86,6 +86,9 @@ impl Worker {
                 Err(e) => log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id),
             }
             work |= self.complete(dev, vrings);
+            if work {
+                self.poll.caught();
+            }
             rounds = rounds.wrapping_add(1);
             if !work {
                 // Back off a little before looking again: each look at the rings pulls their

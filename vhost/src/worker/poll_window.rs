@@ -12,6 +12,12 @@
 //! - drops it to zero when the work came later than `poll-max-ns`: no poll the limit allows
 //!   would have caught it, so polling only cost CPU (QEMU's default `poll-shrink=0`).
 //!
+//! A wait measured at a wake-up includes the wake-up itself, which on a virtual machine can
+//! take longer than the whole bound: a closed window would then never see a wait short enough
+//! to reopen it, however fast the requests come. So while the window is closed, every
+//! [`PROBE_EVERY`]th sleep is preceded by a probe: one poll of the full bound, timed without a
+//! wake-up in it. If it catches work, polling pays and the window opens to the bound.
+//!
 //! `poll-max-ns` stays the upper bound, and 0 never polls.
 
 /// The first window once waits show that polling could pay: QEMU's, long enough to cover a
@@ -21,6 +27,10 @@ const START_NS: u64 = 4_000;
 /// Factor the window grows by per wake-up that came after it (QEMU's default `poll-grow`).
 const GROW: u64 = 2;
 
+/// Sleeps with the window closed between two probes: a probe that finds nothing costs at most
+/// the bound once per this many requests, a small share of what their wake-ups cost.
+const PROBE_EVERY: u32 = 16;
+
 /// The busy-poll window of one worker and its bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PollWindow {
@@ -28,23 +38,46 @@ pub(crate) struct PollWindow {
     ns: u64,
     /// The bound (`poll-max-ns`; 0: never poll).
     max_ns: u64,
+    /// Sleeps since the last probe while the window was closed.
+    closed_sleeps: u32,
 }
 
 impl PollWindow {
     /// A window bounded by `max_ns`. It starts closed, as QEMU's does: the first waits say
     /// whether polling pays.
     pub(crate) fn new(max_ns: u64) -> PollWindow {
-        PollWindow { ns: 0, max_ns }
-    }
-
-    /// The current window in nanoseconds (0: do not poll).
-    pub(crate) fn ns(&self) -> u64 {
-        self.ns
+        PollWindow {
+            ns: 0,
+            max_ns,
+            closed_sleeps: 0,
+        }
     }
 
     /// Whether the worker polls at all (`poll-max-ns` is not 0), so block times matter.
     pub(crate) fn adapts(&self) -> bool {
         self.max_ns > 0
+    }
+
+    /// How long the poll that is about to start may wait for work: the window, or, every
+    /// [`PROBE_EVERY`]th time the window is closed, the bound (a probe).
+    pub(crate) fn next_poll(&mut self) -> u64 {
+        if self.ns > 0 || self.max_ns == 0 {
+            return self.ns;
+        }
+        self.closed_sleeps += 1;
+        if self.closed_sleeps < PROBE_EVERY {
+            return 0;
+        }
+        self.closed_sleeps = 0;
+        self.max_ns
+    }
+
+    /// A poll started by [`Self::next_poll`] found work: if it was a probe, polling would have
+    /// caught that work, so the window opens to the bound.
+    pub(crate) fn caught(&mut self) {
+        if self.ns == 0 {
+            self.ns = self.max_ns;
+        }
     }
 
     /// Adjusts the window after the worker waited `block_ns` from its last work to the next.
@@ -71,23 +104,23 @@ mod tests {
     #[test]
     fn starts_closed_and_grows_while_waits_fit_under_the_bound() {
         let mut w = PollWindow::new(50_000);
-        assert_eq!(w.ns(), 0);
+        assert_eq!(w.ns, 0);
         w.waited(20_000);
-        assert_eq!(w.ns(), START_NS);
+        assert_eq!(w.ns, START_NS);
         w.waited(20_000);
-        assert_eq!(w.ns(), 2 * START_NS);
+        assert_eq!(w.ns, 2 * START_NS);
         w.waited(20_000);
-        assert_eq!(w.ns(), 4 * START_NS);
+        assert_eq!(w.ns, 4 * START_NS);
         w.waited(20_000);
-        assert_eq!(w.ns(), 8 * START_NS, "32 µs now covers a 20 µs wait");
+        assert_eq!(w.ns, 8 * START_NS, "32 µs now covers a 20 µs wait");
         w.waited(20_000);
         assert_eq!(
-            w.ns(),
+            w.ns,
             8 * START_NS,
             "a wait within the window changes nothing"
         );
         w.waited(1_000);
-        assert_eq!(w.ns(), 8 * START_NS, "nor does a short one");
+        assert_eq!(w.ns, 8 * START_NS, "nor does a short one");
     }
 
     #[test]
@@ -96,11 +129,10 @@ mod tests {
         for _ in 0..10 {
             w.waited(49_000);
         }
-        assert_eq!(w.ns(), 50_000);
+        assert_eq!(w.ns, 50_000);
         w.waited(50_000);
         assert_eq!(
-            w.ns(),
-            50_000,
+            w.ns, 50_000,
             "a wait of exactly the bound is within the window"
         );
     }
@@ -111,15 +143,14 @@ mod tests {
         for _ in 0..4 {
             w.waited(30_000);
         }
-        assert_eq!(w.ns(), 32_000);
+        assert_eq!(w.ns, 32_000);
         w.waited(50_001);
-        assert_eq!(w.ns(), 0, "no window the bound allows would have caught it");
+        assert_eq!(w.ns, 0, "no window the bound allows would have caught it");
         w.waited(1_000_000);
-        assert_eq!(w.ns(), 0, "and it stays closed while waits are long");
+        assert_eq!(w.ns, 0, "and it stays closed while waits are long");
         w.waited(10_000);
         assert_eq!(
-            w.ns(),
-            START_NS,
+            w.ns, START_NS,
             "it opens again when a wait fits under the bound"
         );
     }
@@ -130,15 +161,52 @@ mod tests {
         assert!(!w.adapts());
         for wait in [0, 1, 1_000, 4_000, 1_000_000] {
             w.waited(wait);
-            assert_eq!(w.ns(), 0, "after a wait of {wait} ns");
+            assert_eq!(w.ns, 0, "after a wait of {wait} ns");
         }
         assert!(PollWindow::new(1).adapts());
+    }
+
+    #[test]
+    fn a_closed_window_probes_every_so_often_and_opens_when_a_probe_catches_work() {
+        let mut w = PollWindow::new(50_000);
+        w.waited(1_000_000);
+        for round in 0..3 {
+            for i in 1..PROBE_EVERY {
+                assert_eq!(w.next_poll(), 0, "round {round}, sleep {i}: no poll");
+            }
+            assert_eq!(w.next_poll(), 50_000, "round {round}: a probe of the bound");
+            assert_eq!(w.ns, 0, "a probe that catches nothing leaves it closed");
+        }
+        for _ in 1..PROBE_EVERY {
+            w.next_poll();
+        }
+        assert_eq!(w.next_poll(), 50_000);
+        w.caught();
+        assert_eq!(w.ns, 50_000, "the probe caught work: open to the bound");
+        assert_eq!(w.next_poll(), 50_000, "and polls with it from now on");
+        w.caught();
+        assert_eq!(
+            w.ns, 50_000,
+            "work caught in an open window changes nothing"
+        );
+        w.waited(80_000);
+        assert_eq!(w.ns, 0, "a wait past the bound closes it again");
+    }
+
+    #[test]
+    fn a_zero_bound_never_probes() {
+        let mut w = PollWindow::new(0);
+        for _ in 0..3 * PROBE_EVERY {
+            assert_eq!(w.next_poll(), 0);
+        }
+        w.caught();
+        assert_eq!(w.ns, 0);
     }
 
     #[test]
     fn a_bound_below_the_start_caps_the_first_window() {
         let mut w = PollWindow::new(1_000);
         w.waited(500);
-        assert_eq!(w.ns(), 1_000);
+        assert_eq!(w.ns, 1_000);
     }
 }
