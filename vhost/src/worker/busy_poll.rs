@@ -80,15 +80,15 @@ impl Worker {
             }
             if work {
                 self.submit();
+                // A new request, not the completion of one this worker started (which a
+                // probe after each request would catch however far apart they come).
+                self.poll.caught();
             }
             match self.exec.poll_completions() {
                 Ok(n) => work |= n > 0,
                 Err(e) => log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id),
             }
             work |= self.complete(dev, vrings);
-            if work {
-                self.poll.caught();
-            }
             rounds = rounds.wrapping_add(1);
             if !work {
                 // Back off a little before looking again: each look at the rings pulls their

@@ -14,9 +14,12 @@
 //!
 //! A wait measured at a wake-up includes the wake-up itself, which on a virtual machine can
 //! take longer than the whole bound: a closed window would then never see a wait short enough
-//! to reopen it, however fast the requests come. So while the window is closed, every
-//! [`PROBE_EVERY`]th sleep is preceded by a probe: one poll of the full bound, timed without a
-//! wake-up in it. If it catches work, polling pays and the window opens to the bound.
+//! to reopen it, however fast the requests come. So while the window is closed, some sleeps are
+//! preceded by a probe: one poll of the full bound, timed without a wake-up in it. If it
+//! catches work, polling pays and the window opens to the bound. The first probe comes right
+//! after the window closes (one long gap in a fast stream costs one poll, as with a fixed
+//! window); each probe that finds nothing doubles the sleeps to the next, up to
+//! [`PROBE_EVERY`].
 //!
 //! `poll-max-ns` stays the upper bound, and 0 never polls.
 
@@ -27,8 +30,9 @@ const START_NS: u64 = 4_000;
 /// Factor the window grows by per wake-up that came after it (QEMU's default `poll-grow`).
 const GROW: u64 = 2;
 
-/// Sleeps with the window closed between two probes: a probe that finds nothing costs at most
-/// the bound once per this many requests, a small share of what their wake-ups cost.
+/// Most sleeps with the window closed between two probes: on a slow stream a probe that
+/// finds nothing costs at most the bound once per this many requests, a small share of what
+/// their wake-ups cost.
 const PROBE_EVERY: u32 = 16;
 
 /// The busy-poll window of one worker and its bound.
@@ -40,6 +44,8 @@ pub(crate) struct PollWindow {
     max_ns: u64,
     /// Sleeps since the last probe while the window was closed.
     closed_sleeps: u32,
+    /// Sleeps from one probe to the next (1 up to [`PROBE_EVERY`]).
+    probe_after: u32,
 }
 
 impl PollWindow {
@@ -50,6 +56,7 @@ impl PollWindow {
             ns: 0,
             max_ns,
             closed_sleeps: 0,
+            probe_after: 1,
         }
     }
 
@@ -65,15 +72,17 @@ impl PollWindow {
             return self.ns;
         }
         self.closed_sleeps += 1;
-        if self.closed_sleeps < PROBE_EVERY {
+        if self.closed_sleeps < self.probe_after {
             return 0;
         }
         self.closed_sleeps = 0;
+        // Doubled now; back to 1 when the window closes after being open.
+        self.probe_after = (self.probe_after * 2).min(PROBE_EVERY);
         self.max_ns
     }
 
-    /// A poll started by [`Self::next_poll`] found work: if it was a probe, polling would have
-    /// caught that work, so the window opens to the bound.
+    /// A poll started by [`Self::next_poll`] found a new request: if it was a probe, polling
+    /// would have caught it, so the window opens to the bound.
     pub(crate) fn caught(&mut self) {
         if self.ns == 0 {
             self.ns = self.max_ns;
@@ -85,6 +94,13 @@ impl PollWindow {
         if block_ns <= self.ns {
             // Polling caught the work: the window is long enough.
         } else if block_ns > self.max_ns {
+            if self.ns == self.max_ns {
+                // A stream that filled the whole bound: probe again at once. (Not after a
+                // window grown from short waits, such as a completion's, which would probe
+                // after every request of a slow stream.)
+                self.closed_sleeps = 0;
+                self.probe_after = 1;
+            }
             self.ns = 0;
         } else {
             let grown = if self.ns == 0 {
@@ -167,14 +183,18 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_window_probes_every_so_often_and_opens_when_a_probe_catches_work() {
+    fn a_closed_window_probes_ever_less_often_and_opens_when_a_probe_catches_work() {
         let mut w = PollWindow::new(50_000);
-        w.waited(1_000_000);
-        for round in 0..3 {
-            for i in 1..PROBE_EVERY {
-                assert_eq!(w.next_poll(), 0, "round {round}, sleep {i}: no poll");
+        // Sleeps before each probe while probes find nothing: 1, 2, 4, 8, 16, 16, ...
+        for gap in [1, 2, 4, 8, PROBE_EVERY, PROBE_EVERY] {
+            for i in 1..gap {
+                assert_eq!(w.next_poll(), 0, "sleep {i} of {gap}: no poll");
             }
-            assert_eq!(w.next_poll(), 50_000, "round {round}: a probe of the bound");
+            assert_eq!(
+                w.next_poll(),
+                50_000,
+                "after {gap} sleeps: a probe of the bound"
+            );
             assert_eq!(w.ns, 0, "a probe that catches nothing leaves it closed");
         }
         for _ in 1..PROBE_EVERY {
@@ -191,6 +211,19 @@ mod tests {
         );
         w.waited(80_000);
         assert_eq!(w.ns, 0, "a wait past the bound closes it again");
+        assert_eq!(w.next_poll(), 50_000, "and the next sleep probes at once");
+        assert_eq!(w.next_poll(), 0, "then after 2 sleeps");
+        assert_eq!(w.next_poll(), 50_000);
+        // A window grown from short waits that closes keeps the probes spaced out.
+        let mut w = PollWindow::new(50_000);
+        for _ in 0..5 {
+            w.next_poll();
+        }
+        w.waited(10_000);
+        assert_eq!(w.ns, START_NS);
+        w.waited(80_000);
+        assert_eq!(w.ns, 0);
+        assert_eq!(w.next_poll(), 0, "no probe at once");
     }
 
     #[test]
