@@ -42,12 +42,6 @@ const ALLOWED_OPS: [u8; 7] = [
 /// How a ring is set up: the first that the kernel accepts, from [`RingSetup::BEST`] down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingSetup {
-    /// Single issuer with deferred task running (Linux 6.1+), restricted. Completions wait
-    /// on the ring until its thread enters the kernel with GETEVENTS, which
-    /// [`Reactor::reap`] does when IORING_SQ_TASKRUN says some wait; no task work interrupts
-    /// the thread, and the kernel skips the locking a shared ring needs. The eventfd still
-    /// fires for the first completion that waits, so a sleeping thread wakes.
-    DeferTaskrun,
     /// Cooperative task running (5.19+), restricted: a completion does not interrupt the
     /// thread with an IPI (costly in a VM, and a busy-polling worker is always running); it
     /// is posted at the thread's next system call, which `reap` makes when the flag is set.
@@ -60,12 +54,11 @@ pub enum RingSetup {
 
 impl RingSetup {
     /// The setup tried first.
-    pub const BEST: RingSetup = RingSetup::DeferTaskrun;
+    pub const BEST: RingSetup = RingSetup::CoopTaskrun;
 
     /// The next setup to try when the kernel refuses this one.
     fn fallback(self) -> Option<RingSetup> {
         match self {
-            RingSetup::DeferTaskrun => Some(RingSetup::CoopTaskrun),
             RingSetup::CoopTaskrun => Some(RingSetup::Restricted),
             RingSetup::Restricted => Some(RingSetup::Plain),
             RingSetup::Plain => None,
@@ -75,14 +68,6 @@ impl RingSetup {
     fn builder(self) -> io_uring::Builder {
         let mut builder = IoUring::builder();
         match self {
-            // The ring is used by the thread that creates it only (it is thread-local, and
-            // SINGLE_ISSUER binds it to the thread that enables it, the same one here).
-            RingSetup::DeferTaskrun => {
-                builder
-                    .setup_single_issuer()
-                    .setup_defer_taskrun()
-                    .setup_taskrun_flag();
-            }
             RingSetup::CoopTaskrun => {
                 builder.setup_coop_taskrun().setup_taskrun_flag();
             }
@@ -237,8 +222,8 @@ impl Reactor {
             // Completions that wait as task work (IORING_SQ_TASKRUN), or that did not fit in
             // the completion queue (IORING_SQ_CQ_OVERFLOW, kept by IORING_FEAT_NODROP), are
             // posted by an io_uring_enter with GETEVENTS, which submit() makes when either
-            // flag is set. The eventfd does not fire again for them: with deferred task
-            // running, one enter posts a limited number and sets the flag again for the rest,
+            // flag is set. One enter may post only part of the waiting work (the kernel runs
+            // it in batches) and set the flag again for the rest, without a new eventfd wake,
             // so this enters again while the flag is set and the last enter posted some. The
             // flag is a hint, not a count: the kernel sets it after queueing the work, so it
             // can stay set with nothing left (the work ran in between), until work comes
@@ -442,8 +427,7 @@ mod tests {
     use crate::io::executor::{block_on, LocalExecutor};
 
     /// Every setup, best first.
-    const SETUPS: [RingSetup; 4] = [
-        RingSetup::DeferTaskrun,
+    const SETUPS: [RingSetup; 3] = [
         RingSetup::CoopTaskrun,
         RingSetup::Restricted,
         RingSetup::Plain,
@@ -489,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_ring_refuses_operations_the_drivers_do_not_use() {
-        for setup in &SETUPS[..3] {
+        for setup in &SETUPS[..2] {
             on_ring_with(*setup, |reactor| {
                 // SAFETY: a no-op and an fsync of a file reference no memory.
                 let nop = block_on(unsafe { reactor.op(opcode::Nop::new().build()) })
@@ -515,7 +499,6 @@ mod tests {
     fn a_thread_gets_the_best_setup_its_kernel_has() {
         let reactor = Reactor::current().expect("reactor");
         let expected = match kernel_version() {
-            v if v >= (6, 1) => RingSetup::DeferTaskrun,
             v if v >= (5, 19) => RingSetup::CoopTaskrun,
             v if v >= (5, 10) => RingSetup::Restricted,
             _ => RingSetup::Plain,
@@ -571,9 +554,9 @@ mod tests {
         }
     }
 
-    /// More completions than one io_uring_enter posts with deferred task running (it sets
-    /// IORING_SQ_TASKRUN again for the rest, with no new eventfd wake): one reap delivers
-    /// them all, so a worker that sleeps on its eventfd after a reap loses none.
+    /// More completions than one io_uring_enter may post (the kernel sets IORING_SQ_TASKRUN
+    /// again for the rest, with no new eventfd wake): one reap delivers them all, so a
+    /// worker that sleeps on its eventfd after a reap loses none.
     #[test]
     fn one_reap_delivers_every_completion_that_waits() {
         const OPS: usize = 64;
@@ -642,7 +625,7 @@ mod tests {
         let offset = sq_flags_offset();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let reactor = Reactor::install(RingSetup::DeferTaskrun).expect("reactor");
+            let reactor = Reactor::install(RingSetup::CoopTaskrun).expect("reactor");
             let fd = reactor.ring.borrow().as_raw_fd();
             let len = offset + 4;
             // SAFETY: maps the ring's submission queue ring (offset 0), shared, as the
