@@ -227,3 +227,51 @@ fn a_reopen_takes_and_gives_up_the_write_locks() {
         "a reader is refused again: {e}"
     );
 }
+
+/// Image locks held on `path`'s inode, as /proc/locks lists them.
+fn locks_on(path: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).expect("stat image").ino();
+    let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
+    let needle = format!(":{ino} ");
+    locks.lines().filter(|l| l.contains(&needle)).count()
+}
+
+/// A node that did I/O on a thread and was closed gives its image locks up at once, so the
+/// image can be opened again (by strata, QSD or qemu-img) right away. With deferred task
+/// running on such a thread, the kernel kept the finished read's file referenced until the
+/// thread's next io_uring enter (for ever, on a thread that did no more I/O), and the locks
+/// with it.
+#[test]
+fn a_closed_node_gives_up_its_locks_at_once() {
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut kept = 0;
+                for _ in 0..300 {
+                    // Buffered, so that some of the opening's reads (format probing) go to
+                    // io_uring's workers.
+                    let img = image(12288, 10);
+                    let p = path_str(&img);
+                    drop(open(
+                        &Graph::new(),
+                        &format!("driver=raw,file.filename={p}"),
+                    ));
+                    // The last reference to the file may be a request that io_uring's
+                    // worker drops just after the close; it goes at the thread's next
+                    // system call.
+                    let closed = Instant::now();
+                    while locks_on(p) > 0 && closed.elapsed() < Duration::from_millis(200) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if locks_on(p) > 0 {
+                        kept += 1;
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let kept: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    assert_eq!(kept, 0, "closed nodes whose image stayed locked, of 600");
+}

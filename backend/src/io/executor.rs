@@ -97,8 +97,17 @@ pub struct LocalExecutor<'a> {
 impl<'a> LocalExecutor<'a> {
     /// An executor bound to the calling thread's reactor.
     pub fn new() -> Result<Self> {
-        let reactor = Reactor::current()?;
-        Ok(Self {
+        Ok(Self::with_reactor(Reactor::current()?))
+    }
+
+    /// An executor for a thread that runs an event loop on the reactor's eventfd
+    /// ([`Reactor::current_in_event_loop`]).
+    pub fn in_event_loop() -> Result<Self> {
+        Ok(Self::with_reactor(Reactor::current_in_event_loop()?))
+    }
+
+    fn with_reactor(reactor: Rc<Reactor>) -> Self {
+        Self {
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -111,7 +120,7 @@ impl<'a> LocalExecutor<'a> {
                 eventfd: reactor.eventfd(),
             }),
             reactor,
-        })
+        }
     }
 
     /// The thread's reactor.

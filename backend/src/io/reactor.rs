@@ -39,9 +39,24 @@ const ALLOWED_OPS: [u8; 7] = [
     opcode::Timeout::CODE,
 ];
 
-/// How a ring is set up: the first that the kernel accepts, from [`RingSetup::BEST`] down.
+/// How a ring is set up: the first that the kernel accepts, from [`RingSetup::EVENT_LOOP`] or
+/// [`RingSetup::OTHER`] down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingSetup {
+    /// Single issuer with deferred task running (Linux 6.1+), restricted. Completions wait
+    /// on the ring until its thread enters the kernel with GETEVENTS, which
+    /// [`Reactor::reap`] does when IORING_SQ_TASKRUN says some wait; no task work interrupts
+    /// the thread, and the kernel skips the locking a shared ring needs. The eventfd fires
+    /// for the first work that waits and for posted completions, so a sleeping thread
+    /// wakes; for work an enter leaves behind, the reactor fires it itself
+    /// (`wake_self_if_work_is_left`).
+    ///
+    /// Only for a thread whose event loop reaps whenever the eventfd fires
+    /// ([`Reactor::current_in_event_loop`]): the kernel also frees finished requests as
+    /// deferred work, so a request's file (and the image locks its open file description
+    /// holds) stays referenced until the thread next enters the ring. A thread that ran a
+    /// `block_on` and went on to other things would keep a closed image locked.
+    DeferTaskrun,
     /// Cooperative task running (5.19+), restricted: a completion does not interrupt the
     /// thread with an IPI (costly in a VM, and a busy-polling worker is always running); it
     /// is posted at the thread's next system call, which `reap` makes when the flag is set.
@@ -53,12 +68,16 @@ pub enum RingSetup {
 }
 
 impl RingSetup {
-    /// The setup tried first.
-    pub const BEST: RingSetup = RingSetup::CoopTaskrun;
+    /// The setup tried first for a thread that runs an event loop on the eventfd.
+    pub const EVENT_LOOP: RingSetup = RingSetup::DeferTaskrun;
+
+    /// The setup tried first for any other thread.
+    pub const OTHER: RingSetup = RingSetup::CoopTaskrun;
 
     /// The next setup to try when the kernel refuses this one.
     fn fallback(self) -> Option<RingSetup> {
         match self {
+            RingSetup::DeferTaskrun => Some(RingSetup::CoopTaskrun),
             RingSetup::CoopTaskrun => Some(RingSetup::Restricted),
             RingSetup::Restricted => Some(RingSetup::Plain),
             RingSetup::Plain => None,
@@ -68,6 +87,14 @@ impl RingSetup {
     fn builder(self) -> io_uring::Builder {
         let mut builder = IoUring::builder();
         match self {
+            // The ring is used by the thread that creates it only (it is thread-local, and
+            // SINGLE_ISSUER binds it to the thread that enables it, the same one here).
+            RingSetup::DeferTaskrun => {
+                builder
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
+            }
             RingSetup::CoopTaskrun => {
                 builder.setup_coop_taskrun().setup_taskrun_flag();
             }
@@ -102,10 +129,36 @@ fn waiting_in_kernel(ring: &mut IoUring) -> bool {
     sq.taskrun() || sq.cq_overflow()
 }
 
-/// Limits a disabled ring to [`ALLOWED_OPS`] and enables it.
-fn restrict(ring: &IoUring) -> Result<()> {
+/// Whether the ring reports completions or task work waiting for its thread: poll(2) on the
+/// ring's descriptor, which the kernel answers from its own lists, so it is exact where
+/// IORING_SQ_TASKRUN is only a hint (the flag can stay set with nothing behind it).
+fn ring_has_work(ring: &IoUring) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: pfd is a valid pollfd for the duration of the call; timeout 0 never blocks.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if r >= 0 {
+            return r > 0 && pfd.revents & libc::POLLIN != 0;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // Unknown: answer yes, which costs a wake-up, rather than risk a lost one.
+            return true;
+        }
+    }
+}
+
+/// Limits a disabled ring to [`ALLOWED_OPS`] without submission flags, except
+/// `allowed_sqe_flags` (none outside tests), and enables it.
+fn restrict(ring: &IoUring, allowed_sqe_flags: u8) -> Result<()> {
     let submitter = ring.submitter();
-    let mut allowed = ALLOWED_OPS.map(Restriction::sqe_op);
+    let mut allowed: Vec<Restriction> = ALLOWED_OPS.map(Restriction::sqe_op).into();
+    if allowed_sqe_flags != 0 {
+        allowed.push(Restriction::sqe_flags_allowed(allowed_sqe_flags));
+    }
     if let Err(e) = submitter.register_restrictions(&mut allowed) {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
@@ -140,12 +193,23 @@ thread_local! {
 impl Reactor {
     /// The calling thread's reactor, created on first use.
     pub fn current() -> Result<Rc<Reactor>> {
+        Self::current_or_new(RingSetup::OTHER)
+    }
+
+    /// The calling thread's reactor, created on first use with the setup for a thread whose
+    /// event loop watches the eventfd and reaps whenever it fires, as long as the thread
+    /// lives ([`RingSetup::EVENT_LOOP`]). A reactor the thread already has is kept.
+    pub fn current_in_event_loop() -> Result<Rc<Reactor>> {
+        Self::current_or_new(RingSetup::EVENT_LOOP)
+    }
+
+    fn current_or_new(first: RingSetup) -> Result<Rc<Reactor>> {
         CURRENT.with(|cur| {
             let mut cur = cur.borrow_mut();
             if let Some(r) = cur.as_ref() {
                 return Ok(r.clone());
             }
-            let r = Rc::new(Reactor::new(RingSetup::BEST)?);
+            let r = Rc::new(Reactor::new(first, 0)?);
             *cur = Some(r.clone());
             Ok(r)
         })
@@ -155,12 +219,18 @@ impl Reactor {
     /// accepts, and makes it the calling thread's (for tests of the older kernels' setups).
     #[cfg(test)]
     fn install(first: RingSetup) -> Result<Rc<Reactor>> {
-        let r = Rc::new(Reactor::new(first)?);
+        Self::install_with_sqe_flags(first, 0)
+    }
+
+    /// [`Self::install`], with a restricted ring that accepts `allowed_sqe_flags` too.
+    #[cfg(test)]
+    fn install_with_sqe_flags(first: RingSetup, allowed_sqe_flags: u8) -> Result<Rc<Reactor>> {
+        let r = Rc::new(Reactor::new(first, allowed_sqe_flags)?);
         CURRENT.with(|cur| *cur.borrow_mut() = Some(r.clone()));
         Ok(r)
     }
 
-    fn new(first: RingSetup) -> Result<Self> {
+    fn new(first: RingSetup, allowed_sqe_flags: u8) -> Result<Self> {
         let (ring, setup) = build_ring(first)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -173,7 +243,7 @@ impl Reactor {
             .register_eventfd(fd)
             .map_err(|e| BlockError::io(&e, "Could not register the io_uring eventfd"))?;
         if setup != RingSetup::Plain {
-            restrict(&ring)?;
+            restrict(&ring, allowed_sqe_flags)?;
         }
         Ok(Self {
             ring: RefCell::new(ring),
@@ -206,11 +276,33 @@ impl Reactor {
             return Ok(());
         }
         self.queued.set(0);
-        self.ring
-            .borrow()
-            .submit()
-            .map(|_| ())
-            .map_err(|e| BlockError::io(&e, "io_uring submit failed"))
+        let mut ring = self.ring.borrow_mut();
+        ring.submit()
+            .map_err(|e| BlockError::io(&e, "io_uring submit failed"))?;
+        self.wake_self_if_work_is_left(&mut ring);
+        Ok(())
+    }
+
+    /// After an enter that may have run deferred task work: makes the thread's next wait
+    /// return at once if the enter left some of that work waiting with no completion posted.
+    ///
+    /// With deferred task running the eventfd fires when work is queued on an empty list and
+    /// when completions are posted. One enter runs a limited batch of the work and leaves
+    /// the rest (IORING_SQ_TASKRUN set again); a batch of work that posts nothing (a request
+    /// the kernel re-issues) then leaves the rest with no wake-up to come, and a thread that
+    /// sleeps on its eventfd would never run it. Completions in the queue are not at risk:
+    /// posting them fired the eventfd, which is cleared only right before a reap.
+    fn wake_self_if_work_is_left(&self, ring: &mut IoUring) {
+        if waiting_in_kernel(ring) && ring.completion().is_empty() && ring_has_work(ring) {
+            self.signal_eventfd();
+        }
+    }
+
+    /// Makes the eventfd readable, as a completion or a cross-thread wake does.
+    fn signal_eventfd(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local u64 to our own eventfd.
+        let _ = unsafe { libc::write(self.eventfd(), (&one as *const u64).cast(), 8) };
     }
 
     /// Delivers completions to their operations and wakes their tasks. Returns how many.
@@ -222,14 +314,14 @@ impl Reactor {
             // Completions that wait as task work (IORING_SQ_TASKRUN), or that did not fit in
             // the completion queue (IORING_SQ_CQ_OVERFLOW, kept by IORING_FEAT_NODROP), are
             // posted by an io_uring_enter with GETEVENTS, which submit() makes when either
-            // flag is set. One enter may post only part of the waiting work (the kernel runs
-            // it in batches) and set the flag again for the rest, without a new eventfd wake,
+            // flag is set. The eventfd does not fire again for them: with deferred task
+            // running, one enter posts a limited number and sets the flag again for the rest,
             // so this enters again while the flag is set and the last enter posted some. The
             // flag is a hint, not a count: the kernel sets it after queueing the work, so it
             // can stay set with nothing left (the work ran in between), until work comes
             // again; entering until it clears would spin forever then. (Work that posts
             // nothing, such as a request the kernel re-issues, could end the loop early with
-            // some left; they are posted at this thread's next reap.)
+            // some left; `wake_self_if_work_is_left` makes sure the next reap comes.)
             let mut enter = waiting_in_kernel(&mut ring);
             loop {
                 if enter {
@@ -255,6 +347,7 @@ impl Reactor {
                     break;
                 }
             }
+            self.wake_self_if_work_is_left(&mut ring);
         }
         let n = wakers.len();
         if n > 0 {
@@ -427,7 +520,8 @@ mod tests {
     use crate::io::executor::{block_on, LocalExecutor};
 
     /// Every setup, best first.
-    const SETUPS: [RingSetup; 3] = [
+    const SETUPS: [RingSetup; 4] = [
+        RingSetup::DeferTaskrun,
         RingSetup::CoopTaskrun,
         RingSetup::Restricted,
         RingSetup::Plain,
@@ -473,7 +567,7 @@ mod tests {
 
     #[test]
     fn a_ring_refuses_operations_the_drivers_do_not_use() {
-        for setup in &SETUPS[..2] {
+        for setup in &SETUPS[..3] {
             on_ring_with(*setup, |reactor| {
                 // SAFETY: a no-op and an fsync of a file reference no memory.
                 let nop = block_on(unsafe { reactor.op(opcode::Nop::new().build()) })
@@ -497,13 +591,30 @@ mod tests {
 
     #[test]
     fn a_thread_gets_the_best_setup_its_kernel_has() {
-        let reactor = Reactor::current().expect("reactor");
+        let best = |in_event_loop: bool| {
+            std::thread::spawn(move || {
+                let reactor = match in_event_loop {
+                    true => Reactor::current_in_event_loop(),
+                    false => Reactor::current(),
+                };
+                reactor.expect("reactor").setup()
+            })
+            .join()
+            .expect("test thread")
+        };
+        let expected = match kernel_version() {
+            v if v >= (6, 1) => RingSetup::DeferTaskrun,
+            v if v >= (5, 19) => RingSetup::CoopTaskrun,
+            v if v >= (5, 10) => RingSetup::Restricted,
+            _ => RingSetup::Plain,
+        };
+        assert_eq!(best(true), expected, "an event loop's thread");
         let expected = match kernel_version() {
             v if v >= (5, 19) => RingSetup::CoopTaskrun,
             v if v >= (5, 10) => RingSetup::Restricted,
             _ => RingSetup::Plain,
         };
-        assert_eq!(reactor.setup(), expected);
+        assert_eq!(best(false), expected, "any other thread");
     }
 
     /// A thread asleep on its eventfd wakes when an operation completes, and direct I/O on a
@@ -554,9 +665,9 @@ mod tests {
         }
     }
 
-    /// More completions than one io_uring_enter may post (the kernel sets IORING_SQ_TASKRUN
-    /// again for the rest, with no new eventfd wake): one reap delivers them all, so a
-    /// worker that sleeps on its eventfd after a reap loses none.
+    /// More completions than one io_uring_enter posts with deferred task running (it sets
+    /// IORING_SQ_TASKRUN again for the rest, with no new eventfd wake): one reap delivers
+    /// them all, so a worker that sleeps on its eventfd after a reap loses none.
     #[test]
     fn one_reap_delivers_every_completion_that_waits() {
         const OPS: usize = 64;
@@ -592,6 +703,71 @@ mod tests {
         }
     }
 
+    /// Deferred task work that one enter leaves for later, after a batch of it that posted
+    /// no completion (here timeouts whose expiry counts as success with no completion asked
+    /// for; in service, requests the kernel re-issues): the eventfd still fires, so a worker
+    /// that sleeps on it after each reap runs all of it. (Before, the worker slept for ever.)
+    #[test]
+    fn work_left_after_a_batch_that_posted_nothing_wakes_the_thread() {
+        // More than the kernel runs per enter with deferred task running.
+        const SILENT: usize = 100;
+        std::thread::spawn(|| {
+            let skip = squeue::Flags::SKIP_SUCCESS.bits();
+            let reactor =
+                Reactor::install_with_sqe_flags(RingSetup::DeferTaskrun, skip).expect("reactor");
+            if reactor.setup() != RingSetup::DeferTaskrun {
+                assert!(
+                    kernel_version() < (6, 1),
+                    "this kernel has deferred task running"
+                );
+                return;
+            }
+            // One deadline: they expire in one timer interrupt, in the order queued, and
+            // their work runs in that order, the silent ones first.
+            let at = deadline(Duration::from_millis(30));
+            let silent = opcode::Timeout::new(&at)
+                .flags(types::TimeoutFlags::ABS | types::TimeoutFlags::ETIME_SUCCESS)
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(u64::MAX);
+            for _ in 0..SILENT {
+                let mut ring = reactor.ring.borrow_mut();
+                // SAFETY: `at` outlives the operations: this thread waits for them below.
+                unsafe { ring.submission().push(&silent) }.expect("room in the ring");
+            }
+            let mut exec = LocalExecutor::new().expect("executor");
+            let done = Rc::new(Cell::new(false));
+            {
+                let (reactor, done) = (reactor.clone(), done.clone());
+                exec.spawn(async move {
+                    let entry = opcode::Timeout::new(&at)
+                        .flags(types::TimeoutFlags::ABS)
+                        .build();
+                    // SAFETY: `at` is copied into this future, which outlives the operation.
+                    let res = unsafe { reactor.op(entry) }.await;
+                    assert_eq!(res.expect("submitted"), -libc::ETIME);
+                    done.set(true);
+                });
+            }
+            exec.poll().expect("submitted");
+            std::thread::sleep(Duration::from_millis(60));
+            // A worker's loop: sleep on the eventfd, reap, run the woken tasks.
+            while !done.get() {
+                let mut pfd = libc::pollfd {
+                    fd: reactor.eventfd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: pfd is a valid pollfd for the duration of the call.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 5_000) };
+                assert_eq!(ready, 1, "the eventfd fired while work was left");
+                exec.on_eventfd().expect("reaped");
+            }
+        })
+        .join()
+        .expect("every timeout completed");
+    }
+
     /// The kernel's offset of the submission queue flags in the ring mapping, from a ring of
     /// the test's own (the same for every ring of the kernel).
     fn sq_flags_offset() -> usize {
@@ -625,7 +801,7 @@ mod tests {
         let offset = sq_flags_offset();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let reactor = Reactor::install(RingSetup::CoopTaskrun).expect("reactor");
+            let reactor = Reactor::install(RingSetup::DeferTaskrun).expect("reactor");
             let fd = reactor.ring.borrow().as_raw_fd();
             let len = offset + 4;
             // SAFETY: maps the ring's submission queue ring (offset 0), shared, as the

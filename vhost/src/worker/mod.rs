@@ -134,7 +134,7 @@ impl Worker {
     /// Sets up worker thread `thread_id` of `dev`: its executor, whose completion eventfd joins
     /// the thread's epoll, and its virtqueues.
     fn new(dev: &Device, thread_id: usize) -> Result<Worker, String> {
-        let exec = LocalExecutor::new().map_err(|e| e.to_string())?;
+        let exec = LocalExecutor::in_event_loop().map_err(|e| e.to_string())?;
         let handler = dev
             .epoll_handler(thread_id)
             .ok_or("its epoll handler is gone")?;
