@@ -43,6 +43,7 @@
 #            --workloads W1,W2,...
 #            --strata BIN  --qsd BIN  --require-strata  --no-build
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
+#            --unpinned       no taskset: the scheduler places daemon and client
 #            --rates R1,R2,...  --rate-qds Q1,Q2,...   (fixed-rate load, see above)
 #            --wait-idle S    before each run, wait up to S s for other work to go quiet
 #            --qmp-poll       give each daemon a QMP monitor and poll query-blockstats on it
@@ -74,6 +75,7 @@ QSD=/usr/bin/qemu-storage-daemon
 REQUIRE_STRATA=0
 BUILD=1
 DAEMON_CPU=""
+UNPINNED=0
 WAIT_IDLE=0
 QMP_POLL=0
 CLIENT_CPU=""
@@ -110,6 +112,7 @@ while [[ $# -gt 0 ]]; do
     --qmp-poll) QMP_POLL=1 ;;
     --daemon-cpu) need_arg "$@"; DAEMON_CPU=$2; shift ;;
     --client-cpu) need_arg "$@"; CLIENT_CPU=$2; shift ;;
+    --unpinned) UNPINNED=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -226,7 +229,12 @@ fi
 # ---------------------------------------------------------------------------------------------
 # CPU pinning: daemon and client on different cores when there are two.
 NCPU=$(nproc)
-if ((NCPU >= 2)) || [[ -n $DAEMON_CPU$CLIENT_CPU ]]; then
+if ((UNPINNED)); then
+    [[ -z $DAEMON_CPU$CLIENT_CPU ]] || die "--unpinned does not go with --daemon-cpu/--client-cpu"
+    DAEMON_PIN=()
+    CLIENT_PIN=()
+    PIN_NOTE="not pinned (--unpinned)"
+elif ((NCPU >= 2)) || [[ -n $DAEMON_CPU$CLIENT_CPU ]]; then
     DAEMON_CPU=${DAEMON_CPU:-0}
     CLIENT_CPU=${CLIENT_CPU:-1}
     [[ $DAEMON_CPU != "$CLIENT_CPU" ]] || die "--daemon-cpu and --client-cpu must differ"
