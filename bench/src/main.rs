@@ -15,6 +15,7 @@ mod device;
 mod error;
 mod procstat;
 mod rate_report;
+mod ratios;
 mod report;
 mod rng;
 mod run;

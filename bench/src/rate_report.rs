@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::ratios::div;
+
 /// A median of one metric: (backend, workload, target, metric) -> value.
 pub type Median<'a> = dyn Fn(&str, &str, &str, &str) -> Option<f64> + 'a;
 
@@ -28,15 +30,11 @@ pub fn table(rated: &[(String, String)], median: &Median) -> (String, Vec<Value>
     let mut rows = Vec::new();
     let f0 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let f1 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-        _ => None,
-    };
     let f2 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for (b, w) in rated {
         let m = |t: &str, metric: &str| median(b, w, t, metric);
         let cpu = |t: &str| m(t, "daemon_cpu_per_s").map(|c| c * 100.0);
-        let cpu_ratio = ratio(cpu("strata"), cpu("qsd"));
+        let cpu_ratio = div(cpu("strata"), cpu("qsd"));
         let _ = writeln!(
             md,
             "| {b} | {w} | {} / {} | {} | {} | {} | {} / {} | {} / {} |",

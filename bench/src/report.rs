@@ -8,7 +8,7 @@ use std::fs;
 use serde_json::{json, Map, Value};
 
 use crate::error::Result;
-use crate::rate_report;
+use crate::{rate_report, ratios};
 
 /// Targets in display order; unknown targets sort after these.
 const TARGET_ORDER: &[&str] = &["strata", "qsd", "io_uring"];
@@ -20,13 +20,6 @@ const BACKEND_ORDER: &[&str] = &[
     "qcow2-ram",
     "qcow2-alloc",
     "rbd",
-];
-/// The rbd workloads whose strata / QSD ratios the report gives (when rbd rows exist).
-const RBD_WORKLOADS: &[&str] = &[
-    "randread-4k-qd1",
-    "randread-4k-qd32",
-    "randwrite-4k-qd1",
-    "randwrite-4k-qd32",
 ];
 /// Runs with more busy CPU than this outside the daemon and client (fraction of one CPU) are
 /// counted as disturbed in the report header.
@@ -163,11 +156,17 @@ pub fn report(opts: &Options) -> Result<()> {
     };
 
     let mut keys: Vec<Key> = groups.keys().cloned().chain(missing_rows).collect();
-    keys.sort_by_key(|(b, w, t)| {
+    // Report order: backends, then workloads in the order they were run, then targets.
+    let backend_workload_order = |b: &str, w: &str| {
         (
             rank(BACKEND_ORDER, b),
-            b.clone(),
+            b.to_string(),
             workload_order.iter().position(|x| x == w),
+        )
+    };
+    keys.sort_by_key(|(b, w, t)| {
+        (
+            backend_workload_order(b, w),
             rank(TARGET_ORDER, t),
             t.clone(),
         )
@@ -250,228 +249,7 @@ pub fn report(opts: &Options) -> Result<()> {
             .get(&(b.to_string(), w.to_string(), t.to_string()))
             .and_then(|g| g.median(metric))
     };
-    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-        _ => None,
-    };
-    struct Ratio {
-        name: String,
-        value: Option<f64>,
-        goal: Option<(&'static str, f64)>,
-        inputs: String,
-    }
-    let rr1 = "randread-4k-qd1";
-    let rr32 = "randread-4k-qd32";
-    let rr32q2 = "randread-4k-qd32-2q";
-    let direct_p50 = get("file", rr1, "io_uring", "p50_us");
-    let added = |t: &str| match (get("file", rr1, t, "p50_us"), direct_p50) {
-        (Some(a), Some(d)) => Some(a - d),
-        _ => None,
-    };
-    // How busy strata's client kept its CPU (%): when it is near 100 on both numbers of
-    // queues, the 2-queue ratio measures the client, not the daemon.
-    let client_busy = |w: &str| {
-        let iops = get("null", w, "strata", "iops")?;
-        let cpu = get("null", w, "strata", "client_cpu_s_per_io")?;
-        Some(iops * cpu * 100.0)
-    };
-    let rw32 = "randwrite-4k-qd32";
-    let ram_added = |t: &str| match (
-        get("ram", rr1, t, "p50_us"),
-        get("ram", rr1, "io_uring", "p50_us"),
-    ) {
-        (Some(a), Some(d)) => Some(a - d),
-        _ => None,
-    };
-    let mut ratios = vec![
-        Ratio {
-            name: "ram randread-4k-qd32 IOPS, strata / io_uring direct".into(),
-            value: div(
-                get("ram", rr32, "strata", "iops"),
-                get("ram", rr32, "io_uring", "iops"),
-            ),
-            goal: Some((">=", 0.97)),
-            inputs: format!(
-                "median IOPS; QSD / direct: {}",
-                fmt_opt(div(
-                    get("ram", rr32, "qsd", "iops"),
-                    get("ram", rr32, "io_uring", "iops")
-                ))
-            ),
-        },
-        Ratio {
-            name: "ram randwrite-4k-qd32 IOPS, strata / io_uring direct".into(),
-            value: div(
-                get("ram", rw32, "strata", "iops"),
-                get("ram", rw32, "io_uring", "iops"),
-            ),
-            goal: Some((">=", 0.97)),
-            inputs: format!(
-                "median IOPS; QSD / direct: {}",
-                fmt_opt(div(
-                    get("ram", rw32, "qsd", "iops"),
-                    get("ram", rw32, "io_uring", "iops")
-                ))
-            ),
-        },
-        Ratio {
-            name: "ram randread-4k-qd1 p50 added over direct, strata (µs)".into(),
-            value: ram_added("strata"),
-            goal: Some(("<=", 5.0)),
-            inputs: format!(
-                "added p50 µs: strata {}, qsd {}",
-                fmt_opt(ram_added("strata")),
-                fmt_opt(ram_added("qsd"))
-            ),
-        },
-        Ratio {
-            name: "file randread-4k-qd32 IOPS, strata / io_uring direct".into(),
-            value: div(
-                get("file", rr32, "strata", "iops"),
-                get("file", rr32, "io_uring", "iops"),
-            ),
-            goal: Some((">=", 0.97)),
-            inputs: "median IOPS".into(),
-        },
-        Ratio {
-            name: "file randread-4k-qd1 p50 added over direct, strata / QSD".into(),
-            value: div(added("strata"), added("qsd")),
-            goal: Some(("<=", 0.5)),
-            inputs: format!(
-                "added p50 µs: strata {}, qsd {} (direct p50 {})",
-                fmt_opt(added("strata")),
-                fmt_opt(added("qsd")),
-                fmt_opt(direct_p50)
-            ),
-        },
-        Ratio {
-            name: "null randread-4k-qd32 IOPS, strata / QSD".into(),
-            value: div(
-                get("null", rr32, "strata", "iops"),
-                get("null", rr32, "qsd", "iops"),
-            ),
-            goal: Some((">=", 1.5)),
-            inputs: "median IOPS".into(),
-        },
-        Ratio {
-            name: "null randread-4k-qd32 daemon CPU s per I/O, strata / QSD".into(),
-            value: div(
-                get("null", rr32, "strata", "daemon_cpu_s_per_io"),
-                get("null", rr32, "qsd", "daemon_cpu_s_per_io"),
-            ),
-            goal: Some(("<=", 0.6)),
-            inputs: "median daemon (utime+stime)/I/O".into(),
-        },
-        Ratio {
-            name: "null randread-4k-qd32 IOPS, strata 2 queues / 1 queue".into(),
-            value: div(
-                get("null", rr32q2, "strata", "iops"),
-                get("null", rr32, "strata", "iops"),
-            ),
-            goal: Some((">=", 1.6)),
-            inputs: format!(
-                "median IOPS; strata's client CPU busy: {}% on 1 queue, {}% on 2",
-                fmt_opt(client_busy(rr32)),
-                fmt_opt(client_busy(rr32q2))
-            ),
-        },
-        Ratio {
-            name: "qcow2 randread-4k-qd32 IOPS, strata / QSD".into(),
-            value: div(
-                get("qcow2", rr32, "strata", "iops"),
-                get("qcow2", rr32, "qsd", "iops"),
-            ),
-            goal: Some((">=", 1.0)),
-            inputs: "median IOPS".into(),
-        },
-        // References: where QSD stands on the same scales.
-        Ratio {
-            name: "(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct".into(),
-            value: div(
-                get("file", rr32, "qsd", "iops"),
-                get("file", rr32, "io_uring", "iops"),
-            ),
-            goal: None,
-            inputs: "median IOPS".into(),
-        },
-        Ratio {
-            name: "(ref) null randread-4k-qd32 IOPS, QSD 2 queues / 1 queue".into(),
-            value: div(
-                get("null", rr32q2, "qsd", "iops"),
-                get("null", rr32, "qsd", "iops"),
-            ),
-            goal: None,
-            inputs: "median IOPS".into(),
-        },
-        Ratio {
-            name: "(ref) randread-4k-qd32 IOPS, QSD qcow2 / QSD raw file".into(),
-            value: div(
-                get("qcow2", rr32, "qsd", "iops"),
-                get("file", rr32, "qsd", "iops"),
-            ),
-            goal: None,
-            inputs: "median IOPS".into(),
-        },
-    ];
-    // rbd: strata against QSD's own rbd driver on the same image, only when rbd was run.
-    if groups.keys().any(|(b, _, _)| b == "rbd") {
-        for w in RBD_WORKLOADS {
-            ratios.push(Ratio {
-                name: format!("rbd {w} IOPS, strata / QSD"),
-                value: div(
-                    get("rbd", w, "strata", "iops"),
-                    get("rbd", w, "qsd", "iops"),
-                ),
-                goal: Some((">=", 1.0)),
-                inputs: "median IOPS".into(),
-            });
-        }
-        for w in RBD_WORKLOADS {
-            ratios.push(Ratio {
-                name: format!("rbd {w} daemon CPU s per I/O, strata / QSD"),
-                value: div(
-                    get("rbd", w, "strata", "daemon_cpu_s_per_io"),
-                    get("rbd", w, "qsd", "daemon_cpu_s_per_io"),
-                ),
-                goal: Some(("<=", 1.0)),
-                inputs: "median daemon (utime+stime)/I/O, librbd's threads included".into(),
-            });
-        }
-    }
-    let mut ratio_text = String::new();
-    let _ = writeln!(ratio_text, "| ratio | value | goal | met | inputs |");
-    let _ = writeln!(ratio_text, "|---|---:|---|---|---|");
-    let mut ratios_json = Vec::new();
-    for r in &ratios {
-        let met = match (r.value, r.goal) {
-            (Some(v), Some((">=", g))) => Some(v >= g),
-            (Some(v), Some((_, g))) => Some(v <= g),
-            _ => None,
-        };
-        let value = r
-            .value
-            .map_or_else(|| "n/a (inputs missing)".to_string(), |v| format!("{v:.3}"));
-        let goal = r
-            .goal
-            .map_or_else(|| "-".to_string(), |(op, g)| format!("{op} {g:?}"));
-        let met_s = match met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "-",
-        };
-        let _ = writeln!(
-            ratio_text,
-            "| {} | {value} | {goal} | {met_s} | {} |",
-            r.name, r.inputs
-        );
-        ratios_json.push(json!({
-            "name": r.name,
-            "value": r.value,
-            "goal": r.goal.map(|(op, g)| format!("{op} {g:?}")),
-            "met": met,
-            "inputs": r.inputs,
-        }));
-    }
+    let (ratio_text, ratios_json) = ratios::table(&get, groups.keys().any(|(b, _, _)| b == "rbd"));
 
     let pin_line = if pinning.is_empty() {
         "pinning: unknown".to_string()
@@ -503,13 +281,7 @@ pub fn report(opts: &Options) -> Result<()> {
     md.push_str(&table);
     md.push('\n');
     md.push_str(&ratio_text);
-    rated.sort_by_key(|(b, w)| {
-        (
-            rank(BACKEND_ORDER, b),
-            b.clone(),
-            workload_order.iter().position(|x| x == w),
-        )
-    });
+    rated.sort_by_key(|(b, w)| backend_workload_order(b, w));
     let (rate_text, rate_json) = rate_report::table(&rated, &get);
     if !rate_text.is_empty() {
         md.push('\n');
@@ -548,13 +320,20 @@ pub fn report(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn fmt_opt(v: Option<f64>) -> String {
-    v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.1}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ratio called `name` in a summary document.
+    fn ratio_named(doc: &Value, name: &str) -> Value {
+        doc["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no ratio {name}"))
+            .clone()
+    }
 
     #[test]
     fn median_odd_even() {
@@ -607,15 +386,7 @@ mod tests {
         assert_eq!(rows[0]["target"], "strata");
         assert_eq!(rows[0]["missing"], "does not build");
         assert_eq!(rows[1]["median"]["iops"], 70002.0);
-        let ratio = |name: &str| {
-            doc["ratios"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["name"] == name)
-                .unwrap_or_else(|| panic!("no ratio {name}"))
-                .clone()
-        };
+        let ratio = |name: &str| ratio_named(&doc, name);
         let r = ratio("(ref) file randread-4k-qd32 IOPS, QSD / io_uring direct");
         assert!((r["value"].as_f64().unwrap() - 70002.0 / 78002.0).abs() < 1e-9);
         let q = ratio("qcow2 randread-4k-qd32 IOPS, strata / QSD");
@@ -670,15 +441,7 @@ mod tests {
         })
         .unwrap();
         let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
-        let ratio = |name: &str| {
-            doc["ratios"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["name"] == name)
-                .unwrap_or_else(|| panic!("no ratio {name}"))
-                .clone()
-        };
+        let ratio = |name: &str| ratio_named(&doc, name);
         let r = ratio("rbd randread-4k-qd32 IOPS, strata / QSD");
         assert!((r["value"].as_f64().unwrap() - 1.1).abs() < 1e-9);
         assert_eq!(r["met"], true);
