@@ -12,35 +12,13 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
-DAEMON, BINARY = sys.argv[1], sys.argv[2]
-STRATA = DAEMON == "strata"
-passed = 0
-
-
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
-
-
-async def expect_error(qmp, cmd, args, cls, desc=None):
-    try:
-        await qmp.execute(cmd, args)
-    except ExecuteError as e:
-        info = e.error.error
-        check(info.class_ == cls, f"{cmd} {args}: class {info.class_}, expected {cls}")
-        if desc is not None:
-            check(info.desc == desc, f"{cmd} {args}: desc {info.desc!r}, expected {desc!r}")
-        return info.desc
-    raise AssertionError(f"{cmd} {args} succeeded, expected {cls}")
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, check_no_sandbox_refusals,
+                     expect_error, monitor_args, passed, running)
 
 
 class Raw:
@@ -145,16 +123,16 @@ async def session_checks(dirpath, mon0, mon1):
         check(cmd in names, f"query-commands lists {cmd}")
     schema = await qmp.execute("query-qmp-schema")
     check(any(e.get("meta-type") == "command" for e in schema), "schema lists commands")
-    await expect_error(qmp, "no-such-command", None, "CommandNotFound",
-                       "The command no-such-command has not been found")
+    await expect_error(qmp, "no-such-command", None,
+                       "The command no-such-command has not been found", cls="CommandNotFound")
     # Argument validation names the member.
-    await expect_error(qmp, "block_resize", {"node-name": "d0"}, "GenericError",
+    await expect_error(qmp, "block_resize", {"node-name": "d0"},
                        "Parameter 'size' is missing")
-    await expect_error(qmp, "block_resize", {"node-name": "d0", "size": "x"}, "GenericError",
+    await expect_error(qmp, "block_resize", {"node-name": "d0", "size": "x"},
                        "Invalid parameter type for 'size', expected: integer")
     await expect_error(qmp, "block_resize", {"node-name": "zz", "size": 1 << 20},
-                       "GenericError", "Cannot find device='' nor node-name='zz'")
-    await expect_error(qmp, "query-block-exports", {"x": 1}, "GenericError",
+                       "Cannot find device='' nor node-name='zz'")
+    await expect_error(qmp, "query-block-exports", {"x": 1},
                        "Parameter 'x' is unexpected")
 
     image = os.path.join(dirpath, "new.img")
@@ -162,11 +140,10 @@ async def session_checks(dirpath, mon0, mon1):
         f.truncate(32 << 20)
     await expect_error(qmp, "blockdev-add", {"driver": "file", "node-name": "f1",
                                              "filename": image, "read-only": "yes"},
-                       "GenericError", "Invalid parameter type for 'read-only', expected: boolean")
+                       "Invalid parameter type for 'read-only', expected: boolean")
     await qmp.execute("blockdev-add", {"driver": "file", "node-name": "f1", "filename": image})
     await qmp.execute("blockdev-add", {"driver": "raw", "node-name": "d1", "file": "f1"})
-    await expect_error(qmp, "blockdev-add", {"driver": "raw", "node-name": "d1", "file": "f1"},
-                       "GenericError")
+    await expect_error(qmp, "blockdev-add", {"driver": "raw", "node-name": "d1", "file": "f1"})
     nodes = {n["node-name"]: n for n in
              await qmp.execute("query-named-block-nodes", {"flat": True})}
     check({"d0", "f0", "d1", "f1"} <= set(nodes), f"nodes {sorted(nodes)}")
@@ -178,19 +155,18 @@ async def session_checks(dirpath, mon0, mon1):
     export = {"type": "vhost-user-blk", "id": "e1", "node-name": "d1", "writable": True,
               "addr": {"type": "unix", "path": sock}, "num-queues": 2,
               "logical-block-size": 4096}
-    desc = await expect_error(qmp, "block-export-add", dict(export, **{"num-queues": "2"}),
-                              "GenericError")
+    desc = await expect_error(qmp, "block-export-add", dict(export, **{"num-queues": "2"}))
     check("'num-queues'" in desc, f"the bad member is named: {desc}")
     await qmp.execute("block-export-add", export)
     check(os.path.exists(sock), "the new export's socket exists")
-    await expect_error(qmp, "block-export-add", export, "GenericError",
+    await expect_error(qmp, "block-export-add", export,
                        "Block export id 'e1' is already in use")
     exports = await qmp.execute("query-block-exports")
     check({"type": "vhost-user-blk", "id": "e1", "node-name": "d1", "shutting-down": False}
           in exports, f"query-block-exports {exports}")
-    await expect_error(qmp, "blockdev-del", {"node-name": "d1"}, "GenericError")
-    await expect_error(qmp, "blockdev-del", {"node-name": "f1"}, "GenericError")
-    await expect_error(qmp, "blockdev-del", {"node-name": "zz"}, "GenericError",
+    await expect_error(qmp, "blockdev-del", {"node-name": "d1"})
+    await expect_error(qmp, "blockdev-del", {"node-name": "f1"})
+    await expect_error(qmp, "blockdev-del", {"node-name": "zz"},
                        "Failed to find node with node-name='zz'")
 
     # block_resize on the format node grows the file and the node.
@@ -220,9 +196,9 @@ async def session_checks(dirpath, mon0, mon1):
                 check(time.monotonic() < deadline, "the frontend was seen in time")
         frontend.close()
 
-    await expect_error(qmp, "block-export-del", {"id": "zz"}, "GenericError",
+    await expect_error(qmp, "block-export-del", {"id": "zz"},
                        "Export 'zz' is not found")
-    await expect_error(qmp, "block-export-del", {"id": "e1", "mode": "soft"}, "GenericError")
+    await expect_error(qmp, "block-export-del", {"id": "e1", "mode": "soft"})
     with qmp.listener("BLOCK_EXPORT_DELETED") as mine, \
             other.listener("BLOCK_EXPORT_DELETED") as theirs:
         await qmp.execute("block-export-del", {"id": "e1", "mode": "hard"})
@@ -247,7 +223,7 @@ async def session_checks(dirpath, mon0, mon1):
             with open(image, "wb") as f:
                 f.truncate(1 << 20)
             desc = await expect_error(qmp, "blockdev-add", {"driver": "file", "node-name": "x",
-                                                            "filename": image}, "GenericError")
+                                                            "filename": image})
             check("sandbox" in desc and "--sandbox-allow-dir" in desc, f"sandbox named: {desc}")
     await qmp.disconnect()
     await other.disconnect()
@@ -264,37 +240,19 @@ def main():
             "--blockdev", "driver=raw,node-name=d0,file=f0",
             "--export", "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={os.path.join(dirpath, 'e0.sock')}",
-            "--chardev", f"socket,id=m0,path={mon0},server=on,wait=off",
-            "--monitor", "chardev=m0",
-            "--chardev", f"socket,id=m1,path={mon1},server=on,wait=off",
-            "--monitor", "chardev=m1"]
+            *monitor_args(mon0, mon1)]
     if STRATA:
         argv += ["--sandbox-allow-dir", dirpath]
-    log = open(os.path.join(dirpath, "daemon.log"), "w")
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(mon0) and os.path.exists(mon1)):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitors")
-            time.sleep(0.05)
+    log = os.path.join(dirpath, "daemon.log")
+    with running(argv, log, [mon0, mon1]) as daemon:
         protocol_checks(mon0)
         asyncio.run(session_checks(dirpath, mon0, mon1))
         check(daemon.poll() is None, "the daemon is still running")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
-    finally:
-        daemon.terminate()
-        code = daemon.wait(30)
-    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
+    check_exit(daemon)
     if STRATA:
         check(not os.path.exists(mon0), "the monitor socket is removed at exit")
-        # Every call QMP made was one the sandbox allows (a refused one is logged).
-        refused = [l for l in open(log.name) if "sandbox refuses" in l]
-        check(not refused, f"the sandbox refused calls: {refused}")
-    print(f"qmp conformance ({DAEMON}): {passed} passed, 0 failed")
+        check_no_sandbox_refusals(log)
+    print(f"qmp conformance ({DAEMON}): {passed()} passed, 0 failed")
 
 
 main()

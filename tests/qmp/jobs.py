@@ -13,35 +13,19 @@ failing creations are compared with what QSD 7.2 does. Prints "N passed, 0 faile
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
-DAEMON, BINARY, BENCH = sys.argv[1], sys.argv[2], sys.argv[3]
-STRATA = DAEMON == "strata"
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, check_no_sandbox_refusals,
+                     expect_error, monitor_args, passed, running)
+
+BENCH = sys.argv[3]
 MiB = 1 << 20
-passed = 0
-
-
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
-
-
-async def expect_error(qmp, cmd, args, desc):
-    try:
-        await qmp.execute(cmd, args)
-    except ExecuteError as e:
-        info = e.error.error
-        check(info.class_ == "GenericError", f"{cmd} {args}: class {info.class_}")
-        check(info.desc == desc, f"{cmd} {args}: desc {info.desc!r}, expected {desc!r}")
-        return
-    raise AssertionError(f"{cmd} {args} succeeded, expected {desc!r}")
 
 
 class Events:
@@ -315,39 +299,20 @@ async def raw_checks(qmp, events, d):
 def main():
     d = tempfile.mkdtemp(prefix="strata-qmp-jobs-")
     mon0, mon1 = os.path.join(d, "m0.sock"), os.path.join(d, "m1.sock")
-    argv = [BINARY,
-            "--chardev", f"socket,id=m0,path={mon0},server=on,wait=off",
-            "--monitor", "chardev=m0",
-            "--chardev", f"socket,id=m1,path={mon1},server=on,wait=off",
-            "--monitor", "chardev=m1"]
+    argv = [BINARY, *monitor_args(mon0, mon1)]
     if STRATA:
         argv += ["--sandbox-allow-dir", d]
-    log = open(os.path.join(d, "daemon.log"), "w")
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log = os.path.join(d, "daemon.log")
     try:
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(mon0) and os.path.exists(mon1)):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitors")
-            time.sleep(0.05)
-        asyncio.run(checks(d, mon0, mon1))
-        check(daemon.poll() is None, "the daemon is still running")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
+        with running(argv, log, [mon0, mon1]) as daemon:
+            asyncio.run(checks(d, mon0, mon1))
+            check(daemon.poll() is None, "the daemon is still running")
+        check_exit(daemon)
+        if STRATA:
+            check_no_sandbox_refusals(log)
     finally:
-        daemon.terminate()
-        code = daemon.wait(30)
-        log.close()
-        lines = open(log.name).readlines()
-        subprocess.run(["rm", "-rf", d])
-    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
-    if STRATA:
-        # Every call the jobs made was one the sandbox allows (a refused one is logged).
-        refused = [line for line in lines if "sandbox refuses" in line]
-        check(not refused, f"the sandbox refused calls: {refused}")
-    print(f"qmp jobs ({DAEMON}): {passed} passed, 0 failed")
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"qmp jobs ({DAEMON}): {passed()} passed, 0 failed")
 
 
 main()

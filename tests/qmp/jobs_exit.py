@@ -12,26 +12,17 @@ image file of a node, a file an earlier job made) is still there, unchanged. Pri
 """
 import asyncio
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
 from qemu.qmp import QMPClient
 
-DAEMON, BINARY = sys.argv[1], sys.argv[2]
-STRATA = DAEMON == "strata"
+from harness import DAEMON, BINARY, STRATA, check, check_exit, monitor_args, passed, running
+
 MiB = 1 << 20
 SIZE = 256 * MiB  # long enough to write that SIGTERM lands while it is written
-passed = 0
-
-
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
 
 
 async def checks(d, mon, daemon):
@@ -91,42 +82,27 @@ def main():
     content = os.urandom(64 * 1024)
     with open(keep, "wb") as f:
         f.write(content)
-    argv = [BINARY, "--chardev", f"socket,id=m0,path={mon},server=on,wait=off",
-            "--monitor", "chardev=m0"]
+    argv = [BINARY, *monitor_args(mon)]
     if STRATA:
         argv += ["--sandbox-allow-dir", d]
-    log = open(os.path.join(d, "daemon.log"), "w")
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(mon):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitor")
-            time.sleep(0.05)
-        finished = asyncio.run(checks(d, mon, daemon))
-        code = daemon.wait(60)
-        check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
-        big = os.path.join(d, "big.img")
-        if os.path.exists(big):
-            st = os.stat(big)
-            check(st.st_size == SIZE and st.st_blocks * 512 >= SIZE,
-                  f"no half image: size {st.st_size}, allocated {st.st_blocks * 512} "
-                  f"(job {'finished' if finished else 'cancelled'})")
-        with open(keep, "rb") as f:
-            check(f.read() == content, "the node's file is unchanged")
-        check(os.path.getsize(os.path.join(d, "small.img")) == MiB,
-              "the earlier job's file is still there")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
+        with running(argv, os.path.join(d, "daemon.log"), [mon]) as daemon:
+            finished = asyncio.run(checks(d, mon, daemon))
+            daemon.wait(60)
+            check_exit(daemon)
+            big = os.path.join(d, "big.img")
+            if os.path.exists(big):
+                st = os.stat(big)
+                check(st.st_size == SIZE and st.st_blocks * 512 >= SIZE,
+                      f"no half image: size {st.st_size}, allocated {st.st_blocks * 512} "
+                      f"(job {'finished' if finished else 'cancelled'})")
+            with open(keep, "rb") as f:
+                check(f.read() == content, "the node's file is unchanged")
+            check(os.path.getsize(os.path.join(d, "small.img")) == MiB,
+                  "the earlier job's file is still there")
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        log.close()
-        subprocess.run(["rm", "-rf", d])
-    print(f"qmp jobs at exit ({DAEMON}): {passed} passed, 0 failed")
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"qmp jobs at exit ({DAEMON}): {passed()} passed, 0 failed")
 
 
 main()

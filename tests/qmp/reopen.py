@@ -30,21 +30,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
-DAEMON, BINARY = sys.argv[1], sys.argv[2]
-STRATA = DAEMON == "strata"
-passed = 0
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, check_no_sandbox_refusals,
+                     expect_error, monitor_args, passed, running)
+
 BLOCK = 4096
-
-
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
 
 
 def blkio(op, sock, offset, tag=0):
@@ -66,20 +58,6 @@ def file_block(path, offset):
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(BLOCK)
-
-
-async def expect_error(qmp, cmd, args, desc=None, contains=None):
-    try:
-        await qmp.execute(cmd, args)
-    except ExecuteError as e:
-        info = e.error.error
-        check(info.class_ == "GenericError", f"{cmd} {args}: class {info.class_}")
-        if desc is not None:
-            check(info.desc == desc, f"{cmd} {args}: desc {info.desc!r}, expected {desc!r}")
-        for part in contains or []:
-            check(part in info.desc, f"{cmd} {args}: desc {info.desc!r} lacks {part!r}")
-        return info.desc
-    raise AssertionError(f"{cmd} {args} succeeded, expected an error")
 
 
 async def node(qmp, name):
@@ -325,20 +303,13 @@ def main():
             "--blockdev", "driver=raw,node-name=d2,file=f2,read-only=on",
             "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={d.e0},writable=on",
-            "--chardev", f"socket,id=m0,path={d.mon},server=on,wait=off",
-            "--monitor", "chardev=m0"]
+            *monitor_args(d.mon)]
     if STRATA:
         argv += ["--blockdev", f"driver=file,node-name=fx,filename={d.other}/x.img,read-only=on",
                  "--sandbox-allow-dir", al]
-    log = open(os.path.join(al, "daemon.log"), "w")
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log = os.path.join(al, "daemon.log")
 
     async def session():
-        deadline = time.monotonic() + 20
-        while not os.path.exists(d.mon):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitor")
-            await asyncio.sleep(0.05)
         qmp = QMPClient("reopen")
         await qmp.connect(d.mon)
         try:
@@ -347,22 +318,16 @@ def main():
             await qmp.disconnect()
 
     try:
-        asyncio.run(session())
-        check(daemon.poll() is None, "the daemon is still running")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
+        with running(argv, log, [d.mon]) as daemon:
+            asyncio.run(session())
+            check(daemon.poll() is None, "the daemon is still running")
     finally:
-        daemon.terminate()
-        code = daemon.wait(30)
         shutil.rmtree(d.other, ignore_errors=True)
-    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
+    check_exit(daemon)
     if STRATA:
-        refused = [line for line in open(log.name) if "sandbox refuses" in line]
-        check(not refused, f"the sandbox refused calls: {refused}")
+        check_no_sandbox_refusals(log)
     shutil.rmtree(d.allowed, ignore_errors=True)
-    print(f"qmp reopen ({DAEMON}): {passed} passed, 0 failed", file=sys.stderr)
+    print(f"qmp reopen ({DAEMON}): {passed()} passed, 0 failed", file=sys.stderr)
 
 
 main()

@@ -17,6 +17,7 @@ Prints "N passed, 0 failed".
 """
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,10 +25,9 @@ import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
-DAEMON, BINARY = sys.argv[1], sys.argv[2]
+from harness import DAEMON, BINARY, STRATA, check, check_exit, monitor_args, passed, running
+
 QSD = sys.argv[3] if len(sys.argv) > 3 else "qemu-storage-daemon"
-STRATA = DAEMON == "strata"
-passed = 0
 
 # strata's commands.
 COMMANDS = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
@@ -76,13 +76,6 @@ QEMU_ONLY = {f"blockdev-add/{d}/force-share" for d in DRIVERS} | {
     "blockdev-create/qcow2/options.data-file", "blockdev-create/qcow2/options.data-file-raw",
     "blockdev-create/qcow2/options.encrypt",
 }
-
-
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
 
 
 class Schema:
@@ -387,8 +380,7 @@ def compare_with_qsd(mine, theirs):
 
 async def fetch_schema(binary, d):
     mon = os.path.join(d, "qsd-ref.sock")
-    daemon = subprocess.Popen([binary, "--chardev", f"socket,id=m,path={mon},server=on,wait=off",
-                               "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
+    daemon = subprocess.Popen([binary, *monitor_args(mon)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -461,32 +453,18 @@ def main():
     argv = [BINARY,
             "--blockdev", f"driver=file,node-name=f0,filename={image}",
             "--blockdev", "driver=raw,node-name=d0,file=f0",
-            "--chardev", f"socket,id=m0,path={mon},server=on,wait=off",
-            "--monitor", "chardev=m0"]
+            *monitor_args(mon)]
     if STRATA:
         argv += ["--sandbox-allow-dir", d]
-    log = open(os.path.join(d, "daemon.log"), "w")
-    # Relative names ("x") the probes give land in the test's directory.
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=d)
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(mon):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitor")
-            time.sleep(0.05)
-        asyncio.run(checks(d, mon))
-        check(daemon.poll() is None, "the daemon is still running")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
+        # Relative names ("x") the probes give land in the test's directory.
+        with running(argv, os.path.join(d, "daemon.log"), [mon], cwd=d) as daemon:
+            asyncio.run(checks(d, mon))
+            check(daemon.poll() is None, "the daemon is still running")
     finally:
-        daemon.terminate()
-        code = daemon.wait(30)
-        log.close()
-        subprocess.run(["rm", "-rf", d])
-    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
-    print(f"qmp schema ({DAEMON}): {passed} passed, 0 failed")
+        shutil.rmtree(d, ignore_errors=True)
+    check_exit(daemon)
+    print(f"qmp schema ({DAEMON}): {passed()} passed, 0 failed")
 
 
 main()

@@ -18,17 +18,16 @@ the latency histograms.
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
-DAEMON, BINARY, FAULTFS = sys.argv[1], sys.argv[2], sys.argv[3]
-STRATA = DAEMON == "strata"
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, expect_error, monitor_args,
+                     passed, running)
+
+FAULTFS = sys.argv[3]
 SIZE = 16 << 20
-passed = 0
 
 # QEMU 7.2's BlockDeviceStats members, those always present.
 STATS_KEYS = {
@@ -46,13 +45,6 @@ OPTIONAL_STATS_KEYS = {"idle_time_ns", "rd_latency_histogram", "wr_latency_histo
 FILE_SPECIFIC_KEYS = {"driver", "discard-nb-ok", "discard-nb-failed", "discard-bytes-ok"}
 
 
-def check(condition, what):
-    global passed
-    if not condition:
-        raise AssertionError(what)
-    passed += 1
-
-
 def ask(line):
     """A request to tests/qmp.rs; its answer."""
     print(line, flush=True)
@@ -64,18 +56,6 @@ def ask(line):
 
 def io(sock, op, offset=0, length=0):
     return ask(f"IO {sock} {op} {offset} {length}")
-
-
-async def expect_error(qmp, cmd, args, cls, desc=None):
-    try:
-        await qmp.execute(cmd, args)
-    except ExecuteError as e:
-        info = e.error.error
-        check(info.class_ == cls, f"{cmd} {args}: class {info.class_}, expected {cls}")
-        if desc is not None:
-            check(info.desc == desc, f"{cmd} {args}: desc {info.desc!r}, expected {desc!r}")
-        return
-    raise AssertionError(f"{cmd} {args} succeeded, expected {cls}")
 
 
 def check_stats_shape(stats, where):
@@ -147,9 +127,9 @@ async def checks(dirpath, mon):
     for entry in nodes:
         check_node_shape(entry, "query-nodes", children)
         check("idle_time_ns" not in entry["stats"], "no idle time before any request")
-    await expect_error(qmp, "query-blockstats", {"query-nodes": "x"}, "GenericError",
+    await expect_error(qmp, "query-blockstats", {"query-nodes": "x"},
                        "Invalid parameter type for 'query-nodes', expected: boolean")
-    await expect_error(qmp, "query-blockstats", {"bogus": 1}, "GenericError",
+    await expect_error(qmp, "query-blockstats", {"bogus": 1},
                        "Parameter 'bogus' is unexpected")
     exports = await qmp.execute("query-blockstats")
     if STRATA:
@@ -168,30 +148,31 @@ async def checks(dirpath, mon):
 
     # Histograms: QSD 7.2 has no block-latency-histogram-set (a system emulator command).
     if not STRATA:
-        await expect_error(qmp, "block-latency-histogram-set", {"id": "e0"}, "CommandNotFound")
+        await expect_error(qmp, "block-latency-histogram-set", {"id": "e0"}, cls="CommandNotFound")
     else:
         hset = "block-latency-histogram-set"
-        await expect_error(qmp, hset, {"id": "nope"}, "DeviceNotFound", "Device 'nope' not found")
-        await expect_error(qmp, hset, {"id": "e0", "boundaries": [10, 5]}, "GenericError",
+        await expect_error(qmp, hset, {"id": "nope"}, "Device 'nope' not found",
+                           cls="DeviceNotFound")
+        await expect_error(qmp, hset, {"id": "e0", "boundaries": [10, 5]},
                            "Device 'e0' set read boundaries fail")
         await expect_error(qmp, hset, {"id": "e0", "boundaries-write": [0, 5]},
-                           "GenericError", "Device 'e0' set write boundaries fail")
-        await expect_error(qmp, hset, {"id": "e0", "boundaries": []}, "GenericError",
+                           "Device 'e0' set write boundaries fail")
+        await expect_error(qmp, hset, {"id": "e0", "boundaries": []},
                            "Device 'e0' set read boundaries fail")
-        await expect_error(qmp, hset, {"id": "e0", "boundaries": "x"}, "GenericError",
+        await expect_error(qmp, hset, {"id": "e0", "boundaries": "x"},
                            "Invalid parameter type for 'boundaries', expected: array")
-        await expect_error(qmp, hset, {"id": "e0", "boundaries-read": ["x"]}, "GenericError",
+        await expect_error(qmp, hset, {"id": "e0", "boundaries-read": ["x"]},
                            "Parameter 'boundaries-read[0]' expects uint64")
         # QEMU takes a negative boundary as its two's complement; strata refuses it.
-        await expect_error(qmp, hset, {"id": "e0", "boundaries-write": [5, -1]}, "GenericError",
+        await expect_error(qmp, hset, {"id": "e0", "boundaries-write": [5, -1]},
                            "Parameter 'boundaries-write[1]' expects a non-negative integer, "
                            "got -1")
-        await expect_error(qmp, hset, {"id": "e0", "boundaries-zap": [1]}, "GenericError",
+        await expect_error(qmp, hset, {"id": "e0", "boundaries-zap": [1]},
                            "Parameter 'boundaries-zap' is unexpected")
-        await expect_error(qmp, hset, {}, "GenericError", "Parameter 'id' is missing")
+        await expect_error(qmp, hset, {}, "Parameter 'id' is missing")
         # A list that fails changes nothing, even when the lists before it were good.
         await expect_error(qmp, hset, {"id": "e0", "boundaries": [5], "boundaries-flush": [0]},
-                           "GenericError", "Device 'e0' set flush boundaries fail")
+                           "Device 'e0' set flush boundaries fail")
         stats = (await qmp.execute("query-blockstats"))[0]["stats"]
         check(not OPTIONAL_STATS_KEYS & set(stats), f"no histogram after failures: {stats}")
         check(await qmp.execute(hset, {"id": "e0", "boundaries": [1000, 1000000],
@@ -294,34 +275,21 @@ def main():
             "--blockdev", "driver=raw,node-name=d0,file=f0,discard=unmap",
             "--export", "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={os.path.join(dirpath, 'e0.sock')},writable=on",
-            "--chardev", f"socket,id=m0,path={mon},server=on,wait=off",
-            "--monitor", "chardev=m0"]
+            *monitor_args(mon)]
     if STRATA and FAULTFS != "-":
         faulty = os.path.join(FAULTFS, "faulty.img")  # SIZE bytes, made by tests/qmp.rs
         argv += ["--blockdev", f"driver=file,node-name=f1,filename={faulty},cache.direct=on",
                  "--blockdev", "driver=raw,node-name=d1,file=f1",
                  "--export", "type=vhost-user-blk,id=e1,node-name=d1,addr.type=unix,"
                              f"addr.path={os.path.join(dirpath, 'e1.sock')},writable=on"]
-    log = open(os.path.join(dirpath, "daemon.log"), "w")
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(mon):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start its monitor")
-            time.sleep(0.05)
-        asyncio.run(checks(dirpath, mon))
-        check(daemon.poll() is None, "the daemon is still running")
-    except BaseException:
-        log.flush()
-        sys.stderr.write(open(log.name).read()[-4000:])
-        raise
+        with running(argv, os.path.join(dirpath, "daemon.log"), [mon]) as daemon:
+            asyncio.run(checks(dirpath, mon))
+            check(daemon.poll() is None, "the daemon is still running")
     finally:
-        daemon.terminate()
-        code = daemon.wait(30)
         shutil.rmtree(dirpath, ignore_errors=True)
-    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
-    print(f"qmp stats ({DAEMON}): {passed} passed, 0 failed", flush=True)
+    check_exit(daemon)
+    print(f"qmp stats ({DAEMON}): {passed()} passed, 0 failed", flush=True)
 
 
 main()

@@ -1,0 +1,100 @@
+"""What the QMP test scripts share: their first two arguments, the count of checks that held,
+the expected-error check, and running the daemon under test until its monitors listen.
+
+Every script takes `strata|qsd BINARY` first (more arguments after those are its own). It
+imports this module from its own directory, which Python puts first on the module path.
+Nothing here writes to stdout: some scripts talk to tests/qmp.rs over it.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+from qemu.qmp import ExecuteError
+
+DAEMON, BINARY = sys.argv[1], sys.argv[2]
+STRATA = DAEMON == "strata"
+_passed = 0
+
+
+def check(condition, what):
+    """Counts a check that holds; raises AssertionError(what) for one that does not."""
+    global _passed
+    if not condition:
+        raise AssertionError(what)
+    _passed += 1
+
+
+def passed():
+    """How many checks have held."""
+    return _passed
+
+
+async def expect_error(qmp, cmd, args, desc=None, cls="GenericError", contains=()):
+    """Runs a command that must fail with error class `cls` (QMP's usual GenericError unless
+    given) and, when given, exactly the text `desc` and a text holding every string of
+    `contains`; returns the error text."""
+    try:
+        await qmp.execute(cmd, args)
+    except ExecuteError as e:
+        info = e.error.error
+        check(info.class_ == cls, f"{cmd} {args}: class {info.class_}, expected {cls}")
+        if desc is not None:
+            check(info.desc == desc, f"{cmd} {args}: desc {info.desc!r}, expected {desc!r}")
+        for part in contains:
+            check(part in info.desc, f"{cmd} {args}: desc {info.desc!r} lacks {part!r}")
+        return info.desc
+    raise AssertionError(f"{cmd} {args} succeeded, expected {cls} {desc or ''}")
+
+
+def monitor_args(*sockets):
+    """Daemon arguments for a QMP monitor listening on each Unix socket (m0, m1, ...)."""
+    argv = []
+    for i, path in enumerate(sockets):
+        argv += ["--chardev", f"socket,id=m{i},path={path},server=on,wait=off",
+                 "--monitor", f"chardev=m{i}"]
+    return argv
+
+
+@contextlib.contextmanager
+def running(argv, log_path, monitors, cwd=None):
+    """Starts the daemon `argv` (its output to `log_path`) and yields its process once every
+    socket of `monitors` exists. On an error, writes the end of the log to stderr. At the end
+    a daemon still running gets SIGTERM and is waited for (killed after 30 s)."""
+    log = open(log_path, "w")
+    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(m) for m in monitors):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("the daemon did not start its monitors")
+            time.sleep(0.05)
+        yield daemon
+    except BaseException:
+        log.flush()
+        sys.stderr.write(open(log_path).read()[-4000:])
+        raise
+    finally:
+        if daemon.poll() is None:
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+                raise
+        log.close()
+
+
+def check_exit(daemon):
+    """The daemon, stopped by SIGTERM, exited with 0."""
+    code = daemon.returncode
+    check(code == 0, f"{DAEMON} exited with {code} after SIGTERM")
+
+
+def check_no_sandbox_refusals(log_path):
+    """Every call the daemon made was one its sandbox allows (strata logs a refused one)."""
+    with open(log_path) as log:
+        refused = [line for line in log if "sandbox refuses" in line]
+    check(not refused, f"the sandbox refused calls: {refused}")
