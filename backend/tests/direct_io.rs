@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    assert_bytes_eq, file_bytes, image_with, open, open_flags_of, path_str, run, AlignedBuf,
+    assert_bytes_eq, file_bytes, image_with, open, open_flags_of, open_raw, path_str, run,
+    AlignedBuf,
 };
 use strata_backend::{ChildRole, Graph, IoVec, Node};
 
@@ -31,13 +32,7 @@ fn aligned_buffers_go_zero_copy() {
     let data = common::pattern(1, SIZE);
     let img = image_with(&data);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,cache.direct=on,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "cache.direct=on", &img);
     let file = n.child(ChildRole::File).unwrap();
     let limits = file.limits();
     assert!(limits.request_alignment >= 512, "{limits:?}");
@@ -98,13 +93,7 @@ fn misaligned_memory_is_bounced_and_correct() {
     let data = common::pattern(2, SIZE);
     let img = image_with(&data);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,cache.direct=on,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "cache.direct=on", &img);
     let file = n.child(ChildRole::File).unwrap();
     let mut expected = data.clone();
 
@@ -148,13 +137,7 @@ fn misaligned_offsets_and_lengths() {
     let data = common::pattern(3, SIZE);
     let img = image_with(&data);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,cache.direct=on,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "cache.direct=on", &img);
     let file = n.child(ChildRole::File).unwrap();
     let align = u64::from(file.limits().request_alignment);
     let mut expected = data.clone();
@@ -243,7 +226,7 @@ fn file_node_directly_and_without_cache_direct() {
     assert_bytes_eq(&file_bytes(&img), &expected, "file");
 
     // Without cache.direct nothing needs aligning: every request goes straight through.
-    let n = open(&g, &format!("driver=raw,file.filename={}", path_str(&img)));
+    let n = open_raw(&g, "", &img);
     let file = n.child(ChildRole::File).unwrap();
     assert_eq!(file.limits().request_alignment, 1);
     assert_eq!(file.limits().min_mem_alignment, 1);
@@ -266,13 +249,7 @@ fn unaligned_file_size_with_cache_direct() {
     let data = common::pattern(5, 10_000);
     let img = image_with(&data);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,cache.direct=on,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "cache.direct=on", &img);
     assert_eq!(n.size(), 10_000);
     assert_eq!(common::read(&n, 9_900, 100).unwrap(), data[9_900..]);
     assert_eq!(common::read(&n, 0, 10_000).unwrap(), data);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{
-    assert_bytes_eq, file_bytes, image_with, open, path_str, read, run, st_blocks, write,
+    assert_bytes_eq, file_bytes, image_with, open, open_raw, read, run, st_blocks, write,
 };
 use strata_backend::{ChildRole, Graph, IoVec};
 
@@ -21,13 +21,7 @@ fn discard_unmap_punches_holes() {
     for direct in ["off", "on"] {
         let (img, mut expected) = full_image(1);
         let g = Graph::new();
-        let n = open(
-            &g,
-            &format!(
-                "driver=raw,discard=unmap,cache.direct={direct},file.filename={}",
-                path_str(&img)
-            ),
-        );
+        let n = open_raw(&g, &format!("discard=unmap,cache.direct={direct}"), &img);
         assert!(n.discard_enabled());
         let blocks_before = st_blocks(&img);
         assert!(
@@ -69,7 +63,7 @@ fn discard_ignore_keeps_data() {
     let (img, data) = full_image(2);
     let g = Graph::new();
     // discard=ignore is the default on the format node.
-    let n = open(&g, &format!("driver=raw,file.filename={}", path_str(&img)));
+    let n = open_raw(&g, "", &img);
     assert!(!n.discard_enabled());
     let blocks = st_blocks(&img);
     run(n.discard(0, 4 * MIB as u64)).unwrap();
@@ -77,13 +71,7 @@ fn discard_ignore_keeps_data() {
     assert_eq!(st_blocks(&img), blocks);
     drop(n);
     // ... as when the file child has discard=ignore under an unmapping format.
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,discard=unmap,file.discard=ignore,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "discard=unmap,file.discard=ignore", &img);
     assert!(!n.discard_enabled());
     run(n.discard(0, 4 * MIB as u64)).unwrap();
     assert_bytes_eq(&read(&n, 0, 4 * MIB).unwrap(), &data, "node");
@@ -94,13 +82,7 @@ fn write_zeroes_with_and_without_unmap() {
     for direct in ["off", "on"] {
         let (img, mut expected) = full_image(3);
         let g = Graph::new();
-        let n = open(
-            &g,
-            &format!(
-                "driver=raw,discard=unmap,cache.direct={direct},file.filename={}",
-                path_str(&img)
-            ),
-        );
+        let n = open_raw(&g, &format!("discard=unmap,cache.direct={direct}"), &img);
         let blocks0 = st_blocks(&img);
 
         // Without may_unmap: zeroes, space stays allocated.
@@ -130,7 +112,7 @@ fn write_zeroes_with_and_without_unmap() {
     // may_unmap is only a permission: with discard=ignore the space stays.
     let (img, mut expected) = full_image(4);
     let g = Graph::new();
-    let n = open(&g, &format!("driver=raw,file.filename={}", path_str(&img)));
+    let n = open_raw(&g, "", &img);
     let blocks = st_blocks(&img);
     run(n.write_zeroes(MIB as u64, MIB as u64, true)).unwrap();
     expected[MIB..2 * MIB].fill(0);
@@ -142,13 +124,7 @@ fn write_zeroes_with_and_without_unmap() {
 fn unaligned_write_zeroes_on_o_direct() {
     let (img, mut expected) = full_image(5);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,discard=unmap,cache.direct=on,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "discard=unmap,cache.direct=on", &img);
     let file = n.child(ChildRole::File).unwrap();
     assert!(file.limits().request_alignment > 1);
     let cases: &[(usize, usize)] = &[
@@ -182,13 +158,7 @@ fn unaligned_write_zeroes_on_o_direct() {
 fn detect_zeroes_turns_zero_writes_into_write_zeroes() {
     let (img, mut expected) = full_image(6);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,discard=unmap,detect-zeroes=unmap,file.filename={}",
-            path_str(&img)
-        ),
-    );
+    let n = open_raw(&g, "discard=unmap,detect-zeroes=unmap", &img);
     let blocks = st_blocks(&img);
     write(&n, MIB as u64, &vec![0u8; 2 * MIB]).unwrap();
     expected[MIB..3 * MIB].fill(0);

@@ -7,14 +7,16 @@
 mod common;
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use common::{
-    assert_bytes_eq, err, image, open, read, run, try_open, write, AlignedBuf, LoopDevice,
+    assert_bytes_eq, err, image, open, open_raw, read, run, try_open, write, AlignedBuf, LoopDevice,
 };
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use strata_backend::{ChildRole, Graph, LocalExecutor, Node};
+use tempfile::TempPath;
 
 const SECTOR: usize = 512;
 const BLOCK: usize = 4096;
@@ -22,9 +24,8 @@ const BLOCK: usize = 4096;
 #[test]
 fn host_device_is_selected_and_aligned_to_4k() {
     require_loop!();
-    let img = image(1 << 20, 1);
-    let dev = LoopDevice::attach(&img, 4096);
-    let d = dev.path_str();
+    let lo = loop_4k(1 << 20, 1);
+    let d = lo.dev.path_str();
     let g = Graph::new();
 
     // A block device path selects host_device, given a format or probed.
@@ -42,20 +43,14 @@ fn host_device_is_selected_and_aligned_to_4k() {
         assert_eq!(file.limits().request_alignment, 4096, "{opts}");
         assert_eq!(n.size(), 1 << 20);
     }
-    let n = open(
-        &g,
-        &format!("driver=host_device,filename={d},cache.direct=on"),
-    );
+    let n = open_host_device(&g, &lo.dev);
     assert_eq!(n.limits().request_alignment, 4096);
     drop(n);
     // Without O_DIRECT the page cache takes any request.
     let n2 = open(&g, &format!("driver=host_device,filename={d}"));
     assert_eq!(n2.limits().request_alignment, 1);
     drop(n2);
-    let n = open(
-        &g,
-        &format!("driver=host_device,filename={d},cache.direct=on"),
-    );
+    let n = open_host_device(&g, &lo.dev);
 
     // The file driver wants regular files.
     let e = err(try_open(&g, &format!("driver=file,filename={d}")));
@@ -82,22 +77,15 @@ fn host_device_is_selected_and_aligned_to_4k() {
     run(n.flush()).unwrap();
     drop(n);
     drop(g);
-    assert_bytes_eq(&common::file_bytes(&img), &expected, "backing file");
+    assert_bytes_eq(&common::file_bytes(&lo.img), &expected, "backing file");
 }
 
 #[test]
 fn discard_and_write_zeroes_on_a_loop_device() {
     require_loop!();
-    let img = image(1 << 20, 2);
-    let dev = LoopDevice::attach(&img, 4096);
+    let lo = loop_4k(1 << 20, 2);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=raw,discard=unmap,cache.direct=on,file.filename={}",
-            dev.path_str()
-        ),
-    );
+    let n = open_raw(&g, "discard=unmap,cache.direct=on", lo.dev.path());
     let mut expected = common::pattern(2, 1 << 20);
     // BLKZEROOUT for the aligned middle, read-modify-write at the 4K edges.
     run(n.write_zeroes(1000, 20_000, false)).unwrap();
@@ -122,6 +110,30 @@ fn discard_and_write_zeroes_on_a_loop_device() {
         &expected[393_216..],
         "after discarded range",
     );
+}
+
+/// A loop device with 4096-byte logical sectors over a temporary image of `pattern(seed)`.
+struct Loop4k {
+    // Declared first so that it is detached before the image is removed.
+    dev: LoopDevice,
+    img: TempPath,
+}
+
+fn loop_4k(size: usize, seed: u64) -> Loop4k {
+    let img = image(size, seed);
+    let dev = LoopDevice::attach(&img, 4096);
+    Loop4k { dev, img }
+}
+
+/// A host_device node with O_DIRECT on the loop device.
+fn open_host_device(g: &Graph, dev: &LoopDevice) -> Arc<Node> {
+    open(
+        g,
+        &format!(
+            "driver=host_device,filename={},cache.direct=on",
+            dev.path_str()
+        ),
+    )
 }
 
 /// The 512-byte payload of `sector` written by `thread` in `round`.
@@ -166,17 +178,9 @@ fn concurrent_512_byte_writers_on_4k_sectors() {
     require_loop!();
     const SIZE: usize = 1 << 20;
     const ROUNDS: usize = 3;
-    let initial = common::pattern(3, SIZE);
-    let img = common::image_with(&initial);
-    let dev = LoopDevice::attach(&img, 4096);
+    let lo = loop_4k(SIZE, 3);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=host_device,filename={},cache.direct=on",
-            dev.path_str()
-        ),
-    );
+    let n = open_host_device(&g, &lo.dev);
     assert_eq!(n.limits().request_alignment, 4096);
     assert_eq!(n.size(), SIZE as u64);
 
@@ -227,7 +231,7 @@ fn concurrent_512_byte_writers_on_4k_sectors() {
     run(n.flush()).unwrap();
     drop(n);
     assert_bytes_eq(
-        &common::file_bytes(dev.path()),
+        &common::file_bytes(lo.dev.path()),
         &expected,
         "device read by std::fs",
     );
@@ -239,16 +243,9 @@ fn concurrent_writers_to_the_same_sectors_never_mix() {
     // sector must hold one complete write, and no sector may go back to its initial data.
     require_loop!();
     const SIZE: usize = 256 * 1024;
-    let img = image(SIZE, 4);
-    let dev = LoopDevice::attach(&img, 4096);
+    let lo = loop_4k(SIZE, 4);
     let g = Graph::new();
-    let n = open(
-        &g,
-        &format!(
-            "driver=host_device,filename={},cache.direct=on",
-            dev.path_str()
-        ),
-    );
+    let n = open_host_device(&g, &lo.dev);
     let sectors: Vec<usize> = (0..SIZE / SECTOR).collect();
     std::thread::scope(|s| {
         for t in 0..2 {
@@ -272,15 +269,8 @@ fn long_misaligned_requests_bounce_chunk_by_chunk() {
     // Longer than several bounce chunks, starting and ending inside 4 KiB sectors, from and
     // into buffers that are not 4 KiB aligned: every bounced path in pieces.
     const SIZE: usize = 16 << 20;
-    let img = image(SIZE, 8);
-    let dev = LoopDevice::attach(&img, 4096);
-    let n = open(
-        &Graph::new(),
-        &format!(
-            "driver=raw,file.filename={},cache.direct=on",
-            dev.path_str()
-        ),
-    );
+    let lo = loop_4k(SIZE, 8);
+    let n = open_raw(&Graph::new(), "cache.direct=on", lo.dev.path());
     let mut expected = common::pattern(8, SIZE);
     let (off, len) = (1536u64, (5 << 20) + 1000);
     let mut buf = AlignedBuf::new(len, 512);
@@ -304,8 +294,8 @@ fn long_misaligned_requests_bounce_chunk_by_chunk() {
     run(n.flush()).unwrap();
     assert_bytes_eq(&read(&n, 0, SIZE).unwrap(), &expected, "after the writes");
     drop(n);
-    drop(dev);
-    assert_bytes_eq(&common::file_bytes(&img), &expected, "on disk");
+    drop(lo.dev);
+    assert_bytes_eq(&common::file_bytes(&lo.img), &expected, "on disk");
 }
 
 #[test]
@@ -316,11 +306,10 @@ fn many_misaligned_writes_to_a_probed_image_on_4k_sectors_never_wait_for_ever() 
     // budget holds at once, all finish (none waits for ever for a bounce buffer) and land
     // where they belong.
     const SIZE: usize = 80 << 20;
-    let img = image(SIZE, 12);
-    let dev = LoopDevice::attach(&img, 4096);
+    let lo = loop_4k(SIZE, 12);
     let n = open(
         &Graph::new(),
-        &format!("file.filename={},cache.direct=on", dev.path_str()),
+        &format!("file.filename={},cache.direct=on", lo.dev.path_str()),
     );
     assert_eq!(n.driver_name(), "raw", "probed");
     let (tx, rx) = std::sync::mpsc::channel();

@@ -24,6 +24,18 @@ pub fn open(g: &Graph, opts: &str) -> Arc<Node> {
     try_open(g, opts).unwrap_or_else(|e| panic!("open '{opts}' failed: {e}"))
 }
 
+/// Opens a raw node over the file or device at `path`, with the keyval options `opts` (none
+/// when empty) besides the driver and the file name.
+pub fn open_raw(g: &Graph, opts: &str, path: impl AsRef<Path>) -> Arc<Node> {
+    let path = path.as_ref().to_str().expect("test paths are UTF-8");
+    let opts = if opts.is_empty() {
+        String::new()
+    } else {
+        format!("{opts},")
+    };
+    open(g, &format!("driver=raw,{opts}file.filename={path}"))
+}
+
 /// Opens a node from keyval text.
 pub fn try_open(g: &Graph, opts: &str) -> strata_backend::Result<Arc<Node>> {
     g.open(Options::parse(opts, None)?)
