@@ -29,13 +29,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-
-usage() {
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
-    exit 2
-}
-die() { echo "restart: error: $*" >&2; exit 2; }
+prog=restart
+# shellcheck source-path=SCRIPTDIR source=host-lib.sh
+. "$here/host-lib.sh"
 
 [[ $# -ge 1 ]] || usage
 case "$1" in -h|--help) usage ;; esac
@@ -51,15 +47,13 @@ while [[ $# -gt 0 ]]; do
         --size) size="${2:?}"; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) usage ;;
-        *) echo "restart: unknown argument '$1'" >&2; usage ;;
+        *) unknown_argument "$1" ;;
     esac
 done
 [[ "$format" == raw || "$format" == qcow2 ]] || die "--format must be raw or qcow2"
 [[ "$signal" == KILL || "$signal" == TERM ]] || die "--signal must be KILL or TERM"
 [[ "$cache" == through || "$cache" == back ]] || die "--cache must be through or back"
-for v in "$queues" "$restarts" "$size"; do
-    [[ "$v" =~ ^[0-9]+$ ]] || die "'$v' is not a number"
-done
+require_numbers "$queues" "$restarts" "$size"
 if [[ "$backend" == qsd ]]; then
     daemon=(qemu-storage-daemon)
     command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon not found"
@@ -68,7 +62,6 @@ else
     daemon=("$(realpath "$backend")")
 fi
 
-gdir="${STRATA_GUEST_DIR:-$repo/target/guest}"
 mkdir -p "$gdir/logs"
 export STRATA_GUEST_DIR="$gdir"
 work="$(mktemp -d /tmp/strata-restart.XXXXXX)"

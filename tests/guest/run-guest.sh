@@ -34,13 +34,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-
-usage() {
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
-    exit 2
-}
-die() { echo "run-guest: error: $*" >&2; exit 2; }
+prog=run-guest
+# shellcheck source-path=SCRIPTDIR source=host-lib.sh
+. "$here/host-lib.sh"
 
 socket="" test="" queues="" lbs="" size="" seed="" wc="" timeout_s=300
 append="" log="" smp=2 mem=1024 queue_size="" device_opts="" pidfile="" verbose=0
@@ -66,7 +62,7 @@ while [[ $# -gt 0 ]]; do
         --stdin) stdin="${2:?}"; shift 2 ;;
         --verbose|-v) verbose=1; shift ;;
         -h|--help) usage ;;
-        *) echo "run-guest: unknown argument '$1'" >&2; usage ;;
+        *) unknown_argument "$1" ;;
     esac
 done
 [[ -n "$socket" && -n "$test" ]] || usage
@@ -76,14 +72,12 @@ if [[ ! -f "$here/tests/$test.sh" ]]; then
     die "no guest test '$test' (have: ${have[*]%.sh})"
 fi
 [[ -S "$socket" ]] || die "$socket is not a unix socket (is the backend running?)"
-for v in "$timeout_s" "$smp" "$mem" ${queues:+"$queues"} ${lbs:+"$lbs"} ${size:+"$size"} ${seed:+"$seed"}; do
-    [[ "$v" =~ ^[0-9]+$ ]] || die "'$v' is not a number"
-done
+require_numbers "$timeout_s" "$smp" "$mem" ${queues:+"$queues"} ${lbs:+"$lbs"} ${size:+"$size"} \
+    ${seed:+"$seed"}
 queues="${queues:-$smp}"
 qemu="${QEMU:-qemu-system-x86_64}"
 command -v "$qemu" >/dev/null || die "$qemu not found (apt-get install qemu-system-x86 qemu-utils)"
 
-gdir="${STRATA_GUEST_DIR:-$repo/target/guest}"
 mkdir -p "$gdir/logs"
 kernel="$("$here/kernel-path.sh")"
 kver="$("$here/kernel-path.sh" --version)"

@@ -98,3 +98,35 @@ discard_expect() {
     dd if=/dev/zero bs=$_k count=1 2>/dev/null
     dd if="$1" bs=$(( _k / 2 )) skip=15 count=1 2>/dev/null
 }
+
+# A block-layer error message of the kernel (virtio_blk, blk-mq, buffer heads, hung tasks).
+kernel_errors='I/O error|is not a head|blk_update_request|print_req_error|virtio_blk.*(error|fail)|blocked for more than|hung_task'
+
+# check_dmesg: fails the test when the kernel log holds a block-layer error.
+check_dmesg() {
+    if dmesg | grep -Ei "$kernel_errors" > /tmp/dmesg.err; then
+        cat /tmp/dmesg.err
+        fail "kernel: $(head -n1 /tmp/dmesg.err)"
+    fi
+}
+
+# fio_checked WHAT BS JOBS fio-args...: fio on the disk under test (O_DIRECT, libaio, iodepth
+# 16, JOBS jobs of BS-byte blocks split over the CPUs) with crc32c verification; fails the
+# test on any error or mismatch, after the kernel's block-layer errors if there are any.
+fio_checked() {
+    _what="$1" _bs="$2" _jobs="$3"
+    shift 3
+    rm -f /tmp/fio.out
+    if ! fio --filename="/dev/$(strata_dev)" --direct=1 --ioengine=libaio --iodepth=16 \
+            --bs="$_bs" --numjobs="$_jobs" --cpus_allowed="0-$(( $(ncpus) - 1 ))" \
+            --cpus_allowed_policy=split --verify=crc32c --verify_fatal=1 --verify_dump=0 \
+            --group_reporting --eta=never --output=/tmp/fio.out "$@" </dev/null; then
+        cat /tmp/fio.out 2>/dev/null || true
+        check_dmesg
+        fail "fio $_what failed"
+    fi
+    if grep -Eq 'err= *[1-9]|verify: bad|bad magic|crc32c: verify failed' /tmp/fio.out; then
+        cat /tmp/fio.out
+        fail "fio $_what reported an error"
+    fi
+}

@@ -13,9 +13,7 @@ set -eu
 # shellcheck source-path=SCRIPTDIR/../initramfs source=lib.sh
 . /strata/lib.sh
 
-dev="/dev/$(strata_dev)"
 sysfs_size="/sys/block/$(strata_dev)/size"
-cpus="$(ncpus)"
 seed="$(param strata.seed 1)"
 is_uint "$seed" || fail "strata.seed must be a number, not '$seed'"
 new="$(param strata.resize_to '')" || true
@@ -29,31 +27,10 @@ region=$((per_job * jobs))
 regions=$((old / region))
 [ "$regions" -ge 2 ] || fail "disk too small for two regions of $region bytes"
 
-kernel_errors='I/O error|is not a head|blk_update_request|print_req_error|virtio_blk.*(error|fail)|blocked for more than|hung_task'
-check_dmesg() {
-    if dmesg | grep -Ei "$kernel_errors" > /tmp/dmesg.err; then
-        cat /tmp/dmesg.err
-        fail "kernel: $(head -n1 /tmp/dmesg.err)"
-    fi
-}
-
-# fio_checked WHAT fio-args...: fio with crc32c verification on the disk; fails on any error.
-fio_checked() {
-    _what="$1"
-    shift
-    rm -f "/tmp/fio.$_what.out"
-    if ! fio --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs="$bs" \
-            --numjobs="$jobs" --cpus_allowed="0-$((cpus - 1))" --cpus_allowed_policy=split \
-            --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=1 \
-            --size="$per_job" --offset_increment="$per_job" --rw=randwrite \
-            --group_reporting --eta=never --output="/tmp/fio.$_what.out" "$@" </dev/null; then
-        cat "/tmp/fio.$_what.out" 2>/dev/null || true
-        fail "fio $_what failed"
-    fi
-    if grep -Eq 'err= *[1-9]|verify: bad|bad magic|crc32c: verify failed' "/tmp/fio.$_what.out"; then
-        cat "/tmp/fio.$_what.out"
-        fail "fio $_what reported an error"
-    fi
+# randwrite_checked WHAT fio-args...: a verified random-write pass of a region.
+randwrite_checked() {
+    fio_checked "$1" "$bs" "$jobs" --do_verify=1 --randrepeat=1 --size="$per_job" \
+        --offset_increment="$per_job" --rw=randwrite "$@"
 }
 
 # The writer: one round after another on the regions below the old end, until /tmp/stop.
@@ -61,8 +38,8 @@ rm -f /tmp/stop /tmp/rounds
 (
     round=0
     while [ ! -e /tmp/stop ]; do
-        fio_checked "round$round" --name="round$round" --offset=$(( (round % regions) * region )) \
-            --randseed=$(( seed * 1000 + round ))
+        randwrite_checked "round$round" --name="round$round" \
+            --offset=$(( (round % regions) * region )) --randseed=$(( seed * 1000 + round ))
         round=$((round + 1))
         echo "$round" > /tmp/rounds
         if [ "$round" -eq 1 ]; then
@@ -94,6 +71,6 @@ wait "$writer" || fail "fio failed under the resize: $(cat /tmp/strata-fail-reas
 log "resize: fio stopped after $(cat /tmp/rounds) rounds without an error"
 
 # The new area is there: verified writes past the old end, up to the new last block.
-fio_checked "new-area" --name=new-area --offset=$((new - region)) --randseed="$seed"
+randwrite_checked "new-area" --name=new-area --offset=$((new - region)) --randseed="$seed"
 log "resize: the last $region bytes of the new disk written and verified"
 check_dmesg

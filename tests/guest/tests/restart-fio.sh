@@ -20,9 +20,7 @@ set -eu
 # shellcheck source-path=SCRIPTDIR/../initramfs source=lib.sh
 . /strata/lib.sh
 
-dev="/dev/$(strata_dev)"
 size="$(dev_bytes)"
-cpus="$(ncpus)"
 seed="$(param strata.seed 1)"
 is_uint "$seed" || fail "strata.seed must be a number, not '$seed'"
 per_job="$(param strata.fio_size $((4 * 1048576)))"
@@ -35,35 +33,6 @@ jobs=2
 region=$(( per_job * jobs ))
 regions=$(( size / region ))
 [ "$regions" -ge 2 ] || fail "disk too small for two regions of $region bytes"
-
-# A block-layer error message of the kernel (virtio_blk, blk-mq, buffer heads, hung tasks).
-kernel_errors='I/O error|is not a head|blk_update_request|print_req_error|virtio_blk.*(error|fail)|blocked for more than|hung_task'
-check_dmesg() {
-    if dmesg | grep -Ei "$kernel_errors" > /tmp/dmesg.err; then
-        cat /tmp/dmesg.err
-        fail "kernel: $(head -n1 /tmp/dmesg.err)"
-    fi
-}
-
-# fio_checked WHAT fio-args...: runs fio on the disk with crc32c verification; fails the test
-# on any error or mismatch.
-fio_checked() {
-    _what="$1"
-    shift
-    rm -f /tmp/fio.out
-    if ! fio --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs="$bs" \
-            --numjobs="$jobs" --cpus_allowed="0-$((cpus - 1))" --cpus_allowed_policy=split \
-            --verify=crc32c --verify_fatal=1 --verify_dump=0 \
-            --group_reporting --eta=never --output=/tmp/fio.out "$@" </dev/null; then
-        cat /tmp/fio.out 2>/dev/null || true
-        check_dmesg
-        fail "fio $_what failed"
-    fi
-    if grep -Eq 'err= *[1-9]|verify: bad|bad magic|crc32c: verify failed' /tmp/fio.out; then
-        cat /tmp/fio.out
-        fail "fio $_what reported an error"
-    fi
-}
 
 # The host's "stop" arrives on the console; reading it must not hold up the writes.
 rm -f /tmp/stop
@@ -78,7 +47,7 @@ while [ ! -e /tmp/stop ]; do
     if [ "$round" -eq "$regions" ]; then
         log "restart-fio: every region written once; rewriting them (a bigger disk avoids it)"
     fi
-    fio_checked "round $round (region $r)" --name="round$round" --rw=randwrite \
+    fio_checked "round $round (region $r)" "$bs" "$jobs" --name="round$round" --rw=randwrite \
         --offset=$(( r * region )) --size="$per_job" --offset_increment="$per_job" \
         --do_verify=1 --randrepeat=1 --randseed=$(( seed * 100000 + round ))
     round=$(( round + 1 ))
@@ -91,7 +60,7 @@ log "restart-fio: stop after $round rounds; verifying the $used regions written 
 # One pass over the regions written (each block's header names its offset, its data has a
 # checksum): the order the blocks were written in does not matter.
 half=$(( used * region / jobs ))
-fio_checked "final verify" --name=final --rw=write --size="$half" --offset_increment="$half" \
-    --verify_only
+fio_checked "final verify" "$bs" "$jobs" --name=final --rw=write --size="$half" \
+    --offset_increment="$half" --verify_only
 check_dmesg
 log "restart-fio: $round rounds written and verified, $used regions verified again"
