@@ -215,10 +215,7 @@ impl Refcounts {
     }
 
     async fn block(&mut self, offset: u64) -> Result<&mut Block> {
-        self.tick += 1;
-        let tick = self.tick;
         if !self.cache.contains_key(&offset) {
-            self.make_room().await?;
             let data = read_bytes(
                 &self.file,
                 offset,
@@ -226,15 +223,10 @@ impl Refcounts {
                 "refcount block",
             )
             .await?;
-            self.cache.insert(
-                offset,
-                Block {
-                    data,
-                    dirty: false,
-                    last_use: tick,
-                },
-            );
+            self.cache_clean(offset, data).await?;
         }
+        self.tick += 1;
+        let tick = self.tick;
         let Some(b) = self.cache.get_mut(&offset) else {
             return Err(BlockError::invalid(
                 "refcount block vanished from the cache",
@@ -242,6 +234,22 @@ impl Refcounts {
         };
         b.last_use = tick;
         Ok(b)
+    }
+
+    /// Caches a clean block: `data` is what the disk holds at `offset` (read from it or just
+    /// written), so it needs no write-back. Makes room for it first.
+    async fn cache_clean(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.make_room().await?;
+        self.tick += 1;
+        self.cache.insert(
+            offset,
+            Block {
+                data,
+                dirty: false,
+                last_use: self.tick,
+            },
+        );
+        Ok(())
     }
 
     async fn make_room(&mut self) -> Result<()> {
@@ -361,16 +369,7 @@ impl Refcounts {
         .await?;
         self.file.flush().await?;
         self.table[rt as usize] = offset;
-        self.make_room().await?;
-        self.tick += 1;
-        self.cache.insert(
-            offset,
-            Block {
-                data,
-                dirty: false,
-                last_use: self.tick,
-            },
-        );
+        self.cache_clean(offset, data).await?;
         Ok(true)
     }
 
@@ -435,16 +434,7 @@ impl Refcounts {
         self.table = table;
         self.table_offset = table_offset;
         for (offset, data) in blocks {
-            self.make_room().await?;
-            self.tick += 1;
-            self.cache.insert(
-                offset,
-                Block {
-                    data,
-                    dirty: false,
-                    last_use: self.tick,
-                },
-            );
+            self.cache_clean(offset, data).await?;
         }
         // The header no longer points at the old table (it is on disk): free it.
         self.record(REFCOUNT_TABLE, old_offset, old_clusters * cs, false)?;
@@ -618,16 +608,7 @@ impl Refcounts {
         }
         for (j, (offset, data)) in blocks.into_iter().enumerate() {
             self.table[first_rt as usize + j] = offset;
-            self.make_room().await?;
-            self.tick += 1;
-            self.cache.insert(
-                offset,
-                Block {
-                    data,
-                    dirty: false,
-                    last_use: self.tick,
-                },
-            );
+            self.cache_clean(offset, data).await?;
         }
         self.alloc_high = self.alloc_high.max(area_start + area_len);
         Ok((area_start + nb) << self.cluster_bits)
