@@ -14,6 +14,7 @@ pub mod qcow2;
 pub(crate) mod raw;
 pub(crate) mod rbd;
 
+pub(crate) use api::accept_any_reopen;
 pub use api::{BlockDriver, BlockStatus, FileId, IoFuture, Limits};
 pub use backing_policy::BackingPolicy;
 pub use open::{

@@ -2,8 +2,11 @@
 
 use io_uring::{opcode, types};
 
-use super::{BlockDriver, DriverInfo, DriverKind, IoFuture, OpenContext, OpenFuture};
+use super::{
+    accept_any_reopen, BlockDriver, DriverInfo, DriverKind, IoFuture, OpenContext, OpenFuture,
+};
 use crate::error::{BlockError, Result};
+use crate::flags::NodeFlags;
 use crate::io::iovec::{self, IoVec};
 use crate::io::reactor::Reactor;
 
@@ -94,12 +97,8 @@ impl BlockDriver for NullDriver {
     }
 
     // Nothing is opened: any flag can change.
-    fn reopen_prepare<'a>(
-        &'a self,
-        _old: &crate::flags::NodeFlags,
-        _new: &crate::flags::NodeFlags,
-    ) -> IoFuture<'a, ()> {
-        Box::pin(std::future::ready(Ok(())))
+    fn reopen_prepare<'a>(&'a self, _old: &NodeFlags, _new: &NodeFlags) -> IoFuture<'a, ()> {
+        accept_any_reopen()
     }
 
     fn supports_discard(&self) -> bool {

@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use super::{
-    BlockDriver, BlockStatus, CreateRequest, CreateTarget, DriverInfo, DriverKind, IoFuture,
-    Limits, OpenContext, OpenFuture,
+    accept_any_reopen, BlockDriver, BlockStatus, CreateRequest, CreateTarget, DriverInfo,
+    DriverKind, IoFuture, Limits, OpenContext, OpenFuture,
 };
 use crate::error::{BlockError, Result};
+use crate::flags::NodeFlags;
 use crate::io::bounce::BounceBuffer;
 use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
@@ -168,10 +169,16 @@ impl RawDriver {
         Ok(Some(head))
     }
 
+    /// Of a request of `iov` at `offset`, its length and how many of its bytes lie inside the
+    /// window (before the node's end).
+    fn inside(&self, offset: u64, iov: &[IoVec<'_>]) -> (u64, u64) {
+        let len = iovec::total_len(iov);
+        (len, self.size().saturating_sub(offset).min(len))
+    }
+
     /// Writes `iov` at `offset` of the window, dropping what lies past its end.
     async fn write_window(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
-        let len = iovec::total_len(iov);
-        let keep = self.size().saturating_sub(offset).min(len);
+        let (len, keep) = self.inside(offset, iov);
         if keep == len {
             return self.file.write(self.offset + offset, iov).await;
         }
@@ -230,12 +237,8 @@ impl BlockDriver for RawDriver {
 
     // raw holds no file of its own: read-only and cache.direct are its file child's to
     // apply (a reopen lists that node too), so any change is fine here.
-    fn reopen_prepare<'a>(
-        &'a self,
-        _old: &crate::flags::NodeFlags,
-        _new: &crate::flags::NodeFlags,
-    ) -> IoFuture<'a, ()> {
-        Box::pin(std::future::ready(Ok(())))
+    fn reopen_prepare<'a>(&'a self, _old: &NodeFlags, _new: &NodeFlags) -> IoFuture<'a, ()> {
+        accept_any_reopen()
     }
 
     fn supports_discard(&self) -> bool {
@@ -246,8 +249,7 @@ impl BlockDriver for RawDriver {
         Box::pin(async move {
             // Sector-widened requests may reach past a size that is not a multiple of 512:
             // that part reads as zeroes.
-            let len = iovec::total_len(iov);
-            let keep = self.size().saturating_sub(offset).min(len);
+            let (len, keep) = self.inside(offset, iov);
             if keep == len {
                 return self.file.read(self.offset + offset, iov).await;
             }
