@@ -170,20 +170,7 @@ fn crash_rounds(opts: &str, l: Layout, rounds: u64) {
     let base = path(&dir, "base.raw");
     std::fs::write(&base, pattern(7, (l.size - l.size / 4) as usize)).unwrap();
     let img = path(&dir, "crash.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&img),
-        &l.size.to_string(),
-    ]);
+    create_qcow2(&img, opts, Some(("base.raw", "raw")), l.size);
     let mut baseline = qemu_raw(&img);
     let mut rng = SmallRng::seed_from_u64(l.cluster);
     for round in 0..rounds {

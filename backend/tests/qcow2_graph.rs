@@ -144,16 +144,7 @@ fn explicit_driver_probe_and_options() {
 fn dirty_image_is_repaired_on_open() {
     let dir = tempdir();
     let img = path(&dir, "dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        s(&img),
-        "8M",
-    ]);
+    create_qcow2(&img, "lazy_refcounts=on", None, "8M");
     // qemu-io's abort leaves the dirty bit set with refcounts not updated.
     let out = std::process::Command::new("qemu-io")
         .args([
@@ -197,16 +188,7 @@ fn check_agrees_with_qemu_img_and_repairs() {
     use strata_backend::driver::qcow2::{check, Repair};
     let dir = tempdir();
     let img = path(&dir, "leaky.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&img),
-        "8M",
-    ]);
+    create_qcow2(&img, "cluster_size=4096", None, "8M");
     qemu_io(
         &img,
         "qcow2",

@@ -68,16 +68,12 @@ fn versions_and_cluster_sizes() {
         ("1.1", 16384),
     ] {
         let img = path(&dir, &format!("v{compat}-{cluster}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        create_qcow2(
+            &img,
             &format!("compat={compat},cluster_size={cluster}"),
-            s(&img),
-            &size.to_string(),
-        ]);
+            None,
+            size,
+        );
         qemu_io(
             &img,
             "qcow2",
@@ -92,16 +88,12 @@ fn refcount_widths() {
     let dir = tempdir();
     for bits in [1, 2, 4, 8, 32, 64] {
         let img = path(&dir, &format!("rc{bits}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        create_qcow2(
+            &img,
             &format!("refcount_bits={bits},cluster_size=4096"),
-            s(&img),
+            None,
             "4M",
-        ]);
+        );
         qemu_io(&img, "qcow2", &fill_commands(4 << 20, 4096, bits));
         check_image(&img, bits);
     }
@@ -162,20 +154,12 @@ fn extended_l2_subclusters() {
     let img = path(&dir, "ext.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&base, "qcow2", &["write -P 0x11 0 4M".to_string()]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    create_qcow2(
+        &img,
         "extended_l2=on,cluster_size=65536",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&img),
+        Some(("base.qcow2", "qcow2")),
         "4M",
-    ]);
+    );
     // 2 KiB subclusters: small writes allocate single subclusters, zero writes set zero bits.
     qemu_io(
         &img,
@@ -207,38 +191,19 @@ fn backing_chains_relative_names_and_short_backing() {
     // mid names its backing relative to its own directory; top lives in sub/ and names mid
     // as ../mid.qcow2; top is larger than the chain below (reads past it are zeroes).
     let mid = path(&dir, "mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&mid),
-        "2M",
-    ]);
+    create_qcow2(&mid, "", Some(("base.raw", "raw")), "2M");
     qemu_io(
         &mid,
         "qcow2",
         &["write -P 0x61 512k 64k".into(), "write -z 0 4096".into()],
     );
     let top = dir.path().join("sub/top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    create_qcow2(
+        &top,
         "cluster_size=4096",
-        "-b",
-        "../mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
+        Some(("../mid.qcow2", "qcow2")),
         "3M",
-    ]);
+    );
     qemu_io(
         &top,
         "qcow2",

@@ -12,19 +12,6 @@ use strata_backend::{block_on, Node};
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-fn create(path: &Path, size: u64, opts: &str) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        s(path),
-        &size.to_string(),
-    ]);
-}
-
 fn resize(node: &Node, size: u64) -> strata_backend::Result<()> {
     block_on(node.truncate(size)).expect("reactor")
 }
@@ -81,7 +68,7 @@ fn stripe_reads(offset: u64, data: &[u8], cluster: u64) -> Vec<String> {
 fn grow_moves_l1(cluster: u64, old: u64, new: u64) {
     let dir = tempdir();
     let img = path(&dir, "grow.qcow2");
-    create(&img, old, &format!("cluster_size={cluster}"));
+    create_qcow2(&img, &format!("cluster_size={cluster}"), None, old);
     let (l1_before, l1_off_before) = l1_fields(&img);
     let g = qemu_like_graph();
     let node = open_rw(&g, &img);
@@ -155,7 +142,7 @@ fn grow_512_byte_clusters_l1_spanning_many_clusters() {
 fn grow_within_the_l1_table_keeps_it() {
     let dir = tempdir();
     let img = path(&dir, "small.qcow2");
-    create(&img, 10 * MIB, "cluster_size=65536");
+    create_qcow2(&img, "cluster_size=65536", None, 10 * MIB);
     let before = l1_fields(&img);
     let g = qemu_like_graph();
     let node = open_rw(&g, &img);
@@ -172,7 +159,7 @@ fn grow_within_the_l1_table_keeps_it() {
 fn shrink_drops_the_data_past_the_end_as_qemu_does() {
     let dir = tempdir();
     let img = path(&dir, "shrink.qcow2");
-    create(&img, 64 * MIB, "cluster_size=65536");
+    create_qcow2(&img, "cluster_size=65536", None, 64 * MIB);
     let g = qemu_like_graph();
     let node = open_rw(&g, &img);
     let keep = pattern(5, 65536);
@@ -198,7 +185,7 @@ fn shrink_drops_the_data_past_the_end_as_qemu_does() {
 fn refusals_match_qemu() {
     let dir = tempdir();
     let img = path(&dir, "r.qcow2");
-    create(&img, 16 * MIB, "cluster_size=65536");
+    create_qcow2(&img, "cluster_size=65536", None, 16 * MIB);
     let g = qemu_like_graph();
     let node = open_rw(&g, &img);
     let e = resize(&node, 16 * MIB + 1).unwrap_err();
@@ -209,7 +196,7 @@ fn refusals_match_qemu() {
     );
     // A 512-byte-cluster image past QEMU's 32 MiB L1 limit (4 Mi entries of 32 KiB).
     let small = path(&dir, "s.qcow2");
-    create(&small, MIB, "cluster_size=512");
+    create_qcow2(&small, "cluster_size=512", None, MIB);
     let n2 = open(
         &g,
         &format!(
@@ -230,21 +217,10 @@ fn refusals_match_qemu() {
 fn grow_over_a_longer_backing_file_reads_zeroes() {
     let dir = tempdir();
     let base = path(&dir, "base.qcow2");
-    create(&base, 8 * MIB, "cluster_size=65536");
+    create_qcow2(&base, "cluster_size=65536", None, 8 * MIB);
     qemu_io(&base, "qcow2", &["write -P 0x77 0 8M".to_string()]);
     let top = path(&dir, "top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-        "4M",
-    ]);
+    create_qcow2(&top, "", Some((s(&base), "qcow2")), "4M");
     let g = qemu_like_graph();
     let node = open_rw(&g, &top);
     resize(&node, 8 * MIB).expect("resize");

@@ -5,7 +5,6 @@
 
 mod qcow2_util;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use qcow2_util::*;
@@ -136,17 +135,6 @@ fn run_threads(node: &Arc<Node>, setup: &Setup, model: &Mutex<Vec<u8>>) {
     });
 }
 
-fn create(img: &Path, opts: &str, backing: Option<(&str, &str)>, size: u64) {
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
-    if let Some((b, fmt)) = backing {
-        args.extend(["-b", b, "-F", fmt]);
-    }
-    let size = size.to_string();
-    args.push(s(img));
-    args.push(&size);
-    qemu_img(&args);
-}
-
 /// Returns the final number of refcount table clusters.
 fn write_and_compare(name: &str, opts: &str, cluster: u64, v3: bool, backing: Option<&str>) -> u32 {
     write_and_compare_with(name, opts, cluster, v3, backing, "")
@@ -177,9 +165,9 @@ fn write_and_compare_with(
             qemu_img(&["convert", "-q", "-O", "qcow2", s(&raw), s(&b)]);
         }
         backing_bytes = Some(data);
-        create(&img, opts, Some(("base.img", fmt)), size);
+        create_qcow2(&img, opts, Some(("base.img", fmt)), size);
     } else {
-        create(&img, opts, None, size);
+        create_qcow2(&img, opts, None, size);
     }
     let mut model = qemu_raw(&img);
     // Pre-existing data written by QEMU.
@@ -339,7 +327,7 @@ fn overwriting_compressed_clusters() {
 fn zero_clusters_and_discard_free_space() {
     let dir = tempdir();
     let img = path(&dir, "z.qcow2");
-    create(&img, "cluster_size=65536", None, 64 << 20);
+    create_qcow2(&img, "cluster_size=65536", None, 64 << 20);
     let g = Graph::new();
     let node = open(
         &g,
@@ -397,7 +385,7 @@ fn many_tasks_race_for_the_same_clusters() {
     let base = path(&dir, "base.raw");
     let backing = pattern(4, 1 << 20);
     std::fs::write(&base, &backing).unwrap();
-    create(
+    create_qcow2(
         &img,
         "cluster_size=65536",
         Some(("base.raw", "raw")),

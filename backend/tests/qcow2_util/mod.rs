@@ -40,6 +40,21 @@ pub fn qemu_img(args: &[&str]) -> String {
     run_ok(Command::new("qemu-img").args(args))
 }
 
+/// `qemu-img create -f qcow2` of `img` with the creation options `opts` (none when empty)
+/// and, when given, a backing file (its name as the image records it, and its format).
+pub fn create_qcow2(img: &Path, opts: &str, backing: Option<(&str, &str)>, size: impl ToString) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    if let Some((file, format)) = backing {
+        args.extend(["-b", file, "-F", format]);
+    }
+    let size = size.to_string();
+    args.extend([s(img), &size]);
+    qemu_img(&args);
+}
+
 /// `qemu-io -f FMT -c CMD ... FILE`.
 pub fn qemu_io(file: &Path, fmt: &str, cmds: &[String]) {
     let mut c = Command::new("qemu-io");
