@@ -190,7 +190,10 @@ mod x86_64 {
         // Duplicated descriptors, the memory files' and in-flight buffer's seals, the images' locks (QEMU's OFD locks),
         // directories read at exit (fdopendir).
         // librbd's messenger makes its sockets non-blocking (F_SETFL).
+        // Rust's standard library, built with debug assertions, checks that a descriptor is
+        // open (F_GETFD, which only reads its close-on-exec flag) before it closes it.
         let mut fcntls = vec![
+            libc::F_GETFD,
             libc::F_DUPFD_CLOEXEC,
             libc::F_GETFL,
             libc::F_SETFD,
