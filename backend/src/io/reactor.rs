@@ -4,7 +4,8 @@
 //! submission entries without entering the kernel; the thread's loop calls [`Reactor::submit`]
 //! once for everything queued, and [`Reactor::reap`] when the completion eventfd fires.
 //! The eventfd is registered with the ring, so an epoll loop can wait on it together with
-//! its other file descriptors; wakers on other threads write to it as well.
+//! its other file descriptors; wakers on other threads write to it as well while the thread
+//! sleeps (see [`LocalExecutor::prepare_to_sleep`](super::executor::LocalExecutor::prepare_to_sleep)).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -260,7 +261,7 @@ impl Reactor {
     }
 
     /// The eventfd that becomes readable when completions arrive or a task is woken from
-    /// another thread. Put it in the thread's epoll set.
+    /// another thread while this one sleeps. Put it in the thread's epoll set.
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }
@@ -362,6 +363,7 @@ impl Reactor {
     }
 
     /// Blocks until the eventfd fires (a completion or a cross-thread wake), then clears it.
+    /// Cross-thread wakes write it only after the executor's `prepare_to_sleep`.
     pub fn wait(&self) -> Result<()> {
         self.submit()?;
         let mut pfd = libc::pollfd {

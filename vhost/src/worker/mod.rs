@@ -32,6 +32,7 @@ use crate::split_ring::SplitRing;
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
 
 mod busy_poll;
+mod event;
 mod poll_window;
 
 use poll_window::PollWindow;
@@ -181,40 +182,6 @@ impl Worker {
         })
     }
 
-    /// Handles an event of the thread's epoll (`device_event`: a kick of that virtqueue, or
-    /// the io_uring's completion eventfd), then busy-polls for more work.
-    pub(crate) fn handle_event(&mut self, dev: &Device, device_event: u16, vrings: &[VringMutex]) {
-        // The thread slept since its last event: no cached clock reading holds.
-        clock::invalidate();
-        self.woke();
-        if u64::from(device_event) == dev.eventfd_token() {
-            self.on_eventfd();
-            if !self.paused.is_empty() && !dev.paused() {
-                for slot in std::mem::take(&mut self.paused) {
-                    if !self.backlog.contains(&slot) {
-                        self.backlog.push(slot);
-                    }
-                }
-            }
-            self.run_backlog(dev, vrings);
-        } else if let Some(vring) = vrings.get(usize::from(device_event)) {
-            self.process_queue(dev, usize::from(device_event), vring);
-            self.submit();
-        }
-        self.complete(dev, vrings);
-        self.poll_before_sleep(dev, vrings);
-        // Between events only requests in flight hold the memory table: update_memory
-        // waits until nothing holds the one it replaced.
-        self.held = None;
-        // A memory file shrunk under this event's accesses was contained: drop the connection.
-        let faults = memory_faults::faults();
-        if faults != self.faults_seen {
-            self.faults_seen = faults;
-            dev.check_memory_faults();
-        }
-        clock::invalidate();
-    }
-
     /// Takes the available requests of the virtqueue in `slot` and starts them, then turns
     /// guest notifications (kicks) back on.
     ///
@@ -265,23 +232,7 @@ impl Worker {
         if !self.backlog.contains(&slot) {
             self.backlog.push(slot);
         }
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local array to the eventfd of this worker's
-        // reactor, which `self.exec` keeps open; the eventfd is non-blocking.
-        let n = unsafe {
-            libc::write(
-                self.exec.reactor().eventfd(),
-                one.as_ptr().cast(),
-                one.len(),
-            )
-        };
-        if n < 0 {
-            log::error!(
-                "vhost-user-blk export '{}': could not wake worker: {}",
-                dev.cfg.id,
-                std::io::Error::last_os_error()
-            );
-        }
+        self.raise_eventfd(dev);
     }
 
     /// Requests of the virtqueue in `slot` were published: if it had requests left for want of
@@ -562,13 +513,6 @@ impl Worker {
     /// Runs ready tasks and submits their I/O in one system call.
     fn submit(&mut self) {
         if let Err(e) = self.exec.poll() {
-            log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
-        }
-    }
-
-    /// Completions arrived: run the woken tasks (and submit what they queued).
-    fn on_eventfd(&mut self) {
-        if let Err(e) = self.exec.on_eventfd() {
             log::error!("vhost-user-blk export '{}': {e}", self.ctx.cfg.id);
         }
     }
