@@ -5,7 +5,7 @@
 //! memory is refused. The device never trusts a length or an index it read from guest memory.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, VolatileMemory};
+use vm_memory::{Address, Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 use super::ChainError;
 use crate::device_config::MAX_INDIRECT_DESCS;
@@ -26,20 +26,38 @@ pub(crate) struct DescTable {
     pub size: u16,
 }
 
+impl DescTable {
+    /// The table with its guest memory looked up, for the chains of one batch.
+    pub(crate) fn view<'m>(self, regions: &mut RegionCache<'m>) -> TableView<'m> {
+        TableView {
+            table: self,
+            slice: regions.slice(self.addr, usize::from(self.size) * 16),
+        }
+    }
+}
+
+/// A descriptor table and, when it lies in one region of guest memory (it nearly always
+/// does), that memory as one checked slice: found once per batch instead of once per chain.
+#[derive(Clone, Copy)]
+pub(crate) struct TableView<'m> {
+    pub table: DescTable,
+    slice: Option<VolatileSlice<'m, ()>>,
+}
+
 /// Starts loading, for every chain in `heads`, the head descriptor and then the first buffer it
 /// points to (the request header, or an indirect table), so that parsing the batch does not
 /// wait for each cache line in turn: the driver's CPU has just written them.
 ///
 /// Only a hint: it reads nothing it relies on and skips whatever is out of range.
-pub(crate) fn prefetch_chains(regions: &mut RegionCache<'_>, table: DescTable, heads: &[u16]) {
-    let Some(descs) = regions.slice(table.addr, usize::from(table.size) * 16) else {
+pub(crate) fn prefetch_chains(regions: &mut RegionCache<'_>, view: &TableView<'_>, heads: &[u16]) {
+    let (Some(descs), size) = (view.slice, view.table.size) else {
         return;
     };
     let base = descs.ptr_guard().as_ptr();
-    for &head in heads.iter().filter(|&&h| h < table.size) {
+    for &head in heads.iter().filter(|&&h| h < size) {
         prefetch(base.wrapping_add(usize::from(head) * 16));
     }
-    for &head in heads.iter().filter(|&&h| h < table.size) {
+    for &head in heads.iter().filter(|&&h| h < size) {
         // A descriptor starts with its buffer's guest address (little-endian u64).
         let Ok(addr) = descs.get_ref::<u64>(usize::from(head) * 16) else {
             continue;
@@ -62,28 +80,28 @@ fn prefetch(ptr: *const u8) {
     let _ = ptr;
 }
 
-/// Reads the chain starting at descriptor `head` into `out`.
+/// Reads the chain starting at descriptor `head` of `view`'s table into `out`.
 ///
 /// Follows NEXT links and one indirect table (as the first descriptor, when `indirect_ok`);
 /// refuses indices outside the table, tables outside guest memory, nested or empty indirect
 /// tables, and chains longer than their table (which is how a loop shows).
-pub(crate) fn walk_chain(
-    regions: &mut RegionCache<'_>,
-    desc_table: DescTable,
+pub(crate) fn walk_chain<'m>(
+    regions: &mut RegionCache<'m>,
+    view: &TableView<'m>,
     head: u16,
     indirect_ok: bool,
     out: &mut Vec<Desc>,
 ) -> Result<(), ChainError> {
     out.clear();
-    let mut table = desc_table.addr;
-    let mut table_len = u32::from(desc_table.size);
+    let mut table = view.table.addr;
+    let mut table_len = u32::from(view.table.size);
     let mut index = u32::from(head);
     let mut indirect = false;
     let mut seen = 0u32;
-    // The table as one slice of guest memory when it lies in one region (it nearly always
-    // does): reading a descriptor from it is a bounds check and a copy, where a read through
-    // the whole memory map looks the region up again each time.
-    let mut slice = regions.slice(table, table_len as usize * 16);
+    // The table as one slice of guest memory when it lies in one region: reading a
+    // descriptor from it is a bounds check and a copy, where a read through the whole memory
+    // map looks the region up again each time.
+    let mut slice = view.slice;
     loop {
         if index >= table_len {
             return Err(ChainError::IndexOutsideTable);

@@ -12,7 +12,7 @@ use std::ptr::NonNull;
 use strata_backend::IoVec;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
-pub(crate) use chain::{prefetch_chains, walk_chain, Desc, DescTable};
+pub(crate) use chain::{prefetch_chains, walk_chain, Desc, DescTable, TableView};
 pub(crate) use error::{ChainError, Refusal};
 pub(crate) use parse::{parse, RequestType};
 

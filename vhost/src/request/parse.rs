@@ -576,7 +576,8 @@ mod tests {
         ) -> Outcome {
             let mut regions = RegionCache::new(&self.mem);
             let mut descs = Vec::new();
-            if let Err(e) = walk_chain(&mut regions, table, head, indirect_ok, &mut descs) {
+            let view = table.view(&mut regions);
+            if let Err(e) = walk_chain(&mut regions, &view, head, indirect_ok, &mut descs) {
                 return Outcome::Drop(e);
             }
             parse(&mut regions, &descs, cfg, &mut Vec::new())

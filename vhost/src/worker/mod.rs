@@ -26,7 +26,7 @@ use crate::device::Device;
 use crate::inflight::Tracker;
 use crate::memory_faults;
 use crate::regions::RegionCache;
-use crate::request::{self, Desc, DescTable, Outcome};
+use crate::request::{self, Desc, DescTable, Outcome, TableView};
 use crate::request_task::{request_task, Origin};
 use crate::split_ring::SplitRing;
 use crate::task_ctx::{Done, HeldMem, TaskCtx};
@@ -118,7 +118,7 @@ struct Batch<'m> {
     queue: usize,
     /// The virtqueue's slot on this thread.
     slot: usize,
-    desc_table: DescTable,
+    desc_table: TableView<'m>,
     regions: RegionCache<'m>,
     ring: SplitRing<'m>,
     /// The used index at the last notification check.
@@ -287,7 +287,7 @@ impl Worker {
             return 0;
         };
         let held = self.hold(mem);
-        request::prefetch_chains(&mut batch.regions, batch.desc_table, &self.heads);
+        request::prefetch_chains(&mut batch.regions, &batch.desc_table, &self.heads);
         for i in 0..self.heads.len() {
             let head = self.heads[i];
             self.start_request(dev, &held, &mut batch, head);
@@ -382,6 +382,7 @@ impl Worker {
         // Counted under the vring lock: GET_VRING_BASE marks the ring stopped under it too, so
         // its drain sees every request taken before.
         dev.state.inflight[queue].fetch_add(self.heads.len(), Ordering::AcqRel);
+        let desc_table = desc_table.view(&mut regions);
         Some(Batch {
             queue,
             slot,
@@ -426,7 +427,7 @@ impl Worker {
             epoch,
             started: batch.started,
         };
-        let size = batch.desc_table.size;
+        let size = batch.desc_table.table.size;
         if head >= size {
             // Not a descriptor: there is nothing to complete. Forget it.
             ctx.log_failure(
@@ -438,7 +439,7 @@ impl Worker {
         }
         let walked = request::walk_chain(
             &mut batch.regions,
-            batch.desc_table,
+            &batch.desc_table,
             head,
             self.indirect,
             &mut self.descs,
