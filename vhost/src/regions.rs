@@ -32,6 +32,7 @@ impl<'m> RegionCache<'m> {
     }
 
     /// The `len` bytes at `addr` as one slice, or None when they do not lie in one region.
+    #[inline]
     pub(crate) fn slice(
         &mut self,
         addr: GuestAddress,
@@ -53,6 +54,7 @@ impl<'m> RegionCache<'m> {
 }
 
 /// The `len` bytes at `addr` inside `region`, if they lie wholly in it.
+#[inline]
 fn slice_in(
     region: &GuestRegionMmap,
     addr: GuestAddress,
