@@ -278,19 +278,27 @@ impl Node {
         }
     }
 
+    /// Checks that `len` bytes at `offset` lie inside the node; inlined into every request,
+    /// its error built out of line.
+    #[inline]
     fn check_range(&self, offset: u64, len: u64, what: &str) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(BlockError::new(
-                libc::EIO,
-                format!(
-                    "{what} of {len} bytes at offset {offset} is beyond the end of node '{}' \
-                     ({size} bytes)",
-                    self.name
-                ),
-            )),
+            _ => Err(self.beyond_end(offset, len, what, size)),
         }
+    }
+
+    #[cold]
+    fn beyond_end(&self, offset: u64, len: u64, what: &str, size: u64) -> BlockError {
+        BlockError::new(
+            libc::EIO,
+            format!(
+                "{what} of {len} bytes at offset {offset} is beyond the end of node '{}' \
+                 ({size} bytes)",
+                self.name
+            ),
+        )
     }
 
     fn check_writable(&self, what: &str) -> Result<()> {
