@@ -81,9 +81,10 @@ enum Cmd {
     Run {
         #[command(flatten)]
         t: TargetArgs,
-        /// Workloads, comma-separated or repeated: PATTERN-BS-qdN[-Mq][-rIOPS], e.g.
+        /// Workloads, comma-separated or repeated: PATTERN-BS-qdN[-Mq][-rIOPS][-poll], e.g.
         /// randread-4k-qd32, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd1-r10k (a
-        /// fixed rate of 10000 requests per second, at most QD in flight).
+        /// fixed rate of 10000 requests per second, at most QD in flight),
+        /// randread-4k-qd1-poll (the client polls for completions instead of sleeping).
         #[arg(long, value_delimiter = ',', required = true)]
         workload: Vec<String>,
         /// Measured seconds per workload.

@@ -221,6 +221,29 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// Takes the completions `q` has without waiting for any: `do_io` with `min_completions` 0.
+/// On the vhost-user driver that reads the used ring (and kicks the device for new requests);
+/// on the io_uring driver it submits what is queued and reads the completion ring, which the
+/// kernel fills from task work it runs when it interrupts the spinning thread (libblkio's
+/// rings are set up without COOP_TASKRUN or DEFER_TASKRUN, so a completion signals the
+/// task). An error when nothing has completed for [`IO_TIMEOUT`] since `last_progress`.
+fn poll_completions(
+    q: &mut Blkioq,
+    completions: &mut [MaybeUninit<Completion>],
+    last_progress: Instant,
+) -> Result<usize> {
+    let n = q
+        .do_io(completions, 0, None, None)
+        .map_err(|e| format!("do_io: {e}"))?;
+    if n == 0 && last_progress.elapsed() >= IO_TIMEOUT {
+        return Err(format!(
+            "do_io: no completion for {} s while polling",
+            IO_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(n)
+}
+
 /// Sends a raw pointer to a worker thread. The region outlives the workers (they are joined
 /// before the `Device` is dropped) and each worker uses a disjoint slice of it.
 struct SendPtr(*mut u8);
@@ -240,7 +263,9 @@ struct WorkerStats {
 /// issues its share of the rate with at most that many in flight), each in its own slot of
 /// `buf`, until `t_end`, and records the requests that complete between `t_ramp` and `t_end`.
 /// Latency runs from a request's submission, not from when it was due: a target that cannot
-/// keep the rate shows it in the IOPS.
+/// keep the rate shows it in the IOPS. With `w.poll` the thread never sleeps: it calls
+/// `do_io` without waiting (see [`poll_completions`]) until completions come, and spins
+/// rather than sleeps until a fixed-rate request is due.
 #[allow(clippy::too_many_arguments)]
 fn worker(
     mut q: Blkioq,
@@ -306,6 +331,9 @@ fn worker(
     let mut error: Option<String> = None;
     let mut now = Instant::now();
     let mut due = now;
+    // The last submission or completion: polling that finds nothing for IO_TIMEOUT after it
+    // is a hang, as a sleeping wait that long is.
+    let mut last_progress = now;
     loop {
         while now < t_end && error.is_none() {
             if let Some(interval) = interval {
@@ -316,6 +344,7 @@ fn worker(
             }
             let Some(slot) = free.pop() else { break };
             submitted_at[slot] = now;
+            last_progress = now;
             submit(&mut q, slot, next_offset());
             in_flight += 1;
         }
@@ -323,23 +352,33 @@ fn worker(
             if now >= t_end || error.is_some() || interval.is_none() {
                 break;
             }
-            sleep_until(due);
+            if !w.poll {
+                sleep_until(due);
+            }
             now = Instant::now();
             continue;
         }
-        // At a fixed rate with a free slot, wait for a completion only until the next request
-        // is due.
-        let wait = match interval {
-            Some(_) if !free.is_empty() && due < t_end => due.saturating_duration_since(now),
-            _ => IO_TIMEOUT,
-        };
-        let mut timeout = wait;
-        let n = match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
-            Ok(n) => n,
-            Err(e) if e.errno() == Errno::TIME && wait < IO_TIMEOUT => 0,
-            Err(e) => return Err(format!("do_io: {e} ({} requests in flight)", in_flight)),
+        let n = if w.poll {
+            poll_completions(&mut q, &mut completions, last_progress)
+                .map_err(|e| format!("{e} ({in_flight} requests in flight)"))?
+        } else {
+            // At a fixed rate with a free slot, wait for a completion only until the next
+            // request is due.
+            let wait = match interval {
+                Some(_) if !free.is_empty() && due < t_end => due.saturating_duration_since(now),
+                _ => IO_TIMEOUT,
+            };
+            let mut timeout = wait;
+            match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
+                Ok(n) => n,
+                Err(e) if e.errno() == Errno::TIME && wait < IO_TIMEOUT => 0,
+                Err(e) => return Err(format!("do_io: {e} ({} requests in flight)", in_flight)),
+            }
         };
         now = Instant::now();
+        if n > 0 {
+            last_progress = now;
+        }
         let in_window = now >= t_ramp && now < t_end;
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first n entries.
@@ -362,5 +401,91 @@ fn worker(
     match error {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Runs one workload at a time: a run's client CPU is the whole test process's.
+    static ONE_RUN: Mutex<()> = Mutex::new(());
+
+    /// A zero-filled file of `len` bytes for the io_uring driver (O_DIRECT), removed on drop.
+    struct TempImage(std::path::PathBuf);
+
+    impl TempImage {
+        fn new(name: &str, len: u64) -> TempImage {
+            let path = std::env::temp_dir()
+                .join(format!("strata-bench-{name}-{}.img", std::process::id()));
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(len).unwrap();
+            TempImage(path)
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn run(path: &str, workload: &str, seconds: f64, write_source: bool) -> RunResult {
+        let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
+        run_workload(&RunSpec {
+            driver: Driver::IoUring,
+            path,
+            workload: Workload::parse(workload).unwrap(),
+            ramp: Duration::from_millis(50),
+            duration: Duration::from_secs_f64(seconds),
+            seed: 1,
+            daemon_pid: None,
+            osd_pid: None,
+            span: None,
+            write_source,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn polling_client_completes_writes_that_land() {
+        let img = TempImage::new("poll-writes", 8 << 20);
+        let r = run(img.path(), "randwrite-4k-qd4-poll", 0.3, true);
+        assert!(r.ios > 0);
+        // Every 4k block is untouched (zeroes) or holds the source pattern of its offset.
+        let data = std::fs::read(img.path()).unwrap();
+        let mut want = vec![0u8; 4096];
+        let mut written = 0;
+        for (i, block) in data.chunks_exact(4096).enumerate() {
+            if block.iter().all(|&b| b == 0) {
+                continue;
+            }
+            fill_source(&mut want, i as u64 * 4096);
+            assert_eq!(block, &want[..], "block {i}");
+            written += 1;
+        }
+        assert!(written > 0, "no write reached the file");
+    }
+
+    #[test]
+    fn polling_client_spins_where_the_sleeping_one_sleeps() {
+        // At 1000 requests per second a sleeping client is idle between requests; a polling
+        // one keeps its CPU busy (less than all of it on a loaded machine).
+        let img = TempImage::new("poll-cpu", 4 << 20);
+        let busy = |w: &str| {
+            let r = run(img.path(), w, 0.5, false);
+            assert!(r.ios > 0, "{w}");
+            r.client_cpu_s / r.seconds
+        };
+        let sleeping = busy("randread-4k-qd1-r1k");
+        let polling = busy("randread-4k-qd1-r1k-poll");
+        assert!(
+            polling > 0.2 && polling > 4.0 * sleeping,
+            "client CPU: polling {polling:.3}, sleeping {sleeping:.3} of one CPU"
+        );
     }
 }

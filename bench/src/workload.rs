@@ -37,8 +37,8 @@ impl Pattern {
     }
 }
 
-/// A workload, named like `randread-4k-qd32`, `randread-4k-qd32-2q` or, at a fixed rate,
-/// `randread-4k-qd4-r10k`.
+/// A workload, named like `randread-4k-qd32`, `randread-4k-qd32-2q`, at a fixed rate
+/// `randread-4k-qd4-r10k`, or with a polling client `randread-4k-qd1-poll`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// What the requests do and where they go.
@@ -52,19 +52,28 @@ pub struct Workload {
     /// Requests per second over all queues, issued at even intervals (each queue its share,
     /// at most `queue_depth` in flight); None: as fast as the target completes them.
     pub rate: Option<u64>,
+    /// The client spins on its completion queue (`do_io` with `min_completions` 0) instead of
+    /// sleeping in it (suffix `-poll`), so a latency holds no wake-up of the client: the same
+    /// for every target, whose own completion path then shows alone.
+    pub poll: bool,
 }
 
 impl Workload {
-    /// Parses a workload name: `PATTERN-BS-qdN[-Mq][-rIOPS]`.
+    /// Parses a workload name: `PATTERN-BS-qdN[-Mq][-rIOPS][-poll]`.
     pub fn parse(s: &str) -> Result<Workload> {
         let err = || {
             format!(
-                "bad workload {s:?}: expected PATTERN-BS-qdN[-Mq][-rIOPS], PATTERN one of \
-                 randread, randwrite, read, write (e.g. randread-4k-qd32-2q, \
-                 randread-4k-qd1-r10k: 10000 requests per second)"
+                "bad workload {s:?}: expected PATTERN-BS-qdN[-Mq][-rIOPS][-poll], PATTERN one \
+                 of randread, randwrite, read, write (e.g. randread-4k-qd32-2q, \
+                 randread-4k-qd1-r10k: 10000 requests per second, randread-4k-qd1-poll: the \
+                 client polls for completions instead of sleeping)"
             )
         };
         let mut parts: Vec<&str> = s.split('-').collect();
+        let poll = parts.len() > 3 && parts.last() == Some(&"poll");
+        if poll {
+            parts.pop();
+        }
         let rate = match parts.last().and_then(|p| p.strip_prefix('r')) {
             Some(r) if parts.len() > 3 => {
                 parts.pop();
@@ -103,6 +112,7 @@ impl Workload {
             queue_depth,
             queues,
             rate,
+            poll,
         })
     }
 }
@@ -124,6 +134,9 @@ impl fmt::Display for Workload {
             Some(r) if r % 1000 == 0 => write!(f, "-r{}k", r / 1000)?,
             Some(r) => write!(f, "-r{r}")?,
             None => {}
+        }
+        if self.poll {
+            write!(f, "-poll")?;
         }
         Ok(())
     }
@@ -179,5 +192,34 @@ mod tests {
         assert!(Workload::parse("randread-4k-qd1-r0").is_err());
         assert!(Workload::parse("randread-4k-qd1-rfast").is_err());
         assert!(Workload::parse("randread-4k-r10k").is_err());
+    }
+
+    #[test]
+    fn poll_suffix_parses_and_round_trips() {
+        for s in [
+            "randread-4k-qd1-poll",
+            "randwrite-4k-qd32-2q-poll",
+            "randread-4k-qd4-r10k-poll",
+            "randread-4k-qd4-2q-r1500-poll",
+        ] {
+            let w = Workload::parse(s).unwrap();
+            assert!(w.poll, "{s}");
+            assert_eq!(w.to_string(), s);
+        }
+        let w = Workload::parse("randwrite-4k-qd32-2q-poll").unwrap();
+        assert_eq!(
+            (w.pattern, w.queue_depth, w.queues, w.rate),
+            (Pattern::RandWrite, 32, 2, None)
+        );
+        let r = Workload::parse("randread-4k-qd4-r10k-poll").unwrap();
+        assert_eq!((r.queues, r.rate), (1, Some(10_000)));
+        assert!(!Workload::parse("randread-4k-qd1").unwrap().poll);
+        assert!(!Workload::parse("randread-4k-qd1-2q").unwrap().poll);
+        // Only as the last part, after a complete name.
+        assert!(Workload::parse("randread-4k-poll").is_err());
+        assert!(Workload::parse("randread-4k-qd1-poll-2q").is_err());
+        assert!(Workload::parse("randread-4k-qd1-poll-r1k").is_err());
+        assert!(Workload::parse("randread-4k-qd1-poll-poll").is_err());
+        assert!(Workload::parse("randread-4k-qd1-polling").is_err());
     }
 }
