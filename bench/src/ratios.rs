@@ -15,6 +15,7 @@ const RBD_WORKLOADS: &[&str] = &[
     "randwrite-4k-qd32",
 ];
 const RR1: &str = "randread-4k-qd1";
+const RR1_POLL: &str = "randread-4k-qd1-poll";
 const RR32: &str = "randread-4k-qd32";
 const RR32_2Q: &str = "randread-4k-qd32-2q";
 const RW32: &str = "randwrite-4k-qd32";
@@ -115,12 +116,26 @@ fn tracked(get: &Median, rbd: bool) -> Vec<Ratio> {
         goal: Some(("<=", max)),
         inputs: inputs.into(),
     };
-    // The p50 a target adds at QD1 over direct io_uring on the same backend (µs).
+    // The p50 a target adds at QD1 (workload `w`) over direct io_uring on the same backend
+    // (µs).
     let added_p50 =
-        |b: &str, t: &str| match (get(b, RR1, t, "p50_us"), get(b, RR1, "io_uring", "p50_us")) {
+        |b: &str, w: &str, t: &str| match (get(b, w, t, "p50_us"), get(b, w, "io_uring", "p50_us"))
+        {
             (Some(a), Some(d)) => Some(a - d),
             _ => None,
         };
+    // The QD1 workload a backend's latency ratios use, and what its label says: the polling
+    // client's when strata and direct both ran it (neither latency then holds the client's
+    // wake-up, which differs between them), else the sleeping client's.
+    let qd1 = |b: &str| {
+        let polled = get(b, RR1_POLL, "strata", "p50_us").is_some()
+            && get(b, RR1_POLL, "io_uring", "p50_us").is_some();
+        if polled {
+            (RR1_POLL, " (polling client)")
+        } else {
+            (RR1, "")
+        }
+    };
     // How busy strata's client kept its CPU (%): when it is near 100 on both numbers of
     // queues, the 2-queue ratio measures the client, not the daemon.
     let client_busy = |w: &str| {
@@ -137,26 +152,29 @@ fn tracked(get: &Median, rbd: bool) -> Vec<Ratio> {
             ..iops_vs_direct("ram", w)
         });
     }
+    let (w, client) = qd1("ram");
     ratios.push(Ratio {
-        name: format!("ram {RR1} p50 added over direct, strata (µs)"),
-        value: added_p50("ram", "strata"),
+        name: format!("ram {w} p50 added over direct, strata (µs){client}"),
+        value: added_p50("ram", w, "strata"),
         goal: Some(("<=", 5.0)),
         inputs: format!(
-            "added p50 µs: strata {}, qsd {}",
-            fmt_opt(added_p50("ram", "strata")),
-            fmt_opt(added_p50("ram", "qsd"))
+            "added p50 µs: strata {}, qsd {} (direct p50 {})",
+            fmt_opt(added_p50("ram", w, "strata")),
+            fmt_opt(added_p50("ram", w, "qsd")),
+            fmt_opt(get("ram", w, "io_uring", "p50_us"))
         ),
     });
     ratios.push(iops_vs_direct("file", RR32));
+    let (w, client) = qd1("file");
     ratios.push(Ratio {
-        name: format!("file {RR1} p50 added over direct, strata / QSD"),
-        value: div(added_p50("file", "strata"), added_p50("file", "qsd")),
+        name: format!("file {w} p50 added over direct, strata / QSD{client}"),
+        value: div(added_p50("file", w, "strata"), added_p50("file", w, "qsd")),
         goal: Some(("<=", 0.5)),
         inputs: format!(
             "added p50 µs: strata {}, qsd {} (direct p50 {})",
-            fmt_opt(added_p50("file", "strata")),
-            fmt_opt(added_p50("file", "qsd")),
-            fmt_opt(get("file", RR1, "io_uring", "p50_us"))
+            fmt_opt(added_p50("file", w, "strata")),
+            fmt_opt(added_p50("file", w, "qsd")),
+            fmt_opt(get("file", w, "io_uring", "p50_us"))
         ),
     });
     ratios.push(iops_vs_qsd("null", RR32, 1.5));
@@ -217,4 +235,91 @@ pub fn div(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.1}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ratio rows for p50 medians given as (backend, workload, target, p50 µs).
+    fn rows(p50s: &[(&str, &str, &str, f64)]) -> Vec<Value> {
+        let get = |b: &str, w: &str, t: &str, metric: &str| {
+            p50s.iter()
+                .find(|r| (r.0, r.1, r.2) == (b, w, t) && metric == "p50_us")
+                .map(|r| r.3)
+        };
+        table(&get, false).1
+    }
+
+    /// The ratio whose name starts with `prefix`: (name, value, inputs).
+    fn ratio(rows: &[Value], prefix: &str) -> (String, Option<f64>, String) {
+        let r = rows
+            .iter()
+            .find(|r| r["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no ratio {prefix}"));
+        (
+            r["name"].as_str().unwrap().to_string(),
+            r["value"].as_f64(),
+            r["inputs"].as_str().unwrap().to_string(),
+        )
+    }
+
+    const SLEEPING: &[(&str, &str, &str, f64)] = &[
+        ("ram", RR1, "strata", 50.0),
+        ("ram", RR1, "qsd", 130.0),
+        ("ram", RR1, "io_uring", 37.0),
+        ("file", RR1, "strata", 60.0),
+        ("file", RR1, "qsd", 100.0),
+        ("file", RR1, "io_uring", 40.0),
+    ];
+
+    #[test]
+    fn added_p50_uses_the_sleeping_rows_without_polling_ones() {
+        let r = rows(SLEEPING);
+        let (name, value, inputs) = ratio(&r, "ram randread-4k-qd1");
+        assert_eq!(
+            name,
+            "ram randread-4k-qd1 p50 added over direct, strata (µs)"
+        );
+        assert_eq!(value, Some(13.0));
+        assert_eq!(
+            inputs,
+            "added p50 µs: strata 13.0, qsd 93.0 (direct p50 37.0)"
+        );
+        let (name, value, _) = ratio(&r, "file randread-4k-qd1");
+        assert_eq!(
+            name,
+            "file randread-4k-qd1 p50 added over direct, strata / QSD"
+        );
+        assert_eq!(value, Some(20.0 / 60.0));
+    }
+
+    #[test]
+    fn added_p50_uses_the_polling_rows_when_strata_and_direct_have_them() {
+        let mut p50s = SLEEPING.to_vec();
+        p50s.extend([
+            ("ram", RR1_POLL, "strata", 30.0),
+            ("ram", RR1_POLL, "qsd", 90.0),
+            ("ram", RR1_POLL, "io_uring", 26.0),
+            // file: no direct row with the polling client, so the sleeping rows stay.
+            ("file", RR1_POLL, "strata", 35.0),
+        ]);
+        let r = rows(&p50s);
+        let (name, value, inputs) = ratio(&r, "ram randread-4k-qd1");
+        assert_eq!(
+            name,
+            "ram randread-4k-qd1-poll p50 added over direct, strata (µs) (polling client)"
+        );
+        assert_eq!(value, Some(4.0));
+        assert_eq!(
+            inputs,
+            "added p50 µs: strata 4.0, qsd 64.0 (direct p50 26.0)"
+        );
+        let (name, value, _) = ratio(&r, "file randread-4k-qd1");
+        assert_eq!(
+            name,
+            "file randread-4k-qd1 p50 added over direct, strata / QSD"
+        );
+        assert_eq!(value, Some(20.0 / 60.0));
+    }
 }
