@@ -30,13 +30,20 @@
 # backends; the report adds a table of the daemons' CPU per second (% of one CPU, utime+stime
 # over the window) and p50/p99 latency, strata beside QSD. Without --workloads only the
 # fixed-rate workloads run.
+# Polling client (a workload name ending in -poll, e.g. randread-4k-qd1-poll, also after -2q
+# or -r10k): the client never sleeps, it calls libblkio's do_io without waiting for a
+# completion in a loop, on every target alike, so a QD1 latency holds no wake-up of the
+# client (which differs between targets: the loop device's completion wakes the direct
+# io_uring client, the daemon's notification the vhost-user one). The report's "p50 added
+# over direct" uses the randread-4k-qd1-poll rows when strata and io_uring have them. The
+# client spins on its CPU for the whole run.
 # Rounds alternate the targets per workload (A B C A B C ...); each daemon is started fresh for
 # each workload with num-queues matching it and stopped after. The report gives medians over
 # rounds as a table and as JSON (target/bench/ by default).
 #
 #   scripts/bench.sh                 full run: 3 rounds x 5 s per workload and target (~14 min)
 #   scripts/bench.sh --short         CI smoke run (< 60 s): every workload briefly (and one at a
-#                                    fixed rate), data verify;
+#                                    fixed rate, one with a polling client), data verify;
 #                                    fails only on errors or wrong data, never on timing
 #   options: --rounds N  --duration S  --ramp S  --out DIR  --image FILE
 #            --targets strata,qsd,io_uring  --backends file,null,qcow2,ram,qcow2-ram,qcow2-alloc,rbd
@@ -151,6 +158,10 @@ fi
 if ((SHORT)) && [[ -z $RATES ]]; then
     # The smoke run takes the fixed-rate path too.
     WORKLOADS=$WORKLOADS,randread-4k-qd4-r2000
+fi
+if ((SHORT)); then
+    # And the polling client's, on two queues (the daemon is started with as many).
+    WORKLOADS=$WORKLOADS,randread-4k-qd4-2q-poll
 fi
 if ((WORKLOADS_SET)); then
     QCOW2_WORKLOADS=$WORKLOADS
@@ -555,7 +566,7 @@ client() { # ARGS...: run strata-bench pinned; on failure show the daemon's log
 }
 
 queues_of() { # WORKLOAD -> number of queues
-    if [[ $1 =~ -([0-9]+)q$ ]]; then echo "${BASH_REMATCH[1]}"; else echo 1; fi
+    if [[ $1 =~ -([0-9]+)q(-|$) ]]; then echo "${BASH_REMATCH[1]}"; else echo 1; fi
 }
 
 targets_for() { # BACKEND -> targets that apply
