@@ -13,6 +13,25 @@ use strata_faultfs::Mount;
 
 pub const SECTOR: u64 = 512;
 
+/// Waits (up to 10 s) until nothing holds a file on the mount at `path`. A thread's io_uring
+/// goes away after the thread, in the kernel's own time: its finished requests keep their
+/// files open until then, and unmounting fails with EBUSY (seen on a loaded machine).
+fn wait_until_unused(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    let start = Instant::now();
+    loop {
+        // MNT_EXPIRE on a mount in use fails with EBUSY; on one not in use it fails with
+        // EAGAIN and only marks it, which the unmount that follows does not mind.
+        // SAFETY: c_path is a valid NUL-terminated string for the call.
+        let r = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_EXPIRE) };
+        let busy = r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+        if !busy || start.elapsed() > Duration::from_secs(10) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The image format under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -116,6 +135,7 @@ impl Rig {
 
     pub fn unmount(&mut self) {
         if let Some(m) = self.mount.take() {
+            wait_until_unused(m.path());
             m.unmount().expect("unmount strata-faultfs");
         }
     }
