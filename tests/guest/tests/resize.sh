@@ -29,7 +29,9 @@ regions=$((old / region))
 
 # randwrite_checked WHAT fio-args...: a verified random-write pass of a region.
 randwrite_checked() {
-    fio_checked "$1" "$bs" "$jobs" --do_verify=1 --randrepeat=1 --size="$per_job" \
+    _pass="$1"
+    shift
+    fio_checked "$_pass" "$bs" "$jobs" --do_verify=1 --randrepeat=1 --size="$per_job" \
         --offset_increment="$per_job" --rw=randwrite "$@"
 }
 
