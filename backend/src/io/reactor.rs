@@ -567,6 +567,26 @@ mod tests {
             .nsec(at.subsec_nanos())
     }
 
+    /// Spawns a task that waits for the absolute monotonic time `at` (the timeout must
+    /// expire), then runs `then`.
+    fn spawn_timeout(
+        exec: &mut LocalExecutor<'_>,
+        reactor: &Rc<Reactor>,
+        at: types::Timespec,
+        then: impl FnOnce() + 'static,
+    ) {
+        let reactor = reactor.clone();
+        exec.spawn(async move {
+            let entry = opcode::Timeout::new(&at)
+                .flags(types::TimeoutFlags::ABS)
+                .build();
+            // SAFETY: `at` is copied into this future, which outlives the operation.
+            let res = unsafe { reactor.op(entry) }.await;
+            assert_eq!(res.expect("submitted"), -libc::ETIME);
+            then();
+        });
+    }
+
     #[test]
     fn a_ring_refuses_operations_the_drivers_do_not_use() {
         for setup in &SETUPS[..3] {
@@ -680,17 +700,8 @@ mod tests {
                 let at = deadline(Duration::from_millis(30));
                 let done = Rc::new(Cell::new(0));
                 for _ in 0..OPS {
-                    let reactor = reactor.clone();
                     let done = done.clone();
-                    exec.spawn(async move {
-                        let entry = opcode::Timeout::new(&at)
-                            .flags(types::TimeoutFlags::ABS)
-                            .build();
-                        // SAFETY: `at` is copied into this future, which outlives the operation.
-                        let res = unsafe { reactor.op(entry) }.await;
-                        assert_eq!(res.expect("submitted"), -libc::ETIME);
-                        done.set(done.get() + 1);
-                    });
+                    spawn_timeout(&mut exec, reactor, at, move || done.set(done.get() + 1));
                 }
                 exec.poll().expect("submitted");
                 std::thread::sleep(Duration::from_millis(60));
@@ -740,16 +751,8 @@ mod tests {
             let mut exec = LocalExecutor::new().expect("executor");
             let done = Rc::new(Cell::new(false));
             {
-                let (reactor, done) = (reactor.clone(), done.clone());
-                exec.spawn(async move {
-                    let entry = opcode::Timeout::new(&at)
-                        .flags(types::TimeoutFlags::ABS)
-                        .build();
-                    // SAFETY: `at` is copied into this future, which outlives the operation.
-                    let res = unsafe { reactor.op(entry) }.await;
-                    assert_eq!(res.expect("submitted"), -libc::ETIME);
-                    done.set(true);
-                });
+                let done = done.clone();
+                spawn_timeout(&mut exec, &reactor, at, move || done.set(true));
             }
             exec.poll().expect("submitted");
             std::thread::sleep(Duration::from_millis(60));
