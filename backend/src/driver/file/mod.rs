@@ -1,13 +1,14 @@
-//! Protocol drivers `file` (regular files) and `host_device` (block devices), on io_uring.
-//!
-//! With `cache.direct=on` the file is opened O_DIRECT and its alignment is read from
-//! `statx(STATX_DIOALIGN)` or the device's logical block size, or probed by trial reads;
-//! the node above widens and bounces requests that do not meet it.
+//! Protocol drivers `file` (regular files) and `host_device` (block devices), on io_uring:
+//! the driver and its requests. Opening ([`open`]), O_DIRECT alignment ([`dio_alignment`])
+//! and reopening ([`reopen`]) live in their own modules.
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+mod dio_alignment;
+mod open;
+mod reopen;
+
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,16 +16,15 @@ use arc_swap::ArcSwap;
 
 use io_uring::{opcode, types};
 
-use super::image_lock::{self, Permissions};
-use super::{
-    BlockDriver, DriverInfo, DriverKind, FileId, IoFuture, Limits, OpenContext, OpenFuture,
-};
+use super::{BlockDriver, DriverInfo, DriverKind, FileId, IoFuture, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::NodeFlags;
 use crate::io::blocking::run_blocking;
 use crate::io::bounce::BounceBuffer;
 use crate::io::iovec::{self, IoVec};
 use crate::io::reactor::{check, Reactor};
+use open::{device_size, open_file, open_host_device};
+use reopen::StagedReopen;
 
 /// The `file` protocol driver.
 pub const FILE_DRIVER: DriverInfo = DriverInfo {
@@ -46,38 +46,18 @@ pub const HOST_DEVICE_DRIVER: DriverInfo = DriverInfo {
     create: None,
 };
 
-// Linux block-device ioctls (linux/fs.h) that libc does not define.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+// A Linux block-device ioctl (linux/fs.h) that libc does not define.
 const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// Largest chunk written at once when zeroes must be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-/// The size of block device `file` (BLKGETSIZE64).
-fn device_size(file: &File, filename: &str) -> Result<u64> {
-    let mut bytes: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`, a valid local.
-    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
-        return Err(BlockError::last_os_error(format!(
-            "Could not get the size of '{filename}'"
-        )));
-    }
-    Ok(bytes)
-}
-
+/// How sure the `host_device` driver is that it serves `filename`: a block device.
 fn probe_device(filename: &str) -> u32 {
     match std::fs::metadata(filename) {
         Ok(m) if m.file_type().is_block_device() => 100,
         _ => 0,
     }
-}
-
-fn open_file<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
-    Box::pin(std::future::ready(open_common(ctx, "file", false)))
-}
-
-fn open_host_device<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
-    Box::pin(std::future::ready(open_common(ctx, "host_device", true)))
 }
 
 /// An open file or block device.
@@ -107,232 +87,6 @@ struct IoFile {
     limits: Limits,
 }
 
-/// A prepared reopen: the new descriptor (when one is needed), the lock permissions before
-/// and after (already taken), and whether the node flushes at close afterwards.
-struct StagedReopen {
-    io: Option<Arc<IoFile>>,
-    permissions: (Permissions, Permissions),
-    flush_on_close: bool,
-}
-
-fn open_common(
-    ctx: &mut OpenContext<'_>,
-    driver: &str,
-    want_device: bool,
-) -> Result<Box<dyn BlockDriver>> {
-    let filename = ctx.options.take("filename").ok_or_else(|| {
-        BlockError::invalid(format!("The '{driver}' block driver requires a file name"))
-    })?;
-    let filename = filename
-        .strip_prefix(&format!("{driver}:"))
-        .unwrap_or(&filename)
-        .to_string();
-    match ctx.options.take("aio").as_deref() {
-        None | Some("io_uring") => {}
-        Some(other @ ("threads" | "native")) => {
-            log::info!("{filename}: aio={other} requested; strata always uses io_uring")
-        }
-        Some(other) => {
-            return Err(BlockError::invalid(format!(
-                "Parameter 'aio' expects 'io_uring', 'native' or 'threads', got '{other}'"
-            )))
-        }
-    }
-    let locking = match ctx.options.take("locking").as_deref() {
-        None | Some("auto" | "on") => true,
-        Some("off") => false,
-        Some(other) => {
-            return Err(BlockError::invalid(format!(
-                "Parameter 'locking' expects 'auto', 'on' or 'off', got '{other}'"
-            )))
-        }
-    };
-    let share_writes = ctx.options.take_bool("share-rw")?.unwrap_or(false);
-    let (file, read_only) = open_file_with_fallback(&filename, &ctx.flags)?;
-    ctx.flags.read_only = read_only;
-    let meta = file
-        .metadata()
-        .map_err(|e| BlockError::io(&e, format!("Could not stat '{filename}'")))?;
-    let block_device = meta.file_type().is_block_device();
-    if want_device && !block_device {
-        return Err(BlockError::invalid(format!(
-            "'host_device' driver requires '{filename}' to be a block device"
-        )));
-    }
-    if !want_device && !meta.file_type().is_file() {
-        return Err(BlockError::invalid(format!(
-            "'file' driver requires '{filename}' to be a regular file{}",
-            if block_device {
-                " (use driver=host_device for block devices)"
-            } else {
-                ""
-            }
-        )));
-    }
-    // Locked once the file is known to be what the driver serves (a wrong type is the more
-    // useful error).
-    if locking {
-        image_lock::lock(
-            &file,
-            &filename,
-            Permissions::for_device(!read_only, share_writes),
-        )?;
-    }
-    let size = if block_device {
-        device_size(&file, &filename)?
-    } else {
-        meta.len()
-    };
-    let limits = io_limits(&file, &filename, block_device, ctx.flags.cache_direct)?;
-    Ok(Box::new(FileDriver {
-        id: FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        io: ArcSwap::from_pointee(IoFile {
-            file,
-            writable: !read_only,
-            direct: ctx.flags.cache_direct,
-            limits,
-        }),
-        first: Mutex::new(None),
-        locking,
-        share_writes,
-        filename,
-        block_device,
-        size: AtomicU64::new(size),
-        flush_on_close: AtomicBool::new(!read_only && !ctx.flags.cache_no_flush),
-        staged: Mutex::new(None),
-    }))
-}
-
-/// The limits of requests on `file`: O_DIRECT's alignment when `direct`.
-fn io_limits(file: &File, filename: &str, block_device: bool, direct: bool) -> Result<Limits> {
-    let mut limits = Limits::default();
-    if direct {
-        let (request, memory) = dio_alignment(file, block_device)
-            .map_err(|e| e.context(format!("'{filename}' with cache.direct=on")))?;
-        limits.request_alignment = request;
-        limits.min_mem_alignment = memory;
-        limits.opt_mem_alignment = memory.max(4096);
-        log::debug!("{filename}: O_DIRECT alignment: requests {request}, memory {memory}");
-    }
-    Ok(limits)
-}
-
-/// Opens `filename` for reading, and writing when `write`, with O_DIRECT when `direct`.
-fn open_for(filename: &str, write: bool, direct: bool) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(write);
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    o.custom_flags(flags);
-    o.open(filename)
-}
-
-/// Opens read-write unless read-only; with auto-read-only, falls back to read-only.
-fn open_file_with_fallback(filename: &str, flags: &NodeFlags) -> Result<(File, bool)> {
-    let open = |write: bool| open_for(filename, write, flags.cache_direct);
-    if flags.read_only {
-        return open(false)
-            .map(|f| (f, true))
-            .map_err(|e| BlockError::io(&e, format!("Could not open '{filename}'")));
-    }
-    match open(true) {
-        Ok(f) => Ok((f, false)),
-        Err(e)
-            if flags.auto_read_only
-                && matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
-                ) =>
-        {
-            log::info!("{filename}: opening read-only (auto-read-only): {e}");
-            open(false)
-                .map(|f| (f, true))
-                .map_err(|e| BlockError::io(&e, format!("Could not open '{filename}'")))
-        }
-        Err(e) => Err(BlockError::io(&e, format!("Could not open '{filename}'"))),
-    }
-}
-
-/// O_DIRECT alignment (request, memory): statx(STATX_DIOALIGN), the logical block size of a
-/// device, or trial reads when the kernel reports neither.
-fn dio_alignment(file: &File, block_device: bool) -> Result<(u32, usize)> {
-    let fd = file.as_raw_fd();
-    // SAFETY: an all-zero statx is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let empty = CString::default();
-    // SAFETY: statx with AT_EMPTY_PATH reads `fd` and writes into `stx`, a valid local.
-    let r = unsafe {
-        libc::statx(
-            fd,
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    let (mut request, mut memory) = (0u32, 0usize);
-    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
-        request = stx.stx_dio_offset_align;
-        memory = stx.stx_dio_mem_align as usize;
-    }
-    if block_device {
-        let mut lbs: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one int into `lbs`, a valid local.
-        if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut lbs) } == 0 && lbs > 0 {
-            request = request.max(lbs as u32);
-        }
-    }
-    if request == 0 {
-        request = probe_request_alignment(fd)?;
-    }
-    if memory == 0 {
-        memory = probe_memory_alignment(fd, request);
-    }
-    if !request.is_power_of_two() || !memory.is_power_of_two() {
-        return Err(BlockError::invalid(format!(
-            "unusable O_DIRECT alignment: offsets {request}, memory {memory}"
-        )));
-    }
-    Ok((request, memory))
-}
-
-const PROBE_SIZES: [u32; 8] = [1, 512, 1024, 2048, 4096, 8192, 16384, 65536];
-
-fn probe_request_alignment(fd: i32) -> Result<u32> {
-    let mut buf = BounceBuffer::new(65536)?;
-    for size in PROBE_SIZES {
-        // SAFETY: reads at most `size` <= 65536 bytes into our own buffer of that capacity.
-        let r =
-            unsafe { libc::pread(fd, buf.as_mut_slice().as_mut_ptr().cast(), size as usize, 0) };
-        if r >= 0 {
-            return Ok(size);
-        }
-    }
-    Err(BlockError::invalid(
-        "Could not find a working O_DIRECT alignment; try cache.direct=off",
-    ))
-}
-
-fn probe_memory_alignment(fd: i32, request: u32) -> usize {
-    let Ok(mut buf) = BounceBuffer::new(65536 + 8192) else {
-        return 4096;
-    };
-    for align in [1usize, 512, 1024, 2048, 4096] {
-        let slice = &mut buf.as_mut_slice()[align..];
-        // SAFETY: reads `request` <= 65536 bytes into the buffer past `align` <= 4096 bytes.
-        let r = unsafe { libc::pread(fd, slice.as_mut_ptr().cast(), request as usize, 0) };
-        if r >= 0 {
-            return align;
-        }
-    }
-    4096
-}
-
 impl FileDriver {
     fn reactor() -> Result<std::rc::Rc<Reactor>> {
         Reactor::current()
@@ -342,61 +96,6 @@ impl FileDriver {
         // The descriptor stays open after the guard goes: it is replaced only while no
         // request is in flight (see `reopen_prepare`).
         types::Fd(self.io.load().file.as_raw_fd())
-    }
-
-    /// A reopen's first step: a new descriptor when the file must become writable or change
-    /// O_DIRECT (the same file: its device and inode are checked), and the lock permissions of
-    /// the new flags (a conflict with another user is an error, as in QEMU).
-    fn prepare_reopen(&self, old: &NodeFlags, new: &NodeFlags) -> Result<()> {
-        let current = self.io.load_full();
-        let write = !new.read_only;
-        let io = if (write && !current.writable) || new.cache_direct != current.direct {
-            let file = open_for(&self.filename, write, new.cache_direct)
-                .map_err(|e| BlockError::io(&e, format!("Could not reopen '{}'", self.filename)))?;
-            let meta = file
-                .metadata()
-                .map_err(|e| BlockError::io(&e, format!("Could not stat '{}'", self.filename)))?;
-            if (meta.dev(), meta.ino()) != (self.id.dev, self.id.ino) {
-                return Err(BlockError::invalid(format!(
-                    "Could not reopen '{}': it is no longer the file the node opened",
-                    self.filename
-                )));
-            }
-            let limits = io_limits(&file, &self.filename, self.block_device, new.cache_direct)?;
-            Some(Arc::new(IoFile {
-                file,
-                writable: write,
-                direct: new.cache_direct,
-                limits,
-            }))
-        } else {
-            None
-        };
-        let permissions = (
-            Permissions::for_device(!old.read_only, self.share_writes),
-            Permissions::for_device(!new.read_only, self.share_writes),
-        );
-        if self.locking && permissions.0 != permissions.1 {
-            let holder = self.lock_holder();
-            image_lock::change(&holder.file, &self.filename, permissions.0, permissions.1)?;
-        }
-        *self.lock_staged() = Some(StagedReopen {
-            io,
-            permissions,
-            flush_on_close: !new.read_only && !new.cache_no_flush,
-        });
-        Ok(())
-    }
-
-    /// The descriptor whose open file description holds the image locks: the first one.
-    fn lock_holder(&self) -> Arc<IoFile> {
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-        first.clone().unwrap_or_else(|| self.io.load_full())
-    }
-
-    fn lock_staged(&self) -> std::sync::MutexGuard<'_, Option<StagedReopen>> {
-        // Each change is one assignment, so a poisoned lock is still consistent.
-        self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads or writes all of `iov`, resubmitting after short transfers.
@@ -591,34 +290,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn reopen_commit(&self) {
-        if let Some(staged) = self.lock_staged().take() {
-            if let Some(io) = staged.io {
-                // No request is in flight: the old descriptor closes here, unused, unless it
-                // is the first one, which keeps the locks.
-                let old = self.io.swap(io);
-                let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-                first.get_or_insert(old);
-            }
-            self.flush_on_close
-                .store(staged.flush_on_close, Ordering::Relaxed);
-        }
+        self.commit_reopen();
     }
 
     fn reopen_abort(&self) {
-        let Some(staged) = self.lock_staged().take() else {
-            return;
-        };
-        let (before, after) = staged.permissions;
-        if self.locking && before != after {
-            // Giving back what was taken; taking back what was given up may meet a new user.
-            let holder = self.lock_holder();
-            if let Err(e) = image_lock::change(&holder.file, &self.filename, after, before) {
-                log::warn!(
-                    "{}: could not restore its lock permissions: {e}",
-                    self.filename
-                );
-            }
-        }
+        self.abort_reopen();
     }
 
     fn filename(&self) -> String {
