@@ -1,5 +1,7 @@
-//! A node of the graph: a driver instance with its flags, limits, children and parents, and the
-//! checks every request passes before reaching the driver.
+//! A node of the graph: a driver instance with its flags, limits, children and parents, the
+//! checks every request passes before reaching the driver, and the zero-copy path of aligned
+//! requests. Requests off the storage's alignment go through `bounced.rs`; flushes and their
+//! sticky failure are in `flush.rs`.
 //!
 //! Requests are futures that borrow the node and the caller's buffers, so a node cannot be
 //! dropped while one of its requests is in flight: dropping the last reference is the drain
@@ -13,12 +15,13 @@ use crate::accounting::{clock, IoKind, IoStats};
 use crate::driver::{BlockDriver, BlockStatus, FileId, Limits};
 use crate::error::{BlockError, Result};
 use crate::flags::{DetectZeroes, DiscardMode, NodeFlags, SharedFlags};
-use crate::io::bounce::{BounceBuffer, BOUNCE_CHUNK};
 use crate::io::executor::block_on;
 use crate::io::iovec::{self, IoVec};
 use crate::io::serialise::WriteSerialiser;
 use crate::options::Options;
 
+mod bounced;
+mod flush;
 mod stats;
 pub use stats::NodeStats;
 
@@ -362,33 +365,6 @@ impl Node {
         Box::pin(self.read_bounced(offset, iov, len)).await
     }
 
-    /// Reads through an aligned bounce buffer, widened to the request alignment, a chunk at a
-    /// time (see [`crate::io::bounce`]).
-    async fn read_bounced(&self, offset: u64, iov: &[IoVec<'_>], len: u64) -> Result<()> {
-        self.stats.bounced.add(1);
-        let (start, end) = self.widen(offset, len);
-        let chunk = self.bounce_chunk();
-        let mut at = start;
-        while at < end {
-            let n = chunk.min(end - at);
-            let mut buf = BounceBuffer::acquire(to_usize(n)?).await?;
-            self.driver.read(at, &[buf.iovec()]).await?;
-            // The part of this chunk the caller asked for, and where it goes in its buffers.
-            let from = offset.max(at);
-            let to = (offset + len).min(at + n);
-            let bytes = &buf.as_slice()[to_usize(from - at)?..to_usize(to - at)?];
-            iovec::copy_to_iov(iov, to_usize(from - offset)?, bytes);
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// The most bytes a request bounces at once: [`BOUNCE_CHUNK`], in whole aligned blocks.
-    fn bounce_chunk(&self) -> u64 {
-        let a = u64::from(self.request_alignment());
-        (BOUNCE_CHUNK as u64 / a * a).max(a)
-    }
-
     /// Writes the caller's buffers at `offset`.
     pub async fn write(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         let len = iovec::total_len(iov);
@@ -479,103 +455,12 @@ impl Node {
         Box::pin(self.write_rmw(offset, iov, len, start, end)).await
     }
 
-    /// A write of partial blocks: reads the blocks at its ends, merges, writes them whole, a
-    /// chunk at a time. The caller holds the serialiser's exclusive range over `start..end`.
-    async fn write_rmw(
-        &self,
-        offset: u64,
-        iov: &[IoVec<'_>],
-        len: u64,
-        start: u64,
-        end: u64,
-    ) -> Result<()> {
-        self.stats.read_modify_write.add(1);
-        self.stats.bounced.add(1);
-        let a = u64::from(self.request_alignment());
-        let block = to_usize(a)?;
-        let chunk = self.bounce_chunk();
-        let mut at = start;
-        while at < end {
-            let n = chunk.min(end - at);
-            let size = to_usize(n)?;
-            let mut buf = BounceBuffer::acquire(size).await?;
-            // Read the partial blocks at the request's ends that lie in this chunk (once if
-            // they are the same block).
-            let head_partial = at == start && offset > start;
-            if head_partial {
-                let part = &mut buf.as_mut_slice()[..block];
-                self.driver.read(at, &[IoVec::new(part)]).await?;
-            }
-            let tail_partial = at + n == end && (offset + len) % a != 0;
-            if tail_partial && !(head_partial && n == a) {
-                let part = &mut buf.as_mut_slice()[size - block..];
-                self.driver.read(end - a, &[IoVec::new(part)]).await?;
-            }
-            let from = offset.max(at);
-            let to = (offset + len).min(at + n);
-            let dst = &mut buf.as_mut_slice()[to_usize(from - at)?..to_usize(to - at)?];
-            iovec::copy_from_iov(iov, to_usize(from - offset)?, dst);
-            self.driver.write(at, &[buf.iovec()]).await?;
-            at += n;
-        }
-        Ok(())
-    }
-
     async fn write_aligned(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
         if self.mem_aligned(iov) {
             self.stats.zero_copy.add(1);
             return self.driver.write(offset, iov).await;
         }
         Box::pin(self.write_bounced(offset, iov)).await
-    }
-
-    /// Writes through an aligned bounce buffer (the caller's memory is misaligned), a chunk
-    /// at a time.
-    async fn write_bounced(&self, offset: u64, iov: &[IoVec<'_>]) -> Result<()> {
-        self.stats.bounced.add(1);
-        let len = iovec::total_len(iov);
-        let chunk = self.bounce_chunk();
-        let mut done = 0;
-        while done < len {
-            let n = chunk.min(len - done);
-            let mut buf = BounceBuffer::acquire(to_usize(n)?).await?;
-            iovec::copy_from_iov(iov, to_usize(done)?, buf.as_mut_slice());
-            self.driver.write(offset + done, &[buf.iovec()]).await?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Makes completed writes durable (a no-op with cache.no-flush). After one flush failed,
-    /// every later one fails as well (see `flush_failure`).
-    pub async fn flush(&self) -> Result<()> {
-        let start = clock::now();
-        let result = self.flush_unaccounted().await;
-        self.io.done(IoKind::Flush, 0, start, result.is_ok());
-        result
-    }
-
-    async fn flush_unaccounted(&self) -> Result<()> {
-        if self.flags.cache_no_flush() {
-            return Ok(());
-        }
-        self.check_no_failed_flush()?;
-        let result = self.driver.flush().await;
-        if let Err(e) = &result {
-            let errno = if e.errno() == 0 { libc::EIO } else { e.errno() };
-            if self
-                .flush_failure
-                .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                log::error!(
-                    "node '{}': flush failed ({e}); writes may be lost, so every later flush \
-                     fails too until the node is reopened",
-                    self.name
-                );
-            }
-        }
-        result
     }
 
     /// Resizes the node to `size` bytes (QMP's `block_resize`); the parents that follow their
@@ -622,25 +507,6 @@ impl Node {
     /// Drops the change [`reopen_prepare`](Self::reopen_prepare) prepared.
     pub fn reopen_abort(&self) {
         self.driver.reopen_abort();
-    }
-
-    /// Whether a flush of this node failed before (then no later flush can succeed).
-    pub fn flush_failed(&self) -> bool {
-        self.flush_failure.load(Ordering::Acquire) != 0
-    }
-
-    fn check_no_failed_flush(&self) -> Result<()> {
-        match self.flush_failure.load(Ordering::Acquire) {
-            0 => Ok(()),
-            errno => Err(BlockError::from_errno(
-                errno,
-                format!(
-                    "an earlier flush of node '{}' failed, so written data may be lost; \
-                     reopen the node to go on",
-                    self.name
-                ),
-            )),
-        }
     }
 
     /// Discards a range; with discard=ignore this succeeds without doing anything.
