@@ -197,17 +197,22 @@ pub fn encode(message: &Value, pretty: bool) -> Vec<u8> {
 /// QEMU's one-line layout: `{"return": {}, "id": 1}` (a space after each `:` and `,`).
 struct QemuCompact;
 
+/// The `, ` QEMU writes before every member or element but the first.
+fn write_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
 impl serde_json::ser::Formatter for QemuCompact {
     fn begin_object_key<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        write_separator(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
@@ -222,11 +227,7 @@ impl serde_json::ser::Formatter for QemuCompact {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        write_separator(writer, first)
     }
 }
 
