@@ -116,28 +116,30 @@ mod tests {
         }
     }
 
+    /// The description of the error `result` must be.
+    fn problem<T: std::fmt::Debug>(result: Result<T, QmpError>) -> String {
+        result.unwrap_err().desc
+    }
+
     #[test]
     fn each_problem_names_the_member() {
         let mut a = args(json!({"n": "x", "b": 1, "s": 2, "extra": true}));
+        let problems = [
+            problem(a.u64("n")),
+            problem(a.opt_bool("b")),
+            problem(a.str("s")),
+            problem(a.str("gone")),
+            problem(a.finish()),
+        ];
         assert_eq!(
-            a.u64("n").unwrap_err().desc,
-            "Invalid parameter type for 'n', expected: integer"
-        );
-        assert_eq!(
-            a.opt_bool("b").unwrap_err().desc,
-            "Invalid parameter type for 'b', expected: boolean"
-        );
-        assert_eq!(
-            a.str("s").unwrap_err().desc,
-            "Invalid parameter type for 's', expected: string"
-        );
-        assert_eq!(
-            a.str("gone").unwrap_err().desc,
-            "Parameter 'gone' is missing"
-        );
-        assert_eq!(
-            a.finish().unwrap_err().desc,
-            "Parameter 'extra' is unexpected"
+            problems,
+            [
+                "Invalid parameter type for 'n', expected: integer",
+                "Invalid parameter type for 'b', expected: boolean",
+                "Invalid parameter type for 's', expected: string",
+                "Parameter 'gone' is missing",
+                "Parameter 'extra' is unexpected",
+            ]
         );
         let mut a = args(json!({"mode": "soft", "size": -1}));
         assert!(a.opt_enum("mode", &["safe", "hard"]).is_err());
