@@ -15,7 +15,7 @@ use strata_backend::{block_on, ChildRole, Node, NodeFlags, Options};
 use strata_vhost::BlkExport;
 
 use super::nodes::block_error;
-use super::resize::uses;
+use super::resize::{pause_exports, uses};
 use crate::qmp::args::{missing, wrong_type, Args};
 use crate::qmp::dispatch::Context;
 use crate::qmp::protocol::QmpError;
@@ -205,20 +205,7 @@ fn reopen(exports: &[BlkExport], changes: &[Change]) -> Result<(), String> {
         .iter()
         .filter(|e| changes.iter().any(|c| uses(e.node(), &c.node)))
         .collect();
-    let pauses: Vec<_> = affected
-        .iter()
-        .map(|e| {
-            let (pause, drained) = e.pause();
-            if !drained {
-                log::warn!(
-                    "export '{}': requests still in flight after the drain timeout; reopening \
-                     anyway",
-                    e.id()
-                );
-            }
-            pause
-        })
-        .collect();
+    let pauses = pause_exports(&affected, "reopening");
     let mut prepared = 0;
     let mut failure = None;
     for change in changes {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_backend::{block_on, Node};
+use strata_vhost::{BlkExport, ExportPause};
 
 use crate::qmp::args::Args;
 use crate::qmp::dispatch::Context;
@@ -13,6 +14,25 @@ use crate::qmp::protocol::QmpError;
 /// Whether `node` is `target` or lies below it (as its file, its backing image, ...).
 pub(crate) fn uses(node: &Node, target: &Node) -> bool {
     std::ptr::eq(node, target) || node.children().iter().any(|c| uses(&c.node, target))
+}
+
+/// Pauses `exports` while their node changes (see [`BlkExport::pause`]); one still busy when
+/// the drain timeout passes is warned about, and the `change` (a verb in -ing) goes on anyway.
+pub(crate) fn pause_exports<'a>(exports: &[&'a BlkExport], change: &str) -> Vec<ExportPause<'a>> {
+    exports
+        .iter()
+        .map(|e| {
+            let (pause, drained) = e.pause();
+            if !drained {
+                log::warn!(
+                    "export '{}': requests still in flight after the drain timeout; {change} \
+                     anyway",
+                    e.id()
+                );
+            }
+            pause
+        })
+        .collect()
 }
 
 /// `block_resize` by `node-name` (strata has no named block backends, so `device` names
@@ -42,20 +62,7 @@ pub fn block_resize(ctx: &Context<'_>, mut args: Args) -> Result<Value, QmpError
     ctx.daemon.exports.with_each(|exports| {
         let affected: Vec<_> = exports.iter().filter(|e| uses(e.node(), &node)).collect();
         let before: Vec<u64> = affected.iter().map(|e| e.node().size()).collect();
-        let pauses: Vec<_> = affected
-            .iter()
-            .map(|e| {
-                let (pause, drained) = e.pause();
-                if !drained {
-                    log::warn!(
-                        "export '{}': requests still in flight after the drain timeout; \
-                         resizing anyway",
-                        e.id()
-                    );
-                }
-                pause
-            })
-            .collect();
+        let pauses = pause_exports(&affected, "resizing");
         result = block_on(node.truncate(size)).and_then(|r| r);
         drop(pauses);
         for (e, old) in affected.iter().zip(before) {
