@@ -24,47 +24,38 @@ const fn command(name: &'static str, args: &'static str, ret: &'static str) -> C
     CommandDef { name, args, ret }
 }
 
+/// A command whose arguments are QEMU's implicit object type for it, `q_obj_<name>-arg`.
+macro_rules! with_implicit_args {
+    ($name:literal, $ret:expr) => {
+        command($name, concat!("q_obj_", $name, "-arg"), $ret)
+    };
+}
+
 /// Every command (`dispatch::COMMANDS` has the handlers).
 pub const COMMANDS: &[CommandDef] = &[
-    command("qmp_capabilities", "q_obj_qmp_capabilities-arg", EMPTY),
+    with_implicit_args!("qmp_capabilities", EMPTY),
     command("query-version", EMPTY, "VersionInfo"),
     command("query-commands", EMPTY, "[CommandInfo]"),
     command("query-qmp-schema", EMPTY, "[SchemaInfo]"),
     command("blockdev-add", "BlockdevOptions", EMPTY),
-    command("blockdev-del", "q_obj_blockdev-del-arg", EMPTY),
-    command(
-        "query-named-block-nodes",
-        "q_obj_query-named-block-nodes-arg",
-        "[BlockDeviceInfo]",
-    ),
-    command("blockdev-reopen", "q_obj_blockdev-reopen-arg", EMPTY),
-    command(
-        "x-blockdev-set-iothread",
-        "q_obj_x-blockdev-set-iothread-arg",
-        EMPTY,
-    ),
-    command("block_resize", "q_obj_block_resize-arg", EMPTY),
+    with_implicit_args!("blockdev-del", EMPTY),
+    with_implicit_args!("query-named-block-nodes", "[BlockDeviceInfo]"),
+    with_implicit_args!("blockdev-reopen", EMPTY),
+    with_implicit_args!("x-blockdev-set-iothread", EMPTY),
+    with_implicit_args!("block_resize", EMPTY),
     command("block-export-add", "BlockExportOptions", EMPTY),
-    command("block-export-del", "q_obj_block-export-del-arg", EMPTY),
+    with_implicit_args!("block-export-del", EMPTY),
     command("query-block-exports", EMPTY, "[BlockExportInfo]"),
-    command("blockdev-create", "q_obj_blockdev-create-arg", EMPTY),
+    with_implicit_args!("blockdev-create", EMPTY),
     command("query-jobs", EMPTY, "[JobInfo]"),
-    command("job-cancel", "q_obj_job-cancel-arg", EMPTY),
-    command("job-pause", "q_obj_job-pause-arg", EMPTY),
-    command("job-resume", "q_obj_job-resume-arg", EMPTY),
-    command("job-complete", "q_obj_job-complete-arg", EMPTY),
-    command("job-finalize", "q_obj_job-finalize-arg", EMPTY),
-    command("job-dismiss", "q_obj_job-dismiss-arg", EMPTY),
-    command(
-        "query-blockstats",
-        "q_obj_query-blockstats-arg",
-        "[BlockStats]",
-    ),
-    command(
-        "block-latency-histogram-set",
-        "q_obj_block-latency-histogram-set-arg",
-        EMPTY,
-    ),
+    with_implicit_args!("job-cancel", EMPTY),
+    with_implicit_args!("job-pause", EMPTY),
+    with_implicit_args!("job-resume", EMPTY),
+    with_implicit_args!("job-complete", EMPTY),
+    with_implicit_args!("job-finalize", EMPTY),
+    with_implicit_args!("job-dismiss", EMPTY),
+    with_implicit_args!("query-blockstats", "[BlockStats]"),
+    with_implicit_args!("block-latency-histogram-set", EMPTY),
 ];
 
 /// Every event strata emits.
