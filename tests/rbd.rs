@@ -256,17 +256,16 @@ fn exercise(c: &mut Client, model: &mut [u8]) {
     }
 }
 
-#[test]
-fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
-    let Some(_cluster) = cluster() else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = RbdImage::create("raw");
-    let socket = dir.path().join("vm.sock");
-    let daemon = start(&[rbd_node(&image.0, ",discard=unmap")], &socket, true);
-    let mut client = connect(&socket, false);
+/// Serves `blockdevs` (the last one exported, as `what`) on `socket`, has a libblkio client
+/// [`exercise`] the disk, stops the daemon and checks that the export kept the rbd default of
+/// no polling; returns the bytes the client left on the disk.
+fn serve_exercise_and_stop(blockdevs: &[String], socket: &Path, what: &str) -> Vec<u8> {
+    let daemon = start(blockdevs, socket, true);
+    let mut client = connect(socket, false);
     assert_eq!(
         client.blkio.get_u64("capacity").expect("capacity"),
-        IMAGE_SIZE
+        IMAGE_SIZE,
+        "{what}'s capacity"
     );
     let mut model = vec![0u8; IMAGE_SIZE as usize];
     exercise(&mut client, &mut model);
@@ -277,8 +276,19 @@ fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
     assert_eq!(
         logged_poll_max_ns(&log),
         "0",
-        "rbd export's default poll window"
+        "{what}'s default poll window"
     );
+    model
+}
+
+#[test]
+fn an_rbd_export_serves_a_libblkio_client_and_the_cluster_holds_its_bytes() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("raw");
+    let socket = dir.path().join("vm.sock");
+    let blockdevs = [rbd_node(&image.0, ",discard=unmap")];
+    let model = serve_exercise_and_stop(&blockdevs, &socket, "rbd export");
     let exported = image.export(dir.path());
     assert_eq!(exported.len(), model.len(), "exported size");
     let first_diff = exported.iter().zip(&model).position(|(a, b)| a != b);
@@ -306,19 +316,8 @@ fn qcow2_on_rbd_reads_back_and_checks_clean() {
         ),
         "driver=qcow2,node-name=top,file=r0,discard=unmap".to_string(),
     ];
-    let daemon = start(&blockdevs, &socket, true);
-    let mut client = connect(&socket, false);
-    let mut model = vec![0u8; IMAGE_SIZE as usize];
-    exercise(&mut client, &mut model);
-    drop(client);
-    let (ok, log) = daemon.terminate();
-    assert!(ok, "exit after SIGTERM:\n{log}");
-    // The rbd node below the qcow2 node decides the default too.
-    assert_eq!(
-        logged_poll_max_ns(&log),
-        "0",
-        "qcow2-on-rbd export's poll window"
-    );
+    // The rbd node below the qcow2 node decides the poll window too.
+    let model = serve_exercise_and_stop(&blockdevs, &socket, "qcow2-on-rbd export");
     // The image as the cluster holds it: a clean qcow2 with the client's bytes.
     let exported = dir.path().join("back.qcow2");
     std::fs::write(&exported, image.export(dir.path())).expect("write export");
