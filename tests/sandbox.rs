@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blkio::ReqFlags;
@@ -22,6 +22,16 @@ fn start(args: &[String], socket: &Path) -> Daemon {
     let mut d = Daemon::spawn(args, TIMEOUT);
     d.wait_for_sockets(&[socket]);
     d
+}
+
+/// Creates a sparse image of `IMAGE_SIZE` bytes in `dir`; returns its path and the path of a
+/// socket beside it.
+fn disk_and_socket(dir: &Path) -> (PathBuf, PathBuf) {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("image");
+    (image, dir.join("vm.sock"))
 }
 
 fn connect(socket: &Path) -> Client {
@@ -67,11 +77,7 @@ fn session(socket: &Path, tag: u32, check_previous: Option<u32>, discard: bool) 
 #[test]
 fn every_thread_of_a_serving_daemon_is_sandboxed_and_it_still_serves() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("image");
-    let socket = dir.path().join("vm.sock");
+    let (image, socket) = disk_and_socket(dir.path());
     let pidfile = dir.path().join("strata.pid");
     let args = vec![
         "--blockdev".into(),
@@ -121,11 +127,7 @@ fn every_thread_of_a_serving_daemon_is_sandboxed_and_it_still_serves() {
 #[test]
 fn sandbox_off_serves_without_a_filter() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("image");
-    let socket = dir.path().join("vm.sock");
+    let (image, socket) = disk_and_socket(dir.path());
     let args = [
         "serve",
         path_str(&image),
