@@ -2,9 +2,12 @@
 //! the same corruption: both must find the same number of corruptions and leaks, repair to an
 //! image that `qemu-img check` finds clean, and keep the same guest-visible data.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::img_tools::{create_small_qcow2, qemu_io, ImgTool};
 use serde_json::Value;
 
 const CLUSTER: usize = 4096;
@@ -87,33 +90,8 @@ fn counts(cmd: &str, img: &Path) -> (u64, u64) {
 fn check_and_repair_agree_with_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pristine = dir.path().join("pristine.qcow2");
-    let created = run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            p(&pristine),
-            "8M",
-        ],
-    );
-    assert!(created.status.success(), "{created:?}");
-    let wrote = run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 7 0 64k",
-            "-c",
-            "write -P 8 1M 8k",
-            p(&pristine),
-        ],
-    );
-    assert!(wrote.status.success(), "{wrote:?}");
+    create_small_qcow2(ImgTool::QemuImg, &pristine);
+    qemu_io(&pristine, &["write -P 7 0 64k", "write -P 8 1M 8k"]);
     let base = std::fs::read(&pristine).expect("read image");
 
     type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;

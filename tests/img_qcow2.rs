@@ -1,8 +1,11 @@
 //! `strata img create/info/check` for qcow2, checked against qemu-img.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::img_tools::{create_small_qcow2, qemu_io, ImgTool};
 use serde_json::Value;
 
 fn strata(args: &[&str]) -> Output {
@@ -20,13 +23,6 @@ fn ok(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("run qemu-img")
 }
 
 fn p(path: &Path) -> &str {
@@ -62,15 +58,18 @@ fn create_matches_qemu_img_info_and_passes_check() {
         }
         args.extend([p(&img), "100M"]);
         ok(&strata(&args));
-        let o = qemu_img(&["check", p(&img)]);
+        let o = ImgTool::QemuImg.run(&["check", p(&img)]);
         assert!(
             o.status.success(),
             "{opts}: {}",
             String::from_utf8_lossy(&o.stdout)
         );
-        let info: Value =
-            serde_json::from_slice(&qemu_img(&["info", "--output", "json", p(&img)]).stdout)
-                .unwrap();
+        let info: Value = serde_json::from_slice(
+            &ImgTool::QemuImg
+                .run(&["info", "--output", "json", p(&img)])
+                .stdout,
+        )
+        .unwrap();
         assert_eq!(info["virtual-size"], 100 << 20, "{opts}");
         let data = &info["format-specific"]["data"];
         assert_eq!(data["compat"], compat, "{opts}");
@@ -88,12 +87,11 @@ fn create_matches_qemu_img_info_and_passes_check() {
         }
         assert_eq!(mine["format-specific"]["data"]["compat"], data["compat"]);
         // qemu-io can write it and qemu-img still finds it consistent.
-        let o = Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "write -P 9 1M 3M", p(&img)])
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        assert!(qemu_img(&["check", p(&img)]).status.success(), "{opts}");
+        qemu_io(&img, &["write -P 9 1M 3M"]);
+        assert!(
+            ImgTool::QemuImg.run(&["check", p(&img)]).status.success(),
+            "{opts}"
+        );
         std::fs::remove_file(&img).unwrap();
     }
 }
@@ -118,8 +116,12 @@ fn backing_files_size_and_chain() {
         p(&top),
     ]));
     assert!(out.contains("backing_file=../base.raw"), "{out}");
-    let info: Value =
-        serde_json::from_slice(&qemu_img(&["info", "--output", "json", p(&top)]).stdout).unwrap();
+    let info: Value = serde_json::from_slice(
+        &ImgTool::QemuImg
+            .run(&["info", "--output", "json", p(&top)])
+            .stdout,
+    )
+    .unwrap();
     assert_eq!(info["virtual-size"], 3 << 20);
     assert_eq!(info["backing-filename"], "../base.raw");
     assert_eq!(info["backing-filename-format"], "raw");
@@ -167,34 +169,10 @@ fn backing_files_size_and_chain() {
 fn check_exit_codes_and_repair() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    ok(&strata(&[
-        "img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p(&img),
-        "8M",
-    ]));
+    create_small_qcow2(ImgTool::Strata, &img);
     let out = ok(&strata(&["img", "check", p(&img)]));
     assert!(out.contains("No errors were found on the image."), "{out}");
-    let o = Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 1M",
-            "-c",
-            "write 6M 64k",
-            "-c",
-            "discard 6M 64k",
-            p(&img),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    qemu_io(&img, &["write -P 1 0 1M", "write 6M 64k", "discard 6M 64k"]);
     // Leak the last cluster of the file (16-bit refcounts in the block at cluster 2).
     let mut bytes = std::fs::read(&img).unwrap();
     let last = bytes.len() / 4096 - 1;
@@ -211,7 +189,7 @@ fn check_exit_codes_and_repair() {
     let out = ok(&strata(&["img", "check", "-r", "leaks", p(&img)]));
     assert!(out.contains("1 leaked clusters\n"), "{out}");
     assert!(out.contains("No errors were found"), "{out}");
-    assert!(qemu_img(&["check", p(&img)]).status.success());
+    assert!(ImgTool::QemuImg.run(&["check", p(&img)]).status.success());
     let raw = dir.path().join("r.raw");
     std::fs::write(&raw, b"plain").unwrap();
     let o = strata(&["img", "check", p(&raw)]);

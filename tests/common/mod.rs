@@ -1,9 +1,11 @@
 //! Helpers shared by the root crate's integration tests: the strata binary as a child process
-//! ([`daemon::Daemon`]) and a libblkio vhost-user-blk client ([`client::Client`]).
+//! ([`daemon::Daemon`]), a libblkio vhost-user-blk client ([`client::Client`]) and the image
+//! tools ([`img_tools`]).
 #![allow(dead_code)]
 
 pub mod client;
 pub mod daemon;
+pub mod img_tools;
 
 use std::path::Path;
 
