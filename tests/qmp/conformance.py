@@ -18,7 +18,7 @@ import time
 from qemu.qmp import ExecuteError, QMPClient
 
 from harness import (DAEMON, BINARY, STRATA, check, check_exit, check_no_sandbox_refusals,
-                     expect_error, monitor_args, passed, running)
+                     expect_error, monitor_args, passed, raw_disk_args, running, scratch_disk)
 
 
 class Raw:
@@ -230,14 +230,9 @@ async def session_checks(dirpath, mon0, mon1):
 
 
 def main():
-    dirpath = tempfile.mkdtemp(prefix="strata-qmp-")
-    image = os.path.join(dirpath, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
+    dirpath, image = scratch_disk("strata-qmp-")
     mon0, mon1 = os.path.join(dirpath, "m0.sock"), os.path.join(dirpath, "m1.sock")
-    argv = [BINARY,
-            "--blockdev", f"driver=file,node-name=f0,filename={image}",
-            "--blockdev", "driver=raw,node-name=d0,file=f0",
+    argv = [BINARY, *raw_disk_args(image),
             "--export", "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={os.path.join(dirpath, 'e0.sock')}",
             *monitor_args(mon0, mon1)]

@@ -1,5 +1,6 @@
 """What the QMP test scripts share: their first two arguments, the count of checks that held,
-the expected-error check, and running the daemon under test until its monitors listen.
+the expected-error check, a scratch disk and its nodes, and running the daemon under test
+until its monitors listen.
 
 Every script takes `strata|qsd BINARY` first (more arguments after those are its own). It
 imports this module from its own directory, which Python puts first on the module path.
@@ -9,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from qemu.qmp import ExecuteError
@@ -55,6 +57,23 @@ def monitor_args(*sockets):
         argv += ["--chardev", f"socket,id=m{i},path={path},server=on,wait=off",
                  "--monitor", f"chardev=m{i}"]
     return argv
+
+
+def scratch_disk(prefix, size=16 << 20):
+    """Makes a temporary directory named `prefix`... holding a sparse `disk.img` of `size`
+    bytes; returns the paths of both."""
+    dirpath = tempfile.mkdtemp(prefix=prefix)
+    image = os.path.join(dirpath, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    return dirpath, image
+
+
+def raw_disk_args(image, options=""):
+    """Daemon arguments for node d0, raw over the file node f0 on `image`, both with `options`
+    (",discard=unmap", ...)."""
+    return ["--blockdev", f"driver=file,node-name=f0,filename={image}{options}",
+            "--blockdev", f"driver=raw,node-name=d0,file=f0{options}"]
 
 
 @contextlib.contextmanager

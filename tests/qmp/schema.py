@@ -20,12 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from harness import DAEMON, BINARY, STRATA, check, check_exit, monitor_args, passed, running
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, monitor_args, passed, raw_disk_args,
+                     running, scratch_disk)
 
 QSD = sys.argv[3] if len(sys.argv) > 3 else "qemu-storage-daemon"
 
@@ -445,15 +445,9 @@ async def checks(d, mon):
 
 
 def main():
-    d = tempfile.mkdtemp(prefix="strata-qmp-schema-")
-    image = os.path.join(d, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
+    d, image = scratch_disk("strata-qmp-schema-")
     mon = os.path.join(d, "m0.sock")
-    argv = [BINARY,
-            "--blockdev", f"driver=file,node-name=f0,filename={image}",
-            "--blockdev", "driver=raw,node-name=d0,file=f0",
-            *monitor_args(mon)]
+    argv = [BINARY, *raw_disk_args(image), *monitor_args(mon)]
     if STRATA:
         argv += ["--sandbox-allow-dir", d]
     try:

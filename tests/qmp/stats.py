@@ -19,12 +19,11 @@ import asyncio
 import os
 import shutil
 import sys
-import tempfile
 
 from qemu.qmp import QMPClient
 
 from harness import (DAEMON, BINARY, STRATA, check, check_exit, expect_error, monitor_args,
-                     passed, running)
+                     passed, raw_disk_args, running, scratch_disk)
 
 FAULTFS = sys.argv[3]
 SIZE = 16 << 20
@@ -265,14 +264,9 @@ async def checks(dirpath, mon):
 
 
 def main():
-    dirpath = tempfile.mkdtemp(prefix="strata-qmp-stats-")
-    image = os.path.join(dirpath, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(SIZE)
+    dirpath, image = scratch_disk("strata-qmp-stats-", SIZE)
     mon = os.path.join(dirpath, "m0.sock")
-    argv = [BINARY,
-            "--blockdev", f"driver=file,node-name=f0,filename={image},discard=unmap",
-            "--blockdev", "driver=raw,node-name=d0,file=f0,discard=unmap",
+    argv = [BINARY, *raw_disk_args(image, ",discard=unmap"),
             "--export", "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={os.path.join(dirpath, 'e0.sock')},writable=on",
             *monitor_args(mon)]
