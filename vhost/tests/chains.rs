@@ -40,9 +40,7 @@ impl Guest {
     /// Sets up virtqueue `queue` only (a frontend may use any of GET_QUEUE_NUM queues).
     fn connect_queue(export_socket: &std::path::Path, features_mask: u64, queue: usize) -> Guest {
         let mem = guest_memory(&[(0, REGION), (REGION, REGION)]);
-        let (mut fe, _) = negotiate(export_socket, features_mask);
-        fe.set_mem_table(&region_infos(&mem))
-            .expect("set_mem_table");
+        let (mut fe, _) = negotiate_with_memory(export_socket, features_mask, &mem);
         let vring = Vring::setup(&mut fe, &mem, queue, 0, QSIZE);
         Guest { mem, fe, vring }
     }
@@ -52,12 +50,7 @@ impl Guest {
     }
 
     fn header(&self, typ: u32, sector: u64) {
-        self.mem
-            .write_slice(&blk_header(typ, sector), GuestAddress(HDR))
-            .expect("header");
-        self.mem
-            .write_obj(UNTOUCHED, GuestAddress(STATUS))
-            .expect("status");
+        write_header(&self.mem, HDR, STATUS, typ, sector);
     }
 
     /// Makes `head` available and kicks.

@@ -15,8 +15,7 @@ use common::*;
 use strata_backend::block_on;
 use vhost::vhost_user::message::{BackendReq, VhostUserConfigFlags};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 const MIB: u64 = 1 << 20;
 const MEM: u64 = 1 << 20;
@@ -79,21 +78,14 @@ struct Guest {
 impl Guest {
     fn connect(disk: &Disk) -> Guest {
         let mem = guest_memory(&[(0, MEM)]);
-        let (mut fe, _) = negotiate(&disk.socket(), u64::MAX);
-        fe.set_mem_table(&region_infos(&mem))
-            .expect("set_mem_table");
+        let (mut fe, _) = negotiate_with_memory(&disk.socket(), u64::MAX, &mem);
         let q = Vring::setup(&mut fe, &mem, 0, 0, 16);
         Guest { mem, _fe: fe, q }
     }
 
     /// Queues a 4 KiB read of sector 0 and kicks (one at a time: it reuses descriptors 0-2).
     fn read(&mut self) {
-        self.mem
-            .write_slice(&blk_header(T_IN, 0), GuestAddress(HDR))
-            .expect("header");
-        self.mem
-            .write_obj(UNTOUCHED, GuestAddress(HDR + 16))
-            .expect("status");
+        write_header(&self.mem, HDR, HDR + 16, T_IN, 0);
         let d = 0;
         self.q.desc(&self.mem, d, HDR, 16, F_NEXT, d + 1);
         self.q

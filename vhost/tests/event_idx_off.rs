@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::frontend::*;
 use common::*;
 use vhost::vhost_user::Frontend;
-use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const DISK: u64 = 16 << 20;
@@ -44,10 +43,8 @@ impl Guest {
             !FEATURE_EVENT_IDX
         };
         let mem = guest_memory(&[(0, MEM)]);
-        let (mut fe, features) = negotiate(&disk.socket(), mask);
+        let (mut fe, features) = negotiate_with_memory(&disk.socket(), mask, &mem);
         assert_eq!(features & FEATURE_EVENT_IDX != 0, event_idx);
-        fe.set_mem_table(&region_infos(&mem))
-            .expect("set_mem_table");
         mem.write_obj(AVAIL_EVENT_UNTOUCHED, GuestAddress(Self::avail_event()))
             .expect("avail_event");
         let q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
@@ -83,12 +80,7 @@ impl Guest {
             let data = DATA + u64::from(i) * 4096;
             let sector = u64::from(i) * 8;
             let typ = if write { T_OUT } else { T_IN };
-            self.mem
-                .write_slice(&blk_header(typ, sector), GuestAddress(hdr))
-                .expect("header");
-            self.mem
-                .write_obj(UNTOUCHED, GuestAddress(hdr + 16))
-                .expect("status");
+            write_header(&self.mem, hdr, hdr + 16, typ, sector);
             let buf = if write {
                 pattern(tag, sector * 512, 4096)
             } else {

@@ -46,9 +46,7 @@ impl Guest {
     /// Connects to `socket` and sets up the virtqueues `queues` (any of GET_QUEUE_NUM).
     fn connect(socket: &std::path::Path, queues: &[usize]) -> Guest {
         let mem = guest_memory(&[(0, MEM)]);
-        let (mut fe, _) = negotiate(socket, u64::MAX);
-        fe.set_mem_table(&region_infos(&mem))
-            .expect("set_mem_table");
+        let (mut fe, _) = negotiate_with_memory(socket, u64::MAX, &mem);
         let queues = queues
             .iter()
             .enumerate()
@@ -59,47 +57,15 @@ impl Guest {
 
     /// Writes descriptor `index` of queue `k`'s table (`addr` relative to the queue's base).
     fn desc(&self, k: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.desc_in(k, DESC, index, addr, len, flags, next);
-    }
-
-    /// Writes descriptor `index` of the table at `table` (addresses relative to queue `k`'s
-    /// base).
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "a descriptor's fields, in their order"
-    )]
-    fn desc_in(
-        &self,
-        k: usize,
-        table: u64,
-        index: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
         let base = self.queues[k].base;
-        Vring::write_desc(
-            &self.mem,
-            base + table,
-            index,
-            base + addr,
-            len,
-            flags,
-            next,
-        );
+        Vring::write_desc(&self.mem, base + DESC, index, base + addr, len, flags, next);
     }
 
     /// Writes a request header into queue `k`'s header buffer and fills its status and data
     /// buffers with UNTOUCHED.
     fn header(&self, k: usize, typ: u32, sector: u64) {
         let base = self.queues[k].base;
-        self.mem
-            .write_slice(&blk_header(typ, sector), GuestAddress(base + HDR))
-            .expect("header");
-        self.mem
-            .write_obj(UNTOUCHED, GuestAddress(base + STATUS))
-            .expect("status");
+        write_header(&self.mem, base + HDR, base + STATUS, typ, sector);
         self.mem
             .write_slice(&[UNTOUCHED; 8192], GuestAddress(base + DATA))
             .expect("data");
@@ -277,13 +243,15 @@ fn a_flooded_queue_does_not_starve_the_other_queue_of_its_worker() {
     // ahead of the device even when its thread does not run for a while.
     g.header(0, T_GET_ID, 0);
     let last = 4095u16;
+    let base = g.queues[0].base;
     for i in 0..=last {
         let (addr, len, flags) = match i {
             0 => (HDR, 16, F_NEXT),
             i if i == last => (STATUS, 1, F_WRITE),
             i => (DATA + u64::from(i), 1, F_NEXT | F_WRITE),
         };
-        g.desc_in(0, FLOOD_TABLE, i, addr, len, flags, i.wrapping_add(1));
+        let next = i.wrapping_add(1);
+        Vring::write_desc(&g.mem, base + FLOOD_TABLE, i, base + addr, len, flags, next);
     }
     g.desc(0, 0, FLOOD_TABLE, 16 * (u32::from(last) + 1), F_INDIRECT, 0);
     let stop = Arc::new(AtomicBool::new(false));

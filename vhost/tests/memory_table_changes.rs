@@ -47,10 +47,7 @@ fn keep_flowing(mem: GuestMemoryMmap, mut q: Vring, stop: Arc<AtomicBool>) -> u6
                 let data = if write { FLOW_WRITE } else { FLOW_READ } + u64::from(i) * 4096;
                 let sector = u64::from(i) * 8;
                 let typ = if write { T_OUT } else { T_IN };
-                mem.write_slice(&blk_header(typ, sector), GuestAddress(hdr))
-                    .expect("header");
-                mem.write_obj(UNTOUCHED, GuestAddress(hdr + 0x10))
-                    .expect("status");
+                write_header(&mem, hdr, hdr + 0x10, typ, sector);
                 if write {
                     mem.write_slice(&pattern(round, sector * 512, 4096), GuestAddress(data))
                         .expect("data");
@@ -91,10 +88,7 @@ fn keep_flowing(mem: GuestMemoryMmap, mut q: Vring, stop: Arc<AtomicBool>) -> u6
 
 /// The probe on queue 1: one request with its data in region B; (used length, status).
 fn probe(mem: &GuestMemoryMmap, q: &mut Vring, typ: u32) -> (u32, u8) {
-    mem.write_slice(&blk_header(typ, PROBE_SECTOR), GuestAddress(PROBE_HDR))
-        .expect("header");
-    mem.write_obj(UNTOUCHED, GuestAddress(PROBE_HDR + 0x10))
-        .expect("status");
+    write_header(mem, PROBE_HDR, PROBE_HDR + 0x10, typ, PROBE_SECTOR);
     let w = if typ == T_IN { F_WRITE } else { 0 };
     q.desc(mem, 0, PROBE_HDR, 16, F_NEXT, 1);
     q.desc(mem, 1, PROBE_DATA, 4096, F_NEXT | w, 2);

@@ -57,10 +57,7 @@ fn start_with(socket: &Path, latency_ms: u64, env: &[(&str, &str)]) -> Daemon {
 fn chain(mem: &GuestMemoryMmap, q: &Vring, head: u16, typ: u32) {
     let h = u64::from(head);
     let (hdr, data, status) = (HDR + 16 * h, DATA + 0x1000 * h, STATUS + h);
-    mem.write_slice(&blk_header(typ, h * 8), GuestAddress(hdr))
-        .expect("header");
-    mem.write_obj(UNTOUCHED, GuestAddress(status))
-        .expect("status");
+    write_header(mem, hdr, status, typ, h * 8);
     let len = if typ == T_GET_ID { 20 } else { 4096 };
     q.desc(mem, head, hdr, 16, F_NEXT, head + 1);
     q.desc(mem, head + 1, data, len, F_NEXT | F_WRITE, head + 2);
@@ -175,9 +172,7 @@ fn a_request_that_outlasts_the_stop_never_touches_the_ring() {
     let socket = dir.path().join("a.sock");
     let mem = guest_memory(&[(0, MEM)]);
     let d = start_with(&socket, 1500, &[("STRATA_DRAIN_TIMEOUT_MS", "300")]);
-    let (mut fe, _) = negotiate(&socket, u64::MAX);
-    fe.set_mem_table(&region_infos(&mem))
-        .expect("set_mem_table");
+    let (mut fe, _) = negotiate_with_memory(&socket, u64::MAX, &mem);
     let mut q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
     chain(&mem, &q, 0, T_IN);
     q.push(&mem, 0);
@@ -215,9 +210,7 @@ fn sigterm_completes_requests_in_flight_before_it_disconnects() {
     let socket = dir.path().join("a.sock");
     let mem = guest_memory(&[(0, MEM)]);
     let d = start_with(&socket, 500, &[]);
-    let (mut fe, _) = negotiate(&socket, u64::MAX);
-    fe.set_mem_table(&region_infos(&mem))
-        .expect("set_mem_table");
+    let (mut fe, _) = negotiate_with_memory(&socket, u64::MAX, &mem);
     let mut q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
     for head in READS {
         chain(&mem, &q, head, T_IN);

@@ -10,7 +10,6 @@ use common::frontend::*;
 use common::*;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// 2 GiB, sparse: room for a 1 GiB discard or write-zeroes plus a margin on both sides.
@@ -37,9 +36,7 @@ struct Guest {
 impl Guest {
     fn connect(disk: &Disk) -> Guest {
         let mem = guest_memory(&[(0, MEM)]);
-        let (mut fe, features) = negotiate(&disk.socket(), u64::MAX);
-        fe.set_mem_table(&region_infos(&mem))
-            .expect("set_mem_table");
+        let (mut fe, features) = negotiate_with_memory(&disk.socket(), u64::MAX, &mem);
         let q = Vring::setup(&mut fe, &mem, 0, 0, QSIZE);
         Guest {
             mem,
@@ -68,12 +65,7 @@ impl Guest {
         device_writes: bool,
         indirect: bool,
     ) -> (u32, u8) {
-        self.mem
-            .write_slice(&blk_header(typ, sector), GuestAddress(HDR))
-            .expect("header");
-        self.mem
-            .write_obj(UNTOUCHED, GuestAddress(STATUS))
-            .expect("status");
+        write_header(&self.mem, HDR, STATUS, typ, sector);
         let w = if device_writes { F_WRITE } else { 0 };
         let table = if indirect { TABLE } else { self.q.base + DESC };
         let n = segs.len() as u16 + 2;

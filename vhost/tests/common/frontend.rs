@@ -101,6 +101,18 @@ pub fn negotiate(socket: &Path, features_mask: u64) -> (Frontend, u64) {
     (fe, features)
 }
 
+/// [`negotiate`]s, then gives the backend `mem` as the guest's memory table. Returns the
+/// frontend and the features set.
+pub fn negotiate_with_memory(
+    socket: &Path,
+    features_mask: u64,
+    mem: &GuestMemoryMmap,
+) -> (Frontend, u64) {
+    let (fe, features) = negotiate(socket, features_mask);
+    fe.set_mem_table(&region_infos(mem)).expect("set_mem_table");
+    (fe, features)
+}
+
 /// One split virtqueue of the guest: where its rings are, its eventfds and its indices.
 pub struct Vring {
     /// Guest physical address of the descriptor table; the rings follow at AVAIL and USED.
@@ -259,6 +271,15 @@ pub fn blk_header(typ: u32, sector: u64) -> [u8; 16] {
     h[0..4].copy_from_slice(&typ.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     h
+}
+
+/// Writes a request header for `typ` at `sector` to guest address `hdr`, and UNTOUCHED to
+/// the status byte at `status`, so that the test sees whether the device wrote one.
+pub fn write_header(mem: &GuestMemoryMmap, hdr: u64, status: u64, typ: u32, sector: u64) {
+    mem.write_slice(&blk_header(typ, sector), GuestAddress(hdr))
+        .expect("header");
+    mem.write_obj(UNTOUCHED, GuestAddress(status))
+        .expect("status");
 }
 
 /// A discard / write-zeroes segment.
