@@ -166,29 +166,19 @@ fn misaligned_buffers_and_many_segments() {
             src += l;
             at += l + 33;
         }
+        // The vectored requests: at 1 MiB, over every segment.
+        let (offset, n) = (1 << 20, iov.len() as u32);
         let r = run1(&mut c.queues[0], |q| {
-            q.writev(
-                1 << 20,
-                iov.as_ptr(),
-                iov.len() as u32,
-                0,
-                ReqFlags::empty(),
-            )
+            q.writev(offset, iov.as_ptr(), n, 0, ReqFlags::empty())
         });
         assert_eq!(r, 0, "{extra} writev");
         assert!(
-            disk.file_bytes(1 << 20, total) == data,
+            disk.file_bytes(offset, total) == data,
             "{extra} writev content"
         );
         c.buf().fill(0);
         let r = run1(&mut c.queues[0], |q| {
-            q.readv(
-                1 << 20,
-                iov.as_ptr(),
-                iov.len() as u32,
-                0,
-                ReqFlags::empty(),
-            )
+            q.readv(offset, iov.as_ptr(), n, 0, ReqFlags::empty())
         });
         assert_eq!(r, 0, "{extra} readv");
         let mut got = Vec::new();
