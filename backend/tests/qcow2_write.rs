@@ -55,29 +55,23 @@ type Ranges = Vec<(u64, u64)>;
 fn owned_ranges(setup: &Setup, task: usize) -> (Ranges, Ranges) {
     let n = THREADS * TASKS;
     let half = setup.size / 2;
-    let stripe = 24 * 1024;
-    let mut stripes = Vec::new();
-    let mut at = 0;
-    let mut i = 0;
-    while at + stripe <= half {
-        if i % n == task {
-            stripes.push((at, stripe));
-        }
-        at += stripe;
-        i += 1;
-    }
+    let stripes = dealt(0, half, 24 * 1024, n, task);
     let chunk = if setup.cluster >= 1 << 20 { 2 } else { 8 } * setup.cluster;
-    let mut chunks = Vec::new();
-    let mut at = half.div_ceil(setup.cluster) * setup.cluster;
-    let mut i = 0;
-    while at + chunk <= setup.size {
-        if i % n == task {
-            chunks.push((at, chunk));
-        }
-        at += chunk;
-        i += 1;
-    }
+    let chunk_start = half.div_ceil(setup.cluster) * setup.cluster;
+    let chunks = dealt(chunk_start, setup.size, chunk, n, task);
     (stripes, chunks)
+}
+
+/// Task `task`'s share when the `len`-byte ranges from `start` up to `end` are dealt
+/// round-robin to `tasks` tasks.
+fn dealt(start: u64, end: u64, len: u64, tasks: usize, task: usize) -> Ranges {
+    (start..)
+        .step_by(len as usize)
+        .take_while(|at| at + len <= end)
+        .skip(task)
+        .step_by(tasks)
+        .map(|at| (at, len))
+        .collect()
 }
 
 async fn task_ops(node: &Node, setup: &Setup, task: usize, model: &Mutex<Vec<u8>>) {
