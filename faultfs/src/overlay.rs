@@ -183,13 +183,7 @@ impl Overlay {
             if !page.dirty {
                 continue;
             }
-            let start = index * PAGE;
-            let end = (start + PAGE).min(self.size);
-            if end > start {
-                let bytes = page.bytes.as_deref().unwrap_or(&ZERO_PAGE);
-                self.backing
-                    .write_all_at(&bytes[..(end - start) as usize], start)?;
-            }
+            self.write_back(index, page)?;
         }
         if self.size != self.backing.metadata()?.len() {
             self.backing.set_len(self.size)?;
@@ -202,6 +196,18 @@ impl Overlay {
         self.pages.retain(|_, p| !p.dirty);
         self.backing_size = self.size;
         self.zero_from = self.size;
+        Ok(())
+    }
+
+    /// Writes page `index` to the backing file, but for what lies past the overlay's size.
+    fn write_back(&self, index: u64, page: &Page) -> io::Result<()> {
+        let start = index * PAGE;
+        let end = (start + PAGE).min(self.size);
+        if end > start {
+            let bytes = page.bytes.as_deref().unwrap_or(&ZERO_PAGE);
+            self.backing
+                .write_all_at(&bytes[..(end - start) as usize], start)?;
+        }
         Ok(())
     }
 
@@ -221,13 +227,7 @@ impl Overlay {
             if !page.dirty || !keep() {
                 continue;
             }
-            let start = index * PAGE;
-            let end = (start + PAGE).min(self.size);
-            if end > start {
-                let bytes = page.bytes.as_deref().unwrap_or(&ZERO_PAGE);
-                self.backing
-                    .write_all_at(&bytes[..(end - start) as usize], start)?;
-            }
+            self.write_back(index, page)?;
         }
         self.pages.clear();
         self.size = self.backing.metadata()?.len();
