@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use blkio::ReqFlags;
 use common::*;
-use strata_backend::{ChildRole, Graph, Options};
+use strata_backend::{ChildRole, Graph};
 use strata_vhost::{BlkExport, BlkExportConfig, Listen};
 
 const GIB: usize = 1 << 30;
@@ -44,28 +42,9 @@ fn gigabyte_misaligned_reads_on_every_queue_stay_within_a_few_mib() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(2 * GIB as u64))
         .expect("sparse image");
-    let out = Command::new("losetup")
-        .args(["--sector-size", "4096", "-f", "--show"])
-        .arg(&image)
-        .output()
-        .expect("losetup");
-    assert!(out.status.success(), "losetup: {out:?}");
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
-
+    let dev = Loop4k::attach(&image);
     let graph = Graph::new();
-    let opts = Options::parse(
-        &format!("driver=raw,file.driver=host_device,file.filename={dev},cache.direct=on"),
-        None,
-    )
-    .expect("options");
-    let node = graph.open(opts).expect("open the loop device");
+    let node = dev.open_raw(&graph);
     let socket = dir.path().join("vhost.sock");
     let mut cfg = BlkExportConfig::new("mem", node.clone());
     cfg.writable = true;

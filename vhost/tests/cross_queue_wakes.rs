@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use blkio::{Blkioq, Completion, Errno, ReqFlags};
 use common::*;
-use strata_backend::{ChildRole, Graph, Options};
+use strata_backend::{ChildRole, Graph};
 use strata_vhost::{BlkExport, BlkExportConfig, Listen};
 
 const SECTOR: usize = 512;
@@ -51,27 +51,6 @@ fn unavailable() -> Option<String> {
         ));
     }
     None
-}
-
-/// A loop device with 4096-byte logical sectors; detached when dropped.
-struct Loop4k(String);
-
-impl Loop4k {
-    fn attach(image: &std::path::Path) -> Loop4k {
-        let out = Command::new("losetup")
-            .args(["--sector-size", "4096", "-f", "--show"])
-            .arg(image)
-            .output()
-            .expect("losetup");
-        assert!(out.status.success(), "losetup: {out:?}");
-        Loop4k(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-}
-
-impl Drop for Loop4k {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
 }
 
 /// The sector of block 0 queue `q` writes in `round`: one of every other sector, so the two
@@ -193,15 +172,7 @@ fn overlapping_rmw_writes_on_two_workers_all_complete() {
         .expect("image");
     let dev = Loop4k::attach(&image);
     let graph = Graph::new();
-    let opts = Options::parse(
-        &format!(
-            "driver=raw,file.driver=host_device,file.filename={},cache.direct=on",
-            dev.0
-        ),
-        None,
-    )
-    .expect("options");
-    let node = graph.open(opts).expect("open the loop device");
+    let node = dev.open_raw(&graph);
     let socket = dir.path().join("vhost.sock");
     let mut cfg = BlkExportConfig::new("wakes", node.clone());
     cfg.writable = true;

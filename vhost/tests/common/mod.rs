@@ -6,6 +6,7 @@ pub mod frontend;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -206,4 +207,39 @@ pub fn read(q: &mut Blkioq, offset: u64, buf: *mut u8, len: usize) -> i32 {
 
 pub fn write(q: &mut Blkioq, offset: u64, buf: *const u8, len: usize) -> i32 {
     run1(q, |q| q.write(offset, buf, len, 0, ReqFlags::empty()))
+}
+
+/// A loop device with 4096-byte logical sectors over `image`; detached when dropped.
+pub struct Loop4k(pub String);
+
+impl Loop4k {
+    pub fn attach(image: &Path) -> Loop4k {
+        let out = Command::new("losetup")
+            .args(["--sector-size", "4096", "-f", "--show"])
+            .arg(image)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        Loop4k(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// A raw node over the device, opened with O_DIRECT (so 512-byte writes need
+    /// read-modify-write).
+    pub fn open_raw(&self, graph: &Graph) -> Arc<Node> {
+        let opts = Options::parse(
+            &format!(
+                "driver=raw,file.driver=host_device,file.filename={},cache.direct=on",
+                self.0
+            ),
+            None,
+        )
+        .expect("options");
+        graph.open(opts).expect("open the loop device")
+    }
+}
+
+impl Drop for Loop4k {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
 }
