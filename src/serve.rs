@@ -263,6 +263,14 @@ fn run(
                     runtime_dir: daemon.runtime_dir.clone(),
                 });
             }
+            // Connecting to a cluster needs files and calls the sandbox does not allow
+            // (Landlock and the seccomp filter are fixed now): an rbd node added later, by
+            // blockdev-add, must say so rather than fail on its configuration file.
+            strata_backend::driver::refuse_rbd_opens(
+                "new rbd nodes cannot connect once the sandbox is on (its rules are fixed at \
+                 start): give the rbd node on the command line, or run with --sandbox off"
+                    .to_string(),
+            );
             sandbox::enter(&policy)
                 .map_err(|e| format!("sandbox: {e} (--sandbox off serves without it)"))?
         }

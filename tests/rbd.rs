@@ -747,3 +747,112 @@ fn a_namespace_and_server_options_reach_the_image() {
     tool("rbd", &["rm", "--no-progress", &spec]);
     tool("rbd", &["namespace", "remove", &format!("rbd/{ns}")]);
 }
+
+/// Sends each QMP command of `commands` (after the capabilities handshake) to the monitor on
+/// `socket` and returns their replies.
+fn qmp(socket: &Path, commands: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to the monitor");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut next = || -> serde_json::Value {
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read a reply");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON reply");
+            // Events come in between; the replies are what the test wants.
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    };
+    assert!(next().get("QMP").is_some(), "the greeting");
+    let mut send = |c: &serde_json::Value| {
+        writeln!(writer, "{c}").expect("send");
+    };
+    send(&serde_json::json!({"execute": "qmp_capabilities"}));
+    assert!(next().get("return").is_some(), "capabilities accepted");
+    commands
+        .iter()
+        .map(|c| {
+            send(c);
+            next()
+        })
+        .collect()
+}
+
+/// blockdev-add of an rbd node on a running daemon: under the sandbox it is refused with the
+/// reason and what to do (before, librados failed to read its configuration, which exists,
+/// with "No such file or directory"), and the daemon keeps serving; with `--sandbox off` the
+/// same command adds the node.
+#[test]
+fn an_rbd_node_added_over_qmp_says_when_the_sandbox_refuses_it() {
+    let Some(cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("qmpadd");
+    let add = serde_json::json!({"execute": "blockdev-add", "arguments": {
+        "driver": "rbd", "node-name": "r0", "pool": "rbd", "image": image.0,
+        "conf": cluster.conf}});
+    let listed = serde_json::json!({"execute": "query-named-block-nodes",
+        "arguments": {"flat": true}});
+    for sandbox in ["on", "off"] {
+        let socket = dir.path().join(format!("{sandbox}.sock"));
+        let monitor = dir.path().join(format!("{sandbox}.qmp"));
+        let mut args: Vec<String> = [
+            "--sandbox",
+            sandbox,
+            "--blockdev",
+            "driver=null-co,node-name=top,size=1048576",
+            "--chardev",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            path_str(&monitor)
+        ));
+        args.extend([
+            "--monitor".into(),
+            "chardev=m0".into(),
+            "--export".into(),
+            format!(
+                "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},\
+                 num-queues=2",
+                path_str(&socket)
+            ),
+        ]);
+        let mut daemon = spawn(&args);
+        daemon.wait_for_sockets(&[&socket, &monitor]);
+        let replies = qmp(&monitor, &[add.clone(), listed.clone()]);
+        let names: Vec<&str> = replies[1]["return"]
+            .as_array()
+            .expect("a node list")
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .collect();
+        if sandbox == "on" {
+            let error = replies[0]["error"]["desc"].as_str().unwrap_or_else(|| {
+                panic!("blockdev-add under the sandbox succeeded: {}", replies[0])
+            });
+            assert!(
+                error.contains("sandbox") && error.contains("--sandbox off"),
+                "the refusal names the sandbox and the way out: {error}"
+            );
+            assert_eq!(names, ["top"], "the daemon serves on, without the node");
+            // The export still answers.
+            let mut client = connect(&socket, true);
+            client.read(0, 0, 4096);
+            drop(client);
+        } else {
+            assert_eq!(
+                replies[0]["return"],
+                serde_json::json!({}),
+                "{}",
+                replies[0]
+            );
+            assert!(names.contains(&"r0"), "the node is added: {names:?}");
+        }
+        assert!(daemon.terminate().0);
+    }
+}

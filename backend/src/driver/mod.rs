@@ -21,3 +21,4 @@ pub use open::{
     BackingChain, ChildOpener, CreateFn, CreateRequest, CreateTarget, DriverInfo, DriverKind,
     NodeFuture, OpenContext, OpenFuture, ParentOptions, MAX_BACKING_CHAIN,
 };
+pub use rbd::refuse_opens as refuse_rbd_opens;

@@ -6,7 +6,7 @@ mod connect;
 mod ffi;
 mod image;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use connect::{Cluster, ConnectOptions};
 use image::Image;
@@ -27,6 +27,18 @@ pub const DRIVER: DriverInfo = DriverInfo {
     create: None,
 };
 
+/// Why new rbd nodes are refused, once something made connecting impossible (the sandbox).
+static REFUSAL: OnceLock<String> = OnceLock::new();
+
+/// From now on, opening an rbd node fails at once with `reason` instead of connecting.
+/// The daemon calls this as it enters its sandbox: librados would then be refused reading
+/// its configuration and keyring, and its threads the calls they need, so an open would fail
+/// with a misleading "No such file or directory" on a file that exists. The first reason
+/// given stays.
+pub fn refuse_opens(reason: String) {
+    let _ = REFUSAL.set(reason);
+}
+
 /// An open rbd node.
 pub struct RbdDriver {
     image: Arc<Image>,
@@ -35,6 +47,9 @@ pub struct RbdDriver {
 
 fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
     Box::pin(async move {
+        if let Some(reason) = REFUSAL.get() {
+            return Err(BlockError::new(libc::ENOTSUP, format!("rbd: {reason}")));
+        }
         let (mut connect, name, snapshot) = take_options(&mut ctx.options)?;
         connect.rbd_cache = !ctx.flags.cache_direct;
         if snapshot.is_some() && !ctx.flags.read_only {
