@@ -19,6 +19,10 @@ client that the caller (tests/qmp.rs) runs: the script asks for an I/O by printi
 - cache.direct on and off under I/O, cache.no-flush, discard, detect-zeroes as
   query-named-block-nodes shows them;
 - x-blockdev-set-iothread where QSD accepts and refuses it;
+- a host_device node on a loop device with 4096-byte sectors, given at start: cache.direct
+  off and on again, with writes through each (sub-sector ones under O_DIRECT); under strata's
+  sandbox the device is opened again with the new flags (skipped without root, except
+  under CI);
 - strata-only: under the sandbox, a file opened read-only outside --sandbox-allow-dir cannot
   become writable, and the error says why; an empty list changes nothing (QSD 7.2 aborts on
   it: an assertion in bdrv_reopen_multiple).
@@ -259,6 +263,9 @@ async def checks(qmp, d):
     check(file_block(a, 0) == pattern(8), "the write reached a.img")
     await exports.remove(eid)
 
+    if d.loop:
+        await host_device_checks(qmp, d, exports)
+
     if STRATA:
         # The sandbox lets the daemon write only files it opened writable, and those under
         # --sandbox-allow-dir: x.img, opened read-only outside them, stays read-only.
@@ -279,6 +286,30 @@ async def checks(qmp, d):
         check(await qmp.execute("blockdev-reopen", {"options": []}) == {}, "empty list")
 
 
+async def host_device_checks(qmp, d, exports):
+    """A host_device node on a 4k-sector loop device, given at start: opened again without
+    O_DIRECT and with it, each time able to write (a 4 KiB write at 512 is a
+    read-modify-write under O_DIRECT)."""
+    hd = {"driver": "host_device", "node-name": "hd", "filename": d.loop}
+    await qmp.execute("blockdev-add", {"driver": "raw", "node-name": "dh", "file": "hd"})
+    eid, sock = await exports.add("dh", True)
+    check(blkio("write", sock, 512, 11) == "ok", "hd: a write at 512 with O_DIRECT")
+    await exports.remove(eid)
+    await reopen(qmp, w(hd, cache={"direct": False}))
+    check((await flags(qmp, "hd"))[1] is False, "hd: cache.direct off")
+    eid, sock = await exports.add("dh", True)
+    check(blkio("read", sock, 512) == "ok 11", "hd: the O_DIRECT write read back buffered")
+    check(blkio("write", sock, 2 * BLOCK, 12) == "ok", "hd: a buffered write")
+    await exports.remove(eid)
+    await reopen(qmp, w(hd, cache={"direct": True}))
+    check((await flags(qmp, "hd"))[1] is True, "hd: cache.direct on again")
+    eid, sock = await exports.add("dh", True)
+    check(blkio("read", sock, 2 * BLOCK) == "ok 12", "hd: the buffered write read with O_DIRECT")
+    check(blkio("write", sock, 512, 13) == "ok", "hd: a write at 512 with O_DIRECT again")
+    check(blkio("read", sock, 512) == "ok 13", "hd: read back")
+    await exports.remove(eid)
+
+
 class Dirs:
     def __init__(self):
         self.allowed = tempfile.mkdtemp(prefix="strata-reopen-")
@@ -290,6 +321,24 @@ class Dirs:
             f.truncate(16 << 20)
         self.e0 = os.path.join(self.allowed, "e0.sock")
         self.mon = os.path.join(self.allowed, "m0.sock")
+        # A block device for host_device: losetup needs root, which CI has; elsewhere the
+        # host_device checks are skipped without it.
+        self.loop = None
+        if os.geteuid() != 0:
+            if os.environ.get("CI") == "true":
+                raise AssertionError("the host_device checks need root (losetup) under CI")
+            print("host_device checks SKIPPED: losetup needs root", file=sys.stderr)
+            return
+        hd = os.path.join(self.allowed, "hd.img")
+        with open(hd, "wb") as f:
+            f.truncate(16 << 20)
+        self.loop = subprocess.run(["losetup", "--sector-size", "4096", "-f", "--show", hd],
+                                   check=True, capture_output=True,
+                                   text=True).stdout.strip()
+
+    def detach(self):
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], check=False)
 
 
 def main():
@@ -304,6 +353,9 @@ def main():
             "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                         f"addr.path={d.e0},writable=on",
             *monitor_args(d.mon)]
+    if d.loop:
+        argv += ["--blockdev",
+                 f"driver=host_device,node-name=hd,filename={d.loop},cache.direct=on"]
     if STRATA:
         argv += ["--blockdev", f"driver=file,node-name=fx,filename={d.other}/x.img,read-only=on",
                  "--sandbox-allow-dir", al]
@@ -322,6 +374,7 @@ def main():
             asyncio.run(session())
             check(daemon.poll() is None, "the daemon is still running")
     finally:
+        d.detach()
         shutil.rmtree(d.other, ignore_errors=True)
     check_exit(daemon)
     if STRATA:
