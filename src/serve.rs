@@ -268,8 +268,7 @@ fn run(
             // blockdev-add, must say so rather than fail on its configuration file.
             strata_backend::driver::refuse_rbd_opens(
                 "new rbd nodes cannot connect once the sandbox is on (its rules are fixed at \
-                 start): give the rbd node on the command line, or run with --sandbox off"
-                    .to_string(),
+                 start): give the rbd node on the command line, or run with --sandbox off",
             );
             sandbox::enter(&policy)
                 .map_err(|e| format!("sandbox: {e} (--sandbox off serves without it)"))?

@@ -28,14 +28,14 @@ pub const DRIVER: DriverInfo = DriverInfo {
 };
 
 /// Why new rbd nodes are refused, once something made connecting impossible (the sandbox).
-static REFUSAL: OnceLock<String> = OnceLock::new();
+static REFUSAL: OnceLock<&'static str> = OnceLock::new();
 
 /// From now on, opening an rbd node fails at once with `reason` instead of connecting.
 /// The daemon calls this as it enters its sandbox: librados would then be refused reading
 /// its configuration and keyring, and its threads the calls they need, so an open would fail
 /// with a misleading "No such file or directory" on a file that exists. The first reason
 /// given stays.
-pub fn refuse_opens(reason: String) {
+pub fn refuse_opens(reason: &'static str) {
     let _ = REFUSAL.set(reason);
 }
 
