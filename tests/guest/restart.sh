@@ -148,6 +148,12 @@ guest_pid=$!
 
 fail() {
     echo "restart: $label FAILED: $*" >&2
+    if guest_running; then
+        echo "restart: the guest is still running" >&2
+    else
+        echo "restart: the guest has exited; run-guest.sh said:" >&2
+        sed 's/^/    /' "$work/run-guest.out" >&2
+    fi
     local errors
     errors="$(guest_errors)"
     if [[ -n "$errors" ]]; then
@@ -167,13 +173,15 @@ rounds_at() {
     echo "${n:-0}"
 }
 # A first round written and verified before any restart: the final verify covers data from
-# before the restarts too.
-for _ in $(seq 1800); do
+# before the restarts too. Time for two boots (run-guest.sh boots a stalled guest again) and
+# the round.
+first_round_s=$((2 * ${STRATA_GUEST_BOOT_TIMEOUT:-120} + 60))
+for _ in $(seq $((first_round_s * 10))); do
     (($(rounds_at) > 0)) && break
     guest_running || break
     sleep 0.1
 done
-(($(rounds_at) > 0)) || fail "the guest did not finish a first fio round within 180 s"
+(($(rounds_at) > 0)) || fail "the guest did not finish a first fio round within $first_round_s s"
 grep -a 'restart-fio: writing' "$guest_log" | tr -d '\r' | sed 's/^\[strata\] /restart: guest: /'
 
 rounds_before="$(rounds_at)"

@@ -30,7 +30,8 @@
 # Environment: STRATA_GUEST_DIR (default <repo>/target/guest) caches the
 # initramfs (rebuilt when missing or older than the guest scripts) and holds
 # logs/; QEMU (default qemu-system-x86_64); STRATA_GUEST_KERNEL to override
-# the kernel (see kernel-path.sh).
+# the kernel (see kernel-path.sh); STRATA_GUEST_BOOT_TIMEOUT (default 120) the
+# seconds a boot may take to reach init before it is retried, once.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -130,21 +131,78 @@ qemu_args=(
     printf '\n'
 } > "$log"
 
+# A boot that stalls after the kernel's EDD probe and before init's first line is booted again,
+# once. Until init the disk serves only the firmware's reads (SeaBIOS's, and the kernel's EDD
+# probe through it), all done when the kernel prints "Probing EDD ... ok"; the virtio drivers are
+# modules that init loads. So a stall in between is the emulator's, not the backend's (seen once
+# in about a dozen CI runs: a TCG guest silent for 180 s after "Probing EDD"). A stall before it
+# is not retried. The log keeps both attempts and the stalled vCPUs' registers.
+boot_timeout_s="${STRATA_GUEST_BOOT_TIMEOUT:-120}"
+require_numbers "$boot_timeout_s"
+qmp_dir="$(mktemp -d /tmp/run-guest.XXXXXX)"
+trap 'rm -rf "$qmp_dir"' EXIT
+qemu_args+=(-qmp "unix:$qmp_dir/qmp.sock,server=on,wait=off")
+
+# this_boot: the log from the current attempt on.
+this_boot() { tail -c +$((boot_start + 1)) "$log"; }
+# reached_init: whether init's first line is there (anywhere in a line: the kernel's last console
+# output before it ends without a newline).
+reached_init() { this_boot | grep -aqF '[strata] init: '; }
+# past_firmware_io: whether the kernel has printed the "ok" of its EDD probe, the last disk
+# access before init.
+past_firmware_io() { this_boot | grep -aqF 'Probing EDD (edd=off to disable)... o'; }
+
+# stalled_vcpus_to_log: QEMU's run state and every vCPU's registers, into the log.
+stalled_vcpus_to_log() {
+    {
+        echo "run-guest: QEMU's state at the stall:"
+        "$here/qmp-command.py" "$qmp_dir/qmp.sock" query-status || true
+        "$here/qmp-command.py" "$qmp_dir/qmp.sock" human-monitor-command \
+            '{"command-line": "info registers -a"}' |
+            python3 -c 'import json, sys; print(json.load(sys.stdin))' || true
+    } >>"$log" 2>&1
+}
+
 start=$(date +%s.%N)
-set +e
-if [[ $verbose -eq 1 ]]; then
-    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" <"$stdin" 2>&1 | tee -a "$log"
-    rc=${PIPESTATUS[0]}
-else
-    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" <"$stdin" >>"$log" 2>&1
+attempt=1
+while :; do
+    boot_start=$(stat -c %s "$log")
+    timeout -k 10 "$timeout_s" "$qemu" "${qemu_args[@]}" <"$stdin" >>"$log" 2>&1 &
+    qemu_job=$!
+    [[ $verbose -eq 0 ]] || tail -c +$((boot_start + 1)) -f --pid="$qemu_job" "$log" &
+    boot_deadline=$((SECONDS + boot_timeout_s))
+    while kill -0 "$qemu_job" 2>/dev/null && ! reached_init && ((SECONDS < boot_deadline)); do
+        sleep 0.2
+    done
+    if kill -0 "$qemu_job" 2>/dev/null && ! reached_init; then
+        stalled_vcpus_to_log
+        kill "$qemu_job" 2>/dev/null || true
+        wait "$qemu_job" 2>/dev/null || true
+        stall="the guest did not reach init within ${boot_timeout_s}s (attempt $attempt)"
+        echo "run-guest: $stall" | tee -a "$log" >&2
+        if ! past_firmware_io; then
+            stall+=", nor the end of the firmware's disk reads (not booted again)"
+        elif ((attempt == 1)); then
+            attempt=2
+            echo "run-guest: booting the guest again" | tee -a "$log" >&2
+            continue
+        fi
+        rc=stall
+        break
+    fi
+    set +e
+    wait "$qemu_job"
     rc=$?
-fi
-set -e
+    set -e
+    break
+done
 end=$(date +%s.%N)
 secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
 
 result="$(tr -d '\r' < "$log" | grep -a '^STRATA-RESULT: ' | tail -n1 || true)"
-if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+if [[ $rc == stall ]]; then
+    why="$stall"
+elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
     why="timed out after ${timeout_s}s"
 elif [[ -z "$result" ]]; then
     why="no STRATA-RESULT line (qemu exit $rc)"
