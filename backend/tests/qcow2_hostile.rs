@@ -263,8 +263,60 @@ fn free_cluster_scan_is_bounded() {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), size_before);
 }
 
-/// What one crafted image does in the child: check it, open it read-only and read, open it
-/// read-write and write. Each outcome is printed as a `RESULT` line.
+/// An L1 or refcount table that starts past the end of the file is refused at a read-write
+/// open: a write through it would make the file as long as its offset (here 1 TiB). The
+/// image stays readable read-only, and the file keeps its length.
+#[test]
+fn a_table_past_the_end_of_the_file_is_refused_read_write() {
+    let dir = tempdir();
+    for (field, at, name) in [(40, "L1 table", "l1"), (48, "refcount table", "reftable")] {
+        let img = crafted::base(&path(&dir, name), "cluster_size=4096", "64M");
+        put64(&img, field, 1 << 40);
+        let len = std::fs::metadata(&img).unwrap().len();
+        let g = Graph::new();
+        let e = expect_err(open_rw(&g, &img, ""), name);
+        assert!(
+            e.message().contains(&format!("the {at}"))
+                && e.message()
+                    .contains("0x10000000000 lies past the end of the file"),
+            "{e}"
+        );
+        let ro = open_rw(&g, &img, ",read-only=on").expect("read-only open");
+        let mut buf = vec![0u8; 4096];
+        try_run(ro.read(0, &[IoVec::new(&mut buf)])).expect("read-only read");
+        drop(ro);
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "{name}");
+    }
+}
+
+/// A repair of a sparse 1 TiB image whose one far cluster lacks a refcount writes refcount
+/// blocks only where clusters are in use: the table (1 MiB, one entry per 8 MiB of file) and
+/// a few blocks, not the 512 MiB of blocks that cover the whole terabyte with 4 KiB
+/// clusters. QEMU then finds the image clean.
+#[test]
+fn a_repair_writes_no_refcount_blocks_for_a_sparse_files_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let img = crafted::base(&path(&dir, "sparse"), "cluster_size=4096", "64M");
+    crafted::sparse_tib_unrefcounted_cluster(&img);
+    let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let before = allocated(&img);
+    let g = Graph::new();
+    let file = try_open(&g, &format!("driver=file,filename={}", s(&img))).expect("open file");
+    let r = try_run(qcow2::check(&file, Repair::All)).expect("repair");
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    drop(file);
+    let written = allocated(&img) - before;
+    assert!(written < 2 << 20, "the repair allocated {written} bytes");
+    assert_check_clean(&img, true);
+}
+
+/// RESULT lines `exercise` prints.
+const EXERCISE_STEPS: usize = 5;
+
+/// What one crafted image does in the child: check it; open it read-only and read at its
+/// start, middle and end; open it read-write and write, zero, discard, map and flush; repair
+/// it. Each outcome is printed as a `RESULT` line.
 fn exercise(img: &Path) {
     let show = |what: &str, r: Result<String, BlockError>| match r {
         Ok(v) => println!("RESULT {what}: ok {v}"),
@@ -285,7 +337,10 @@ fn exercise(img: &Path) {
     show("check", checked);
     let ro = open_rw(&g, img, ",read-only=on").and_then(|n| {
         let mut buf = vec![0u8; 65536];
-        try_run(n.read(0, &[IoVec::new(&mut buf)]))?;
+        let size = n.size();
+        for off in [0, size / 2, size.saturating_sub(65536)] {
+            try_run(n.read(off / 512 * 512, &[IoVec::new(&mut buf)]))?;
+        }
         Ok(String::new())
     });
     show("ro-open-read", ro);
@@ -296,6 +351,19 @@ fn exercise(img: &Path) {
         Ok(String::new())
     });
     show("rw-open-write", rw);
+    let other = open_rw(&g, img, ",discard=unmap").and_then(|n| {
+        try_run(n.write_zeroes(0, 65536, true))?;
+        try_run(n.discard(1 << 20, 65536))?;
+        let status = try_run(n.block_status(0, n.size()))?;
+        try_run(n.flush())?;
+        Ok(format!("{status:?}"))
+    });
+    show("rw-open-zero-discard-map", other);
+    let repaired = try_open(&g, &format!("driver=file,filename={}", s(img))).and_then(|file| {
+        let r = try_run(qcow2::check(&file, Repair::All))?;
+        Ok(format!("corruptions={} leaks={}", r.corruptions, r.leaks))
+    });
+    show("repair", repaired);
 }
 
 /// The child's entry point (run by `crafted_images_fail_cleanly` under `prlimit`).
@@ -307,66 +375,121 @@ fn crafted_child() {
     println!("DONE");
 }
 
-/// Every crafted image: checking, opening read-only and read-write, and writing end with
-/// success or a clear error; no panic, no abort, within 512 MiB of address space and a
-/// time limit.
-#[test]
-fn crafted_images_fail_cleanly() {
-    let dir = tempdir();
+/// What became of one image in the child: its RESULT lines, or why the child failed.
+fn run_child(img: &Path) -> Result<Vec<String>, String> {
     let exe = std::env::current_exe().expect("test binary");
-    let mut failures = Vec::new();
-    for (name, img) in crafted::all(dir.path()) {
-        let mut child = Command::new("prlimit")
-            .arg(CHILD_AS_LIMIT)
-            .arg("--")
-            .arg(&exe)
-            .args(["--ignored", "--exact", "crafted_child", "--nocapture"])
-            .args(["--test-threads=1"])
-            .env("STRATA_CRAFTED", &img)
-            // Few malloc arenas: the limit then measures memory used, not reserved.
-            .env("MALLOC_ARENA_MAX", "2")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn child");
-        let t = Instant::now();
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                break Some(st);
-            }
-            if t.elapsed() > CHILD_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = child.wait_with_output().expect("child output");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        // The first line follows the harness's "test crafted_child ... ".
-        let results: Vec<&str> = stdout
-            .lines()
-            .filter_map(|l| l.find("RESULT ").map(|i| &l[i..]))
-            .collect();
-        println!("{name}:\n  {}", results.join("\n  "));
-        let ok =
-            status.is_some_and(|s| s.success()) && stdout.contains("DONE") && results.len() == 3;
-        if !ok {
-            failures.push(format!(
-                "{name}: status {status:?}\n{stdout}\n{}",
-                stderr.lines().rev().take(15).collect::<Vec<_>>().join("\n")
-            ));
-            continue;
+    let mut child = Command::new("prlimit")
+        .arg(CHILD_AS_LIMIT)
+        .arg("--")
+        .arg(&exe)
+        .args(["--ignored", "--exact", "crafted_child", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env("STRATA_CRAFTED", img)
+        // Few malloc arenas: the limit then measures memory used, not reserved.
+        .env("MALLOC_ARENA_MAX", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
         }
-        // Errors are clear: they say what is wrong, not just a code.
-        for r in &results {
-            if let Some(msg) = r.split_once(": error ").map(|x| x.1) {
-                if msg.len() < 20 {
-                    failures.push(format!("{name}: unclear error '{r}'"));
-                }
+        if t.elapsed() > CHILD_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = child.wait_with_output().expect("child output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The first line follows the harness's "test crafted_child ... ".
+    let results: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| l.find("RESULT ").map(|i| l[i..].to_string()))
+        .collect();
+    let ok = status.is_some_and(|s| s.success())
+        && stdout.contains("DONE")
+        && results.len() == EXERCISE_STEPS;
+    if !ok {
+        return Err(format!(
+            "status {status:?} (None: killed after {CHILD_TIMEOUT:?})\n{stdout}\n{}",
+            stderr.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        ));
+    }
+    // Errors are clear: they say what is wrong, not just a code.
+    for r in &results {
+        if let Some(msg) = r.split_once(": error ").map(|x| x.1) {
+            if msg.len() < 20 {
+                return Err(format!("unclear error '{r}'"));
             }
         }
     }
+    Ok(results)
+}
+
+/// Every crafted image: checking, opening read-only and read-write, writing, zeroing,
+/// discarding and repairing end with success or a clear error; no panic, no abort, within
+/// 512 MiB of address space and a time limit.
+#[test]
+fn crafted_images_fail_cleanly() {
+    let dir = tempdir();
+    let mut failures = Vec::new();
+    for (name, img) in crafted::all(dir.path()) {
+        match run_child(&img) {
+            Ok(results) => println!("{name}:\n  {}", results.join("\n  ")),
+            Err(why) => failures.push(format!("{name}: {why}")),
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Randomly mutated images (crafted::mutated) do the same as the crafted ones. The test
+/// command runs cases 0 to 39; `STRATA_MUTATED_CASES=N STRATA_MUTATED_FIRST=K` runs N cases
+/// from K (scripts/fuzz.sh runs thousands), and a failure names its case.
+#[test]
+fn mutated_images_fail_cleanly() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name).map_or(default, |v| v.parse().expect("a number"))
+    };
+    let (first, cases) = (
+        env("STRATA_MUTATED_FIRST", 0),
+        env("STRATA_MUTATED_CASES", 40),
+    );
+    let dir = tempdir();
+    // Even cases start from an image without a snapshot, odd ones from one with a snapshot.
+    let bases = [false, true].map(|snapshot| crafted::mutated::base_image(dir.path(), snapshot));
+    let img = dir.path().join("case.qcow2");
+    let mut failures = Vec::new();
+    // How far the cases got: how many opened read-only, wrote, were found corrupt.
+    let (mut read, mut wrote, mut corrupt) = (0, 0, 0);
+    for n in first..first + cases {
+        let what = crafted::mutated::mutate(&bases[(n % 2) as usize], &img, n);
+        match run_child(&img) {
+            Ok(results) => {
+                let ok = |step: &str| {
+                    results
+                        .iter()
+                        .any(|r| r.starts_with(&format!("RESULT {step}: ok")))
+                };
+                read += usize::from(ok("ro-open-read"));
+                wrote += usize::from(ok("rw-open-write"));
+                corrupt += usize::from(
+                    results[0].contains("corruptions=") && !results[0].contains("corruptions=0 "),
+                );
+            }
+            Err(why) => failures.push(format!("case {n} ({what}): {why}")),
+        }
+    }
+    println!("{cases} mutated images: {read} opened read-only and read, {wrote} opened read-write and written, {corrupt} found corrupt by check");
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} mutated images failed; rerun one with STRATA_MUTATED_CASES=1 \
+         STRATA_MUTATED_FIRST=<case>:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

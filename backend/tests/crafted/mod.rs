@@ -10,6 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod mutated;
+
 /// An L1/L2 entry's flag: refcount 1, writable in place.
 pub const COPIED: u64 = 1 << 63;
 /// Header: `incompatible_features` dirty bit.
@@ -103,66 +105,79 @@ pub fn reftable_all_equal(path: &Path, clusters: u32) {
     put32(path, 56, clusters);
 }
 
+/// Makes the file 1 TiB long (sparse) and points L2 entry 100 of the first table at its
+/// last cluster, which no refcount counts.
+pub fn sparse_tib_unrefcounted_cluster(path: &Path) {
+    let (cs, _, _) = layout(path);
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(1 << 40))
+        .expect("grow image");
+    put64(path, l2_offset(path) + 8 * 100, ((1 << 40) - cs) | COPIED);
+}
+
 /// Every crafted image, made in `dir`: (name, path).
 pub fn all(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     let mut out = Vec::new();
-    let mut add = |name: &'static str, patch: &dyn Fn(&Path)| {
-        let p = base(&dir.join(format!("{name}.qcow2")), "", "2G");
+    // (name, `qemu-img create -o` options, patch)
+    let mut add = |name: &'static str, opts: &str, patch: &dyn Fn(&Path)| {
+        let p = base(&dir.join(format!("{name}.qcow2")), opts, "2G");
         patch(&p);
         out.push((name, p));
     };
-    add("reftable-all-equal", &|p| reftable_all_equal(p, 128));
-    add("dirty-reftable-all-equal", &|p| {
+    add("reftable-all-equal", "", &|p| reftable_all_equal(p, 128));
+    add("dirty-reftable-all-equal", "", &|p| {
         reftable_all_equal(p, 128);
         put64(p, 72, DIRTY);
     });
-    add("reftable-entry-on-l1", &|p| {
+    add("reftable-entry-on-l1", "", &|p| {
         let (_, l1, rt) = layout(p);
         put64(p, rt + 8, l1);
     });
-    add("reftable-on-header", &|p| put64(p, 48, 0));
-    add("reftable-on-l1", &|p| {
+    add("reftable-on-header", "", &|p| put64(p, 48, 0));
+    add("reftable-on-l1", "", &|p| {
         let (_, l1, _) = layout(p);
         put64(p, 48, l1);
     });
-    add("reftable-entry-past-eof", &|p| {
+    add("reftable-entry-past-eof", "", &|p| {
         let (_, _, rt) = layout(p);
         put64(p, rt + 8, 1 << 40);
     });
-    add("l1-entry-past-eof", &|p| {
+    add("l1-entry-past-eof", "", &|p| {
         let (_, l1, _) = layout(p);
         put64(p, l1 + 8, (1 << 40) | COPIED);
     });
-    add("l1-entry-on-reftable", &|p| {
+    add("l1-entry-on-reftable", "", &|p| {
         let (_, l1, rt) = layout(p);
         put64(p, l1 + 8, rt | COPIED);
     });
-    add("l2-copied-on-own-table", &|p| {
+    add("l2-copied-on-own-table", "", &|p| {
         put64(p, l2_offset(p), l2_offset(p) | COPIED)
     });
-    add("l2-copied-on-l1", &|p| {
+    add("l2-copied-on-l1", "", &|p| {
         let (_, l1, _) = layout(p);
         put64(p, l2_offset(p), l1 | COPIED);
     });
-    add("l2-copied-on-refblock", &|p| {
+    add("l2-copied-on-refblock", "", &|p| {
         put64(p, l2_offset(p), refblock_offset(p) | COPIED)
     });
-    add("huge-l1-size", &|p| put32(p, 36, u32::MAX));
-    add("huge-reftable-clusters", &|p| put32(p, 56, u32::MAX));
-    add("refcount-order-7", &|p| put32(p, 96, 7));
-    add("cluster-bits-8", &|p| put32(p, 20, 8));
-    add("cluster-bits-40", &|p| put32(p, 20, 40));
-    add("header-length-huge", &|p| put32(p, 100, u32::MAX));
-    add("header-length-short", &|p| put32(p, 100, 50));
-    add("backing-name-huge", &|p| {
+    add("huge-l1-size", "", &|p| put32(p, 36, u32::MAX));
+    add("huge-reftable-clusters", "", &|p| put32(p, 56, u32::MAX));
+    add("refcount-order-7", "", &|p| put32(p, 96, 7));
+    add("cluster-bits-8", "", &|p| put32(p, 20, 8));
+    add("cluster-bits-40", "", &|p| put32(p, 20, 40));
+    add("header-length-huge", "", &|p| put32(p, 100, u32::MAX));
+    add("header-length-short", "", &|p| put32(p, 100, 50));
+    add("backing-name-huge", "", &|p| {
         put64(p, 8, 512);
         put32(p, 16, u32::MAX);
     });
-    add("extension-length-huge", &|p| {
+    add("extension-length-huge", "", &|p| {
         put32(p, 112, 0x1234_5678);
         put32(p, 116, 0xffff_fff0);
     });
-    add("dirty-corrupt-tables", &|p| {
+    add("dirty-corrupt-tables", "", &|p| {
         let (cs, _, rt) = layout(p);
         let l2 = l2_offset(p);
         // Every L2 entry points at the refcount table, the table at the L1 table's block.
@@ -174,7 +189,7 @@ pub fn all(dir: &Path) -> Vec<(&'static str, PathBuf)> {
         put64(p, rt + 16, 3 * cs + 7);
         put64(p, 72, DIRTY);
     });
-    add("snapshots-garbage", &|p| {
+    add("snapshots-garbage", "", &|p| {
         let (cs, _, _) = layout(p);
         let at = file_len(p).div_ceil(cs) * cs;
         let garbage: Vec<u8> = (0..cs).map(|i| (i * 37 % 251) as u8 | 0x80).collect();
@@ -182,7 +197,22 @@ pub fn all(dir: &Path) -> Vec<(&'static str, PathBuf)> {
         put32(p, 60, 65536);
         put64(p, 64, at);
     });
-    add("snapshots-past-eof", &|p| {
+    // A write through it would put the L1 table 1 TiB into the file. (4 KiB clusters: a
+    // refcount structure covering 1 TiB then takes 512 MiB.)
+    add("l1-table-past-eof", "cluster_size=4096", &|p| {
+        put64(p, 40, 1 << 40)
+    });
+    add("reftable-past-eof", "cluster_size=4096", &|p| {
+        put64(p, 48, 1 << 40)
+    });
+    // A sparse 1 TiB file with a data cluster near its end that no refcount counts: a
+    // repair must not write refcount blocks for the empty terabyte.
+    add(
+        "sparse-tib-unrefcounted-cluster",
+        "cluster_size=4096",
+        &sparse_tib_unrefcounted_cluster,
+    );
+    add("snapshots-past-eof", "", &|p| {
         put32(p, 60, 1000);
         put64(p, 64, 1 << 40);
     });

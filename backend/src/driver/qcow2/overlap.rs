@@ -117,8 +117,8 @@ fn bad(filename: &str, msg: String) -> BlockError {
 }
 
 impl Overlap {
-    /// Maps the metadata of an image opened read-write, refusing metadata outside the file,
-    /// unaligned, or overlapping other metadata (`reftable`: the refcount table's entries).
+    /// Maps the metadata of an image opened read-write, refusing metadata that starts past the
+    /// end of the file, unaligned, or overlapping other metadata (`reftable`: the refcount table's entries).
     pub fn build(
         h: &Header,
         l1: &[AtomicU64],
@@ -142,6 +142,13 @@ impl Overlap {
         let add_fixed = |kind: u32, offset: u64, len: u64, what: &str| -> Result<()> {
             if len == 0 {
                 return Ok(());
+            }
+            // Written there, it would make the file that long (1 TiB for an offset of 1 TiB).
+            if offset >= file_size {
+                return Err(bad(
+                    &fname,
+                    format!("the {what} at {offset:#x} lies past the end of the file ({file_size} bytes)"),
+                ));
             }
             let (c0, c1) = (offset >> bits, (offset + len).div_ceil(cs));
             if let Some(&(k, _, _)) = o.lock_others().iter().find(|&&(_, s, e)| s < c1 && c0 < e) {

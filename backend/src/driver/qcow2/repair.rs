@@ -1,10 +1,10 @@
 //! Repairs found by the check: leaks fixed in place, a new refcount structure for errors,
 //! and the repair of an image left dirty before it is opened for writing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::check::{check, read_header, write_at, Checker, Repair, Stored};
-use super::header::{field, Header, INCOMPAT_DIRTY};
+use super::header::{field, Header, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::refcount::{max_refcount, set_entry};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
@@ -30,7 +30,9 @@ pub(super) async fn fix_leaks(
 }
 
 /// Writes a new refcount structure (blocks, then table) past everything in use, then points
-/// the header at it and clears the dirty bit. Returns the new refcounts.
+/// the header at it and clears the dirty bit. Returns the new refcounts. Blocks are written
+/// only where a cluster is in use (a table entry of 0 reads as all-zero refcounts), so a
+/// sparse file's holes cost nothing; a table larger than qcow2 allows is refused.
 pub(super) async fn rebuild_refcounts(
     c: &Checker<'_>,
     mut refs: BTreeMap<u64, u64>,
@@ -48,28 +50,41 @@ pub(super) async fn rebuild_refcounts(
     // header switch leaves the old ones intact.
     let in_use_end = c.refs.keys().next_back().map_or(0, |&k| k + 1);
     let start = c.file.size().div_ceil(cs).max(in_use_end);
-    let (mut blocks, mut table_clusters) = (1u64, 1u64);
+    // The table indices that need a block: those of the clusters in use and those of the new
+    // structure's own clusters, which depend on how many blocks there are.
+    let in_use: BTreeSet<u64> = refs.keys().map(|cl| cl / per_block).collect();
+    let (mut indices, mut table_clusters) = (in_use.clone(), 1u64);
     loop {
-        let end = start + blocks + table_clusters;
-        let need_blocks = end.div_ceil(per_block);
-        let need_table = (need_blocks * 8).div_ceil(cs);
-        if need_blocks <= blocks && need_table <= table_clusters {
+        let end = start + indices.len() as u64 + table_clusters;
+        let mut need = in_use.clone();
+        need.extend(start / per_block..=(end - 1) / per_block);
+        let last = need.last().copied().unwrap_or(0);
+        let need_table = ((last + 1) * 8).div_ceil(cs).max(table_clusters);
+        if need.len() == indices.len() && need_table == table_clusters {
             break;
         }
-        blocks = blocks.max(need_blocks);
-        table_clusters = table_clusters.max(need_table);
+        indices = need;
+        table_clusters = need_table;
     }
+    if table_clusters * cs > MAX_REFTABLE_BYTES {
+        return Err(BlockError::invalid(format!(
+            "a refcount table reaching cluster {start} of the file would take {} bytes, more \
+             than qcow2's {MAX_REFTABLE_BYTES}",
+            table_clusters * cs
+        )));
+    }
+    let blocks = indices.len() as u64;
     let table_offset = (start + blocks) * cs;
     for cl in start..start + blocks + table_clusters {
         refs.insert(cl, 1);
     }
     let mut table = vec![0u8; (table_clusters * cs) as usize];
-    for b in 0..blocks {
+    for (i, &b) in indices.iter().enumerate() {
         let mut data = vec![0u8; cs as usize];
         for (&cl, &r) in refs.range(b * per_block..(b + 1) * per_block) {
             set_entry(&mut data, order, cl - b * per_block, r);
         }
-        let off = (start + b) * cs;
+        let off = (start + i as u64) * cs;
         write_at(c.file, off, &data).await?;
         table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
     }
