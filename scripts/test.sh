@@ -4,8 +4,9 @@
 # the guest harness's self-test against qemu-storage-daemon, and the benchmark's short mode
 # (every workload briefly, checking data, never timing).
 # Needs root (loop devices) and the packages scripts/install-deps.sh installs.
-# `scripts/test.sh --long` runs the long loops too: many more property-test cases, power-loss
-# rounds, killed clients and memory-table cycles (STRATA_LONG_TESTS; see README "Tests").
+# `scripts/test.sh --long` runs the long loops too: many more property-test cases and mutated
+# qcow2 images, power-loss rounds, killed clients and memory-table cycles (STRATA_LONG_TESTS;
+# see README "Tests").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ if [ "${1:-}" = --long ]; then
     export STRATA_LONG_TESTS=1
     export STRATA_POWER_LOSS_ROUNDS="${STRATA_POWER_LOSS_ROUNDS:-300}"
     export PROPTEST_CASES="${PROPTEST_CASES:-200000}"
+    export STRATA_MUTATED_CASES="${STRATA_MUTATED_CASES:-5000}"
 fi
 
 scripts/install-deps.sh

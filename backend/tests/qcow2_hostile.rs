@@ -460,14 +460,16 @@ fn mutated_images_fail_cleanly() {
         env("STRATA_MUTATED_CASES", 40),
     );
     let dir = tempdir();
-    // Even cases start from an image without a snapshot, odd ones from one with a snapshot.
-    let bases = [false, true].map(|snapshot| crafted::mutated::base_image(dir.path(), snapshot));
+    // Case n starts from base n % 4.
+    let bases: Vec<_> = (0..crafted::mutated::BASES.len())
+        .map(|i| crafted::mutated::base_image(dir.path(), i))
+        .collect();
     let img = dir.path().join("case.qcow2");
     let mut failures = Vec::new();
     // How far the cases got: how many opened read-only, wrote, were found corrupt.
     let (mut read, mut wrote, mut corrupt) = (0, 0, 0);
     for n in first..first + cases {
-        let what = crafted::mutated::mutate(&bases[(n % 2) as usize], &img, n);
+        let what = crafted::mutated::mutate(&bases[n as usize % bases.len()], &img, n);
         match run_child(&img) {
             Ok(results) => {
                 let ok = |step: &str| {
@@ -481,7 +483,10 @@ fn mutated_images_fail_cleanly() {
                     results[0].contains("corruptions=") && !results[0].contains("corruptions=0 "),
                 );
             }
-            Err(why) => failures.push(format!("case {n} ({what}): {why}")),
+            Err(why) => {
+                let base = crafted::mutated::BASES[n as usize % bases.len()].0;
+                failures.push(format!("case {n} (base {base}; {what}): {why}"))
+            }
         }
     }
     println!("{cases} mutated images: {read} opened read-only and read, {wrote} opened read-write and written, {corrupt} found corrupt by check");

@@ -1,6 +1,7 @@
-//! Randomly mutated qcow2 images: a valid image with data, compressed and zero clusters (and
-//! an internal snapshot, or not), whose metadata (header and extensions, L1 and L2 tables, refcount table
-//! and blocks, snapshot table) gets a few random bytes, bit flips or pointer-like values.
+//! Randomly mutated qcow2 images: a valid image with data, compressed and zero clusters (of
+//! one of four kinds: small clusters, a snapshot, extended L2 entries, 1-bit refcounts and
+//! zstd), whose metadata (header and extensions, L1 and L2 tables, refcount table and
+//! blocks, snapshot table) gets a few random bytes, bit flips or pointer-like values.
 //! Case `n` is always the same image, so a failure is reproduced by its number.
 
 use std::path::{Path, PathBuf};
@@ -20,15 +21,28 @@ const SNAPSHOT_FIXED: u64 = 40;
 /// Entries of the snapshot table looked at (a base image has at most one snapshot).
 const MAX_SNAPSHOTS: u64 = 4;
 
-/// An image cases start from, made in `dir`: 64 MiB, 4 KiB clusters (many small tables),
-/// data at 0, 1 MiB and 63 MiB, a compressed range at 33 MiB, zero clusters at 40 MiB; with
-/// `snapshot`, then a snapshot and a rewrite of the first 8 KiB (clusters shared and not).
-/// (strata writes no image that has internal snapshots, so only the other reaches the write
-/// paths.)
-pub fn base_image(dir: &Path, snapshot: bool) -> PathBuf {
-    let p = dir.join(format!("mutation-base-{snapshot}.qcow2"));
+/// The images cases start from: (name, `qemu-img create -o` options, take a snapshot).
+/// strata writes no image that has internal snapshots, so only the others reach the write
+/// paths.
+pub const BASES: [(&str, &str, bool); 4] = [
+    ("4k", "cluster_size=4096", false),
+    ("4k-snapshot", "cluster_size=4096", true),
+    ("extended-l2", "cluster_size=65536,extended_l2=on", false),
+    (
+        "1-bit-refcounts-zstd",
+        "cluster_size=4096,refcount_bits=1,compression_type=zstd",
+        false,
+    ),
+];
+
+/// Base image `i` of [`BASES`], made in `dir`: 64 MiB, data at 0, 1 MiB and 63 MiB, a
+/// compressed range at 33 MiB, zero clusters at 40 MiB; with a snapshot, then a snapshot and
+/// a rewrite of the first 8 KiB (clusters shared and not).
+pub fn base_image(dir: &Path, i: usize) -> PathBuf {
+    let (name, opts, snapshot) = BASES[i];
+    let p = dir.join(format!("mutation-base-{name}.qcow2"));
     run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
         .arg(&p)
         .arg("64M"));
     let io = |cmd: &str| {
