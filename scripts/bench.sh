@@ -52,7 +52,10 @@
 #            --daemon-cpu N  --client-cpu N   (defaults 0 and 1 when there are 2+ CPUs)
 #            --unpinned       no taskset: the scheduler places daemon and client
 #            --rates R1,R2,...  --rate-qds Q1,Q2,...   (fixed-rate load, see above)
-#            --wait-idle S    before each run, wait up to S s for other work to go quiet
+#            --wait-idle S    before each run, wait up to S s for other work (and steal) to go quiet
+#            --max-steal PCT  run again (up to 3 times in all) a run in which the hypervisor took
+#                             more than PCT % of one CPU from this VM (steal); the report keeps
+#                             the last attempt and the log says which runs were retried
 #            --qmp-poll       give each daemon a QMP monitor and poll query-blockstats on it
 #                             every 100 ms while it is measured (scripts/qmp-poll.py, needs
 #                             the Python package qemu.qmp); a summary line per run
@@ -84,6 +87,7 @@ BUILD=1
 DAEMON_CPU=""
 UNPINNED=0
 WAIT_IDLE=0
+MAX_STEAL=""
 QMP_POLL=0
 CLIENT_CPU=""
 IMAGE_SIZE=$((1024 * 1024 * 1024))
@@ -114,6 +118,7 @@ while [[ $# -gt 0 ]]; do
     --require-strata) REQUIRE_STRATA=1 ;;
     --no-build) BUILD=0 ;;
     --wait-idle) need_arg "$@"; WAIT_IDLE=$2; shift ;;
+    --max-steal) need_arg "$@"; MAX_STEAL=$2; shift ;;
     --rates) need_arg "$@"; RATES=$2; shift ;;
     --rate-qds) need_arg "$@"; RATE_QDS=$2; shift ;;
     --qmp-poll) QMP_POLL=1 ;;
@@ -139,6 +144,7 @@ fi
 [[ $DURATION =~ ^[0-9]*\.?[0-9]+$ ]] || die "--duration wants seconds, got '$DURATION'"
 [[ $RAMP =~ ^[0-9]*\.?[0-9]+$ ]] || die "--ramp wants seconds, got '$RAMP'"
 [[ $WAIT_IDLE =~ ^[0-9]+$ ]] || die "--wait-idle wants whole seconds, got '$WAIT_IDLE'"
+[[ -z $MAX_STEAL || $MAX_STEAL =~ ^[0-9]+$ ]] || die "--max-steal wants a whole percentage, got '$MAX_STEAL'"
 for b in ${BACKENDS//,/ }; do
     [[ $b =~ ^(file|null|qcow2|ram|qcow2-ram|qcow2-alloc|rbd)$ ]] ||
         die "unknown backend '$b' (file, null, qcow2, ram, qcow2-ram, qcow2-alloc, rbd)"
@@ -519,6 +525,9 @@ cleanup() {
     fi
     rm -rf "$RUNDIR"
     if [[ -n $CEPH_DIR ]]; then
+        # The cluster's logs outlive it (an OSD that exits mid-run says why there).
+        mkdir -p "$OUT/logs/ceph"
+        cp "$CEPH_DIR"/log/*.log "$OUT/logs/ceph/" 2>/dev/null || true
         "$ROOT/scripts/ceph-test-cluster.sh" stop "$CEPH_DIR" || true
     fi
     local dev
@@ -593,17 +602,20 @@ workloads_for() { # BACKEND -> its workloads, space-separated
 
 # Interference check: timing from a machine that is busy with other work is not comparable.
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
-b0=$(busy_ticks)
+# Steal: time the hypervisor ran other guests while this VM's CPUs wanted to run.
+steal_ticks() { awk '/^cpu / { print $9; exit }' /proc/stat; }
+b0=$(busy_ticks) s0=$(steal_ticks)
 sleep 1
-b1=$(busy_ticks)
+b1=$(busy_ticks) s1=$(steal_ticks)
 busy_pct=$(((b1 - b0) * 100 / $(getconf CLK_TCK)))
-wait_idle() { # wait up to WAIT_IDLE s until less than 25% of one CPU is busy (0.5 s samples)
-    local deadline=$((SECONDS + WAIT_IDLE)) a b
+steal_pct=$(((s1 - s0) * 100 / $(getconf CLK_TCK)))
+wait_idle() { # up to WAIT_IDLE s until under 25% of one CPU is busy or stolen (0.5 s samples)
+    local deadline=$((SECONDS + WAIT_IDLE)) a b c d
     while ((SECONDS < deadline)); do
-        a=$(busy_ticks)
+        a=$(busy_ticks) c=$(steal_ticks)
         sleep 0.5
-        b=$(busy_ticks)
-        (((b - a) * 200 / $(getconf CLK_TCK) < 25)) && return 0
+        b=$(busy_ticks) d=$(steal_ticks)
+        (((b - a + d - c) * 200 / $(getconf CLK_TCK) < 25)) && return 0
     done
     echo "bench: note: machine still busy after waiting ${WAIT_IDLE}s; running anyway" >&2
 }
@@ -612,6 +624,10 @@ if ((busy_pct > 25)); then
         "other work); timings will be disturbed (see 'other CPU %' in the report)" >&2
 else
     echo "bench: machine idle before the run (${busy_pct}% of one CPU busy)" >&2
+fi
+if ((steal_pct > 10)); then
+    echo "bench: WARNING: the hypervisor takes ${steal_pct}% of one CPU from this VM (steal);" \
+        "timings will be disturbed (see 'steal %' in the report)" >&2
 fi
 echo "bench: $PIN_NOTE" >&2
 echo "bench: rounds=$ROUNDS duration=${DURATION}s ramp=${RAMP}s targets=$TARGETS backends=$BACKENDS" >&2
@@ -651,6 +667,33 @@ for backend in ${BACKENDS//,/ }; do
     done
 done
 
+# measure TARGET BACKEND WORKLOAD QUEUES ROUND FILE: one measured run, its JSON line in FILE.
+RUN_OUT="$OUT/run-$STAMP.jsonl"
+measure() {
+    local target=$1 backend=$2 wl=$3 nq=$4 round=$5 dest=$6
+    : >"$dest"
+    local common=(--target "$target" --backend "$backend" --workload "$wl"
+        --duration "$DURATION" --ramp "$RAMP" --seed "$round" --round "$round" --out "$dest")
+    # qcow2: writes carry the data already at their offset (the image stays equal to its
+    # source).
+    if [[ $backend == qcow2 || $backend == qcow2-ram ]]; then
+        common+=(--write-source)
+    fi
+    if [[ $backend == rbd ]]; then
+        common+=(--osd-pid "$OSD_PID")
+    fi
+    if [[ $target == io_uring ]]; then
+        client run "${common[@]}" --path "$(image_of "$backend")"
+    else
+        [[ $backend != qcow2-alloc ]] || fresh_qalloc
+        start_daemon "$target" "$backend" "$nq"
+        start_poller
+        client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
+        stop_daemon
+        [[ $backend != qcow2-alloc ]] || check_qalloc "$target $wl round $round"
+    fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Rounds: per workload, every target in turn (same seed within a round = same offsets).
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -659,32 +702,24 @@ for ((round = 1; round <= ROUNDS; round++)); do
         for wl in $(workloads_for "$backend"); do
             nq=$(queues_of "$wl")
             for target in $(targets_for "$backend"); do
-                ((WAIT_IDLE == 0)) || wait_idle
-                common=(--target "$target" --backend "$backend" --workload "$wl"
-                    --duration "$DURATION" --ramp "$RAMP" --seed "$round" --round "$round"
-                    --out "$RESULTS")
-                # qcow2: writes carry the data already at their offset (the image stays equal
-                # to its source).
-                if [[ $backend == qcow2 || $backend == qcow2-ram ]]; then
-                    common+=(--write-source)
-                fi
-                if [[ $backend == rbd ]]; then
-                    common+=(--osd-pid "$OSD_PID")
-                fi
-                if [[ $target == io_uring ]]; then
-                    client run "${common[@]}" --path "$(image_of "$backend")"
-                else
-                    [[ $backend != qcow2-alloc ]] || fresh_qalloc
-                    start_daemon "$target" "$backend" "$nq"
-                    start_poller
-                    client run "${common[@]}" --path "$SOCK" --daemon-pid "$DPID"
-                    stop_daemon
-                    [[ $backend != qcow2-alloc ]] || check_qalloc "$target $wl round $round"
-                fi
+                for attempt in 1 2 3; do
+                    ((WAIT_IDLE == 0)) || wait_idle
+                    measure "$target" "$backend" "$wl" "$nq" "$round" "$RUN_OUT"
+                    steal=$(grep -o '"steal_fraction":[^,}]*' "$RUN_OUT" | cut -d: -f2)
+                    if [[ -n $MAX_STEAL && $attempt -lt 3 ]] &&
+                        awk -v s="$steal" -v m="$MAX_STEAL" 'BEGIN { exit !(s * 100 > m) }'; then
+                        echo "bench: $target $backend $wl round $round: steal $(awk -v s="$steal" \
+                            'BEGIN { printf "%.0f", s * 100 }')% > ${MAX_STEAL}%, running it again" >&2
+                        continue
+                    fi
+                    break
+                done
+                cat "$RUN_OUT" >>"$RESULTS"
             done
         done
     done
 done
+rm -f "$RUN_OUT"
 
 # ---------------------------------------------------------------------------------------------
 # qcow2 after the rounds: the write workloads must have left the source's content (read-only

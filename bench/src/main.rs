@@ -270,10 +270,12 @@ fn run(cli: Cli) -> Result<(), String> {
                     "client_cpu_s_per_io": r.client_cpu_s / r.ios as f64,
                     "other_cpu_s": r.other_cpu_s,
                     "other_cpu_fraction": r.other_cpu_s / r.seconds,
+                    "steal_s": r.steal_s,
+                    "steal_fraction": r.steal_s / r.seconds,
                     "pinning": pinning,
                 });
                 println!(
-                    "{:<8} {:<5} {:<20} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} p99.9 {:>7.1} µs  daemon {} µs/IO  client {:.2} µs/IO{}",
+                    "{:<8} {:<5} {:<20} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} p99.9 {:>7.1} µs  daemon {} µs/IO  client {:.2} µs/IO{}  steal {:.0}%",
                     t.target,
                     t.backend,
                     w.to_string(),
@@ -288,6 +290,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         "  OSD {:.2} µs/IO",
                         c / r.ios as f64 * 1e6
                     )),
+                    r.steal_s / r.seconds * 100.0,
                 );
                 if let Some(path) = &out {
                     let mut f = OpenOptions::new()

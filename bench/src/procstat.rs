@@ -49,9 +49,17 @@ pub fn self_cpu_seconds() -> Result<f64> {
     stat_seconds("/proc/self/stat")
 }
 
-/// Busy CPU seconds of the whole machine (all CPUs: everything but idle and iowait), from the
-/// aggregate line of /proc/stat.
-pub fn machine_busy_seconds() -> Result<f64> {
+/// CPU seconds of the whole machine (all CPUs) from the aggregate line of /proc/stat.
+#[derive(Clone, Copy)]
+pub struct MachineCpu {
+    /// Busy: everything but idle, iowait and steal.
+    pub busy: f64,
+    /// Steal: time this VM's CPUs were runnable but the hypervisor ran something else.
+    pub steal: f64,
+}
+
+/// The machine's busy and steal seconds so far.
+pub fn machine_cpu_seconds() -> Result<MachineCpu> {
     let s = fs::read_to_string("/proc/stat").map_err(|e| format!("read /proc/stat: {e}"))?;
     let line = s
         .lines()
@@ -63,11 +71,12 @@ pub fn machine_busy_seconds() -> Result<f64> {
         .filter_map(|x| x.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal [guest guest_nice] (guest is in user).
-    let busy: u64 = v.iter().take(8).sum::<u64>()
-        - v.get(3).copied().unwrap_or(0)
-        - v.get(4).copied().unwrap_or(0)
-        - v.get(7).copied().unwrap_or(0);
-    Ok(busy as f64 / clock_ticks())
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy: u64 = v.iter().take(8).sum::<u64>() - field(3) - field(4) - field(7);
+    Ok(MachineCpu {
+        busy: busy as f64 / clock_ticks(),
+        steal: field(7) as f64 / clock_ticks(),
+    })
 }
 
 /// `Cpus_allowed_list` of a process ("self" or a pid), e.g. "0" or "0-1".
@@ -103,6 +112,7 @@ mod tests {
     fn self_cpu_is_readable() {
         assert!(self_cpu_seconds().unwrap() >= 0.0);
         assert!(cpus_allowed("self") != "?");
-        assert!(machine_busy_seconds().unwrap() > 0.0);
+        let m = machine_cpu_seconds().unwrap();
+        assert!(m.busy > 0.0 && m.steal >= 0.0);
     }
 }

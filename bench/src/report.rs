@@ -37,6 +37,7 @@ const METRICS: &[&str] = &[
     "client_cpu_s_per_io",
     "osd_cpu_s_per_io",
     "other_cpu_fraction",
+    "steal_fraction",
 ];
 
 fn rank(order: &[&str], s: &str) -> usize {
@@ -75,6 +76,19 @@ impl Group {
 
 type Key = (String, String, String); // backend, workload, target
 
+/// A row's steal, in % of one CPU: "median (max)" over its rounds; "-" for results written
+/// before steal was measured.
+fn steal_cell(median: Option<f64>, rounds: &[f64]) -> String {
+    match median {
+        None => "-".to_string(),
+        Some(m) => format!(
+            "{:.0} ({:.0})",
+            m * 100.0,
+            rounds.iter().copied().fold(0.0, f64::max) * 100.0
+        ),
+    }
+}
+
 pub struct Options<'a> {
     pub results: &'a str,
     pub json_out: Option<&'a str>,
@@ -94,6 +108,7 @@ pub fn report(opts: &Options) -> Result<()> {
     let mut pinning: Vec<String> = Vec::new();
     let mut durations: Vec<f64> = Vec::new();
     let mut other: Vec<f64> = Vec::new();
+    let mut steal: Vec<f64> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -117,6 +132,9 @@ pub fn report(opts: &Options) -> Result<()> {
         }
         if let Some(o) = v.get("other_cpu_fraction").and_then(Value::as_f64) {
             other.push(o);
+        }
+        if let Some(o) = v.get("steal_fraction").and_then(Value::as_f64) {
+            steal.push(o);
         }
         if let Some(d) = v.get("seconds").and_then(Value::as_f64) {
             durations.push(d);
@@ -184,11 +202,11 @@ pub fn report(opts: &Options) -> Result<()> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| backend | workload | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/IO | client CPU µs/IO |{osd_head} other CPU % | rounds |"
+        "| backend | workload | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/IO | client CPU µs/IO |{osd_head} other CPU % | steal % (max) | rounds |"
     );
     let _ = writeln!(
         table,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|{osd_rule}---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|{osd_rule}---:|---:|---:|"
     );
     let mut rows_json = Vec::new();
     for k in &keys {
@@ -198,7 +216,7 @@ pub fn report(opts: &Options) -> Result<()> {
                 let reason = missing_reason(t);
                 let _ = writeln!(
                     table,
-                    "| {b} | {w} | {t} | missing: {reason} | | | | | | |{osd_empty} | 0 |"
+                    "| {b} | {w} | {t} | missing: {reason} | | | | | | |{osd_empty} | | 0 |"
                 );
                 rows_json.push(json!({
                     "backend": b, "workload": w, "target": t, "rounds": 0,
@@ -212,7 +230,7 @@ pub fn report(opts: &Options) -> Result<()> {
                 let us = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2}", v * 1e6));
                 let _ = writeln!(
                     table,
-                    "| {b} | {w} | {t} | {} | {} | {} | {} | {} | {} | {} |{} {} | {} |",
+                    "| {b} | {w} | {t} | {} | {} | {} | {} | {} | {} | {} |{} {} | {} | {} |",
                     f0(m("iops")),
                     f1(m("mib_s")),
                     f1(m("p50_us")),
@@ -227,6 +245,7 @@ pub fn report(opts: &Options) -> Result<()> {
                     },
                     m("other_cpu_fraction")
                         .map_or("-".to_string(), |v| format!("{:.0}", v * 100.0)),
+                    steal_cell(m("steal_fraction"), &g.values("steal_fraction")),
                     g.runs.len()
                 );
                 let mut med = Map::new();
@@ -266,7 +285,10 @@ pub fn report(opts: &Options) -> Result<()> {
     } else {
         "daemon and client"
     };
-    let header = format!(
+    let stolen = steal.iter().filter(|&&o| o > NOISY).count();
+    let steal_max = steal.iter().copied().fold(0.0, f64::max);
+    let steal_med = median(&mut steal).unwrap_or(0.0);
+    let mut header = format!(
         "strata-bench: median of {rounds} round(s), {duration:.1} s measured per run; {pin_line}\n\
          interference (busy CPU outside {outside}): median {:.0}%, max {:.0}% of one CPU; \
          {noisy} of {} runs above {:.0}%",
@@ -275,6 +297,17 @@ pub fn report(opts: &Options) -> Result<()> {
         other.len(),
         NOISY * 100.0
     );
+    if !steal.is_empty() {
+        let _ = write!(
+            header,
+            "\nsteal (CPU time the hypervisor gave to other guests): median {:.0}%, max {:.0}% \
+             of one CPU; {stolen} of {} runs above {:.0}%",
+            steal_med * 100.0,
+            steal_max * 100.0,
+            steal.len(),
+            NOISY * 100.0
+        );
+    }
 
     let mut md = String::new();
     let _ = writeln!(md, "{header}\n");
@@ -307,6 +340,9 @@ pub fn report(opts: &Options) -> Result<()> {
                 "other_cpu_fraction_max": other_max,
                 "runs_above_threshold": noisy,
                 "threshold": NOISY,
+                "steal_fraction_median": steal_med,
+                "steal_fraction_max": steal_max,
+                "steal_runs_above_threshold": stolen,
             },
             "pinning": pinning,
             "missing": opts.missing.iter().map(|(t, r)| json!({"target": t, "reason": r})).collect::<Vec<_>>(),
@@ -333,6 +369,12 @@ mod tests {
             .find(|r| r["name"] == name)
             .unwrap_or_else(|| panic!("no ratio {name}"))
             .clone()
+    }
+
+    #[test]
+    fn steal_cell_shows_median_and_worst_round() {
+        assert_eq!(steal_cell(None, &[]), "-");
+        assert_eq!(steal_cell(Some(0.01), &[0.01, 0.35, 0.0]), "1 (35)");
     }
 
     #[test]

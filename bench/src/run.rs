@@ -68,6 +68,9 @@ pub struct RunResult {
     /// Busy CPU seconds of everything else on the machine in the window (other processes,
     /// interrupts, kernel threads; not the daemon, client or OSD): a measure of interference.
     pub other_cpu_s: f64,
+    /// CPU seconds the hypervisor took from this VM in the window (steal, all CPUs): on a
+    /// shared host, the other interference, which no process here shows.
+    pub steal_s: f64,
     /// Size of the target in bytes.
     pub capacity: u64,
 }
@@ -148,12 +151,12 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
     let d0 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
     let o0 = osd_pid.map(procstat::cpu_seconds).transpose()?;
     let c0 = procstat::self_cpu_seconds()?;
-    let m0 = procstat::machine_busy_seconds()?;
+    let m0 = procstat::machine_cpu_seconds()?;
     sleep_until(t0 + ramp + duration);
     let d1 = daemon_pid.map(procstat::cpu_seconds).transpose()?;
     let o1 = osd_pid.map(procstat::cpu_seconds).transpose()?;
     let c1 = procstat::self_cpu_seconds()?;
-    let m1 = procstat::machine_busy_seconds()?;
+    let m1 = procstat::machine_cpu_seconds()?;
 
     let mut lat: Vec<u32> = Vec::new();
     let mut ios = 0;
@@ -204,11 +207,12 @@ pub fn run_workload(spec: &RunSpec) -> Result<RunResult> {
         daemon_cpu_s,
         osd_cpu_s,
         client_cpu_s: c1 - c0,
-        other_cpu_s: ((m1 - m0)
+        other_cpu_s: ((m1.busy - m0.busy)
             - (c1 - c0)
             - daemon_cpu_s.unwrap_or(0.0)
             - osd_cpu_s.unwrap_or(0.0))
         .max(0.0),
+        steal_s: m1.steal - m0.steal,
         capacity,
     })
 }
