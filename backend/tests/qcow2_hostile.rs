@@ -489,7 +489,10 @@ fn mutated_images_fail_cleanly() {
             }
         }
     }
-    println!("{cases} mutated images: {read} opened read-only and read, {wrote} opened read-write and written, {corrupt} found corrupt by check");
+    println!(
+        "{cases} mutated images: {read} opened read-only and read, {wrote} opened read-write \
+         and written, {corrupt} found corrupt by check"
+    );
     assert!(
         failures.is_empty(),
         "{} of {cases} mutated images failed; rerun one with STRATA_MUTATED_CASES=1 \

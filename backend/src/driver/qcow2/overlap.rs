@@ -118,7 +118,8 @@ fn bad(filename: &str, msg: String) -> BlockError {
 
 impl Overlap {
     /// Maps the metadata of an image opened read-write, refusing metadata that starts past the
-    /// end of the file, unaligned, or overlapping other metadata (`reftable`: the refcount table's entries).
+    /// end of the file, unaligned, or overlapping other metadata (`reftable`: the refcount
+    /// table's entries).
     pub fn build(
         h: &Header,
         l1: &[AtomicU64],
