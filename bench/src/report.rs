@@ -76,6 +76,14 @@ impl Group {
 
 type Key = (String, String, String); // backend, workload, target
 
+/// Per-run fractions of one CPU (interference, steal): median, max, and how many runs are
+/// above [`NOISY`].
+fn spread(v: &mut [f64]) -> (f64, f64, usize) {
+    let above = v.iter().filter(|&&o| o > NOISY).count();
+    let max = v.iter().copied().fold(0.0, f64::max);
+    (median(v).unwrap_or(0.0), max, above)
+}
+
 /// A row's steal, in % of one CPU: "median (max)" over its rounds; "-" for results written
 /// before steal was measured.
 fn steal_cell(median: Option<f64>, rounds: &[f64]) -> String {
@@ -277,17 +285,13 @@ pub fn report(opts: &Options) -> Result<()> {
     };
     let rounds = groups.values().map(|g| g.runs.len()).max().unwrap_or(0);
     let duration = median(&mut durations).unwrap_or(0.0);
-    let noisy = other.iter().filter(|&&o| o > NOISY).count();
-    let other_max = other.iter().copied().fold(0.0, f64::max);
-    let other_med = median(&mut other).unwrap_or(0.0);
+    let (other_med, other_max, noisy) = spread(&mut other);
     let outside = if has_osd {
         "daemon, client and OSD"
     } else {
         "daemon and client"
     };
-    let stolen = steal.iter().filter(|&&o| o > NOISY).count();
-    let steal_max = steal.iter().copied().fold(0.0, f64::max);
-    let steal_med = median(&mut steal).unwrap_or(0.0);
+    let (steal_med, steal_max, stolen) = spread(&mut steal);
     let mut header = format!(
         "strata-bench: median of {rounds} round(s), {duration:.1} s measured per run; {pin_line}\n\
          interference (busy CPU outside {outside}): median {:.0}%, max {:.0}% of one CPU; \
