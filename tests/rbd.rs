@@ -2,7 +2,7 @@
 //! starts (scripts/test.sh brings it up and exports CEPH_CONF and STRATA_CEPH_DIR). A libblkio
 //! client writes through strata's vhost-user-blk export and reads back; `rbd export` shows what
 //! reached the cluster; qcow2 on rbd, a read-only snapshot, the open errors, an OSD killed
-//! and restarted under I/O, and an OSD that stays down.
+//! and restarted under I/O, an OSD that stays down, and which thread hands requests to librbd.
 //!
 //! Every daemon here runs under the sandbox (on by default), and none may log a refused
 //! system call.
@@ -855,4 +855,83 @@ fn an_rbd_node_added_over_qmp_says_when_the_sandbox_refuses_it() {
         }
         assert!(daemon.terminate().0);
     }
+}
+
+/// Voluntary context switches of the daemon's threads named `name` so far: each is a sleep
+/// the thread was woken from.
+fn switches_of_threads_named(daemon: &Daemon, name: &str) -> u64 {
+    let tasks = format!("/proc/{}/task", daemon.pid());
+    let mut total = 0;
+    for task in std::fs::read_dir(tasks)
+        .expect("list threads")
+        .map_while(Result::ok)
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+        };
+        if field("Name:") == Some(name) {
+            total += field("voluntary_ctxt_switches:")
+                .and_then(|n| n.parse::<u64>().ok())
+                .expect("voluntary_ctxt_switches field");
+        }
+    }
+    total
+}
+
+/// Serves `image` and reads it 4 KiB at a time, one request after the other; returns how
+/// often per request librbd's dispatch threads (`io_context_pool`) were woken.
+fn dispatch_wakes_per_read(image: &str, socket: &Path) -> f64 {
+    const READS: u64 = 600;
+    let daemon = start(&[rbd_node(image, "")], socket, false);
+    let mut client = connect(socket, true);
+    for i in 0..50 {
+        client.read(0, i * 4096, 4096);
+    }
+    let before = switches_of_threads_named(&daemon, "io_context_pool");
+    for i in 0..READS {
+        client.read(0, (i * 7919 % 16384) * 4096, 4096);
+    }
+    let wakes = switches_of_threads_named(&daemon, "io_context_pool") - before;
+    drop(client);
+    let (ok, log) = daemon.terminate();
+    assert!(ok, "exit after SIGTERM:\n{log}");
+    wakes as f64 / READS as f64
+}
+
+#[test]
+fn workers_hand_requests_to_librbd_without_its_dispatch_thread() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = RbdImage::create("inline");
+    let socket = dir.path().join("vm.sock");
+    // strata's default: the worker builds and sends each request itself (rbd_non_blocking_aio
+    // off), so librbd's dispatch thread is woken for some completions only.
+    let inline = dispatch_wakes_per_read(&image.0, &socket);
+    // The image's own configuration, which librbd applies over the client's, turns the
+    // dispatch thread back on: it is woken for every request.
+    let spec = format!("rbd/{}", image.0);
+    tool(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            &spec,
+            "rbd_non_blocking_aio",
+            "true",
+        ],
+    );
+    let queued = dispatch_wakes_per_read(&image.0, &socket);
+    eprintln!("dispatch thread wakes per read: inline {inline:.2}, queued {queued:.2}");
+    assert!(
+        queued >= 1.0 && inline + 0.3 < queued,
+        "librbd's dispatch thread woke {inline:.2} times per read by default and {queued:.2} \
+         times with rbd_non_blocking_aio=true"
+    );
 }

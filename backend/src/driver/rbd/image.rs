@@ -5,6 +5,10 @@
 //! which writes that worker's eventfd (the one its epoll already watches). That is one hop
 //! fewer than librbd's image event notification, which a worker would have to poll, read and
 //! re-arm before taking the completions.
+//!
+//! The worker calls librbd's `rbd_aio_*` functions itself, and with strata's inline dispatch
+//! (`rbd_non_blocking_aio` off, see `connect`) librbd may call back a request it fails at once
+//! before that call returns: the request is then done before its future is first polled.
 
 use std::ffi::CString;
 use std::future::Future;
