@@ -24,12 +24,12 @@ const TIMEOUTS: [(&str, f64, &str); 3] = [
 /// librbd hands each request to a dispatch thread of its own unless `rbd_non_blocking_aio` is
 /// off: one more thread wake-up per request, on top of the messenger's. Where the client's
 /// configuration keeps Ceph's default, strata turns it off, so that its workers build and send
-/// each request themselves (5-15 % less daemon CPU per request: docs/performance.md, "Ceph
-/// RBD"). A pool's or image's own configuration (`rbd config image set IMAGE
-/// rbd_non_blocking_aio true`) still turns it back on. What can then hold up a worker is
-/// librbd's own short locks, and the connection's throttle (`objecter_inflight_ops`,
-/// `objecter_inflight_op_bytes`) when that many requests are already in flight: the worker
-/// waits for some of them to finish, as a drain would.
+/// each request themselves (less daemon CPU per request: docs/performance.md, "Requests
+/// handed to librbd by the worker"). A pool's or image's own configuration (`rbd config
+/// image set IMAGE rbd_non_blocking_aio true`) still turns it back on. What can then hold up
+/// a worker is librbd's own short locks, and the connection's throttle
+/// (`objecter_inflight_ops`, `objecter_inflight_op_bytes`) when that many requests are
+/// already in flight: the worker waits for some of them to finish, as a drain would.
 const INLINE_DISPATCH: (&str, &str, &str) = ("rbd_non_blocking_aio", "true", "false");
 
 /// What the connection needs from the node's options.
