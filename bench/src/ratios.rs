@@ -116,14 +116,26 @@ fn tracked(get: &Median, rbd: bool) -> Vec<Ratio> {
         goal: Some(("<=", max)),
         inputs: inputs.into(),
     };
-    // The p50 a target adds at QD1 (workload `w`) over direct io_uring on the same backend
-    // (µs).
-    let added_p50 =
-        |b: &str, w: &str, t: &str| match (get(b, w, t, "p50_us"), get(b, w, "io_uring", "p50_us"))
-        {
-            (Some(a), Some(d)) => Some(a - d),
-            _ => None,
-        };
+    // The latency (`metric`: p50 or mean) a target adds at QD1 (workload `w`) over direct
+    // io_uring on the same backend (µs).
+    let added = |metric: &str, b: &str, w: &str, t: &str| match (
+        get(b, w, t, metric),
+        get(b, w, "io_uring", metric),
+    ) {
+        (Some(a), Some(d)) => Some(a - d),
+        _ => None,
+    };
+    let added_p50 = |b: &str, w: &str, t: &str| added("p50_us", b, w, t);
+    // The mean beside the p50: a sleeping direct client's latencies gather in several modes
+    // (docs/performance.md), so its p50 jumps between them while its mean does not.
+    let added_mean = |b: &str, w: &str| {
+        format!(
+            "; added mean µs: strata {}, qsd {} (direct mean {})",
+            fmt_opt(added("mean_us", b, w, "strata")),
+            fmt_opt(added("mean_us", b, w, "qsd")),
+            fmt_opt(get(b, w, "io_uring", "mean_us"))
+        )
+    };
     // The QD1 workload a backend's latency ratios use, and what its label says: the polling
     // client's when strata and direct both ran it (neither latency then holds the client's
     // wake-up, which differs between them), else the sleeping client's.
@@ -158,10 +170,11 @@ fn tracked(get: &Median, rbd: bool) -> Vec<Ratio> {
         value: added_p50("ram", w, "strata"),
         goal: Some(("<=", 5.0)),
         inputs: format!(
-            "added p50 µs: strata {}, qsd {} (direct p50 {})",
+            "added p50 µs: strata {}, qsd {} (direct p50 {}){}",
             fmt_opt(added_p50("ram", w, "strata")),
             fmt_opt(added_p50("ram", w, "qsd")),
-            fmt_opt(get("ram", w, "io_uring", "p50_us"))
+            fmt_opt(get("ram", w, "io_uring", "p50_us")),
+            added_mean("ram", w)
         ),
     });
     ratios.push(iops_vs_direct("file", RR32));
@@ -171,10 +184,11 @@ fn tracked(get: &Median, rbd: bool) -> Vec<Ratio> {
         value: div(added_p50("file", w, "strata"), added_p50("file", w, "qsd")),
         goal: Some(("<=", 0.5)),
         inputs: format!(
-            "added p50 µs: strata {}, qsd {} (direct p50 {})",
+            "added p50 µs: strata {}, qsd {} (direct p50 {}){}",
             fmt_opt(added_p50("file", w, "strata")),
             fmt_opt(added_p50("file", w, "qsd")),
-            fmt_opt(get("file", w, "io_uring", "p50_us"))
+            fmt_opt(get("file", w, "io_uring", "p50_us")),
+            added_mean("file", w)
         ),
     });
     ratios.push(iops_vs_qsd("null", RR32, 1.5));
@@ -241,12 +255,19 @@ fn fmt_opt(v: Option<f64>) -> String {
 mod tests {
     use super::*;
 
-    /// The ratio rows for p50 medians given as (backend, workload, target, p50 µs).
+    /// The ratio rows for p50 medians given as (backend, workload, target, p50 µs); each
+    /// row's mean is its p50 plus 10 µs.
     fn rows(p50s: &[(&str, &str, &str, f64)]) -> Vec<Value> {
         let get = |b: &str, w: &str, t: &str, metric: &str| {
-            p50s.iter()
-                .find(|r| (r.0, r.1, r.2) == (b, w, t) && metric == "p50_us")
-                .map(|r| r.3)
+            let p50 = p50s
+                .iter()
+                .find(|r| (r.0, r.1, r.2) == (b, w, t))
+                .map(|r| r.3);
+            match metric {
+                "p50_us" => p50,
+                "mean_us" => p50.map(|p| p + 10.0),
+                _ => None,
+            }
         };
         table(&get, false).1
     }
@@ -284,7 +305,8 @@ mod tests {
         assert_eq!(value, Some(13.0));
         assert_eq!(
             inputs,
-            "added p50 µs: strata 13.0, qsd 93.0 (direct p50 37.0)"
+            "added p50 µs: strata 13.0, qsd 93.0 (direct p50 37.0); \
+             added mean µs: strata 13.0, qsd 93.0 (direct mean 47.0)"
         );
         let (name, value, _) = ratio(&r, "file randread-4k-qd1");
         assert_eq!(
@@ -313,7 +335,8 @@ mod tests {
         assert_eq!(value, Some(4.0));
         assert_eq!(
             inputs,
-            "added p50 µs: strata 4.0, qsd 64.0 (direct p50 26.0)"
+            "added p50 µs: strata 4.0, qsd 64.0 (direct p50 26.0); \
+             added mean µs: strata 4.0, qsd 64.0 (direct mean 36.0)"
         );
         let (name, value, _) = ratio(&r, "file randread-4k-qd1");
         assert_eq!(
