@@ -9,28 +9,39 @@ use std::ptr;
 use super::ffi;
 use crate::error::{BlockError, Result};
 
-/// Ceph's own defaults are made for a cluster that is there: the connect waits five minutes
-/// and a request forever. Where the configuration keeps a default, strata sets its own.
-const TIMEOUTS: [(&str, f64, &str); 3] = [
+/// Ceph defaults that strata replaces where the configuration keeps them: (option, Ceph's
+/// default, strata's value). A value set to exactly Ceph's default cannot be told from it.
+const OUR_DEFAULTS: [(&str, &str, &str); 4] = [
+    // Ceph's timeouts are made for a cluster that is there: the connect waits five minutes
+    // and a request forever.
     // How long the connect waits for the monitors.
-    ("client_mount_timeout", 300.0, "10"),
+    ("client_mount_timeout", "300", "10"),
     // Monitor commands (pool and image lookups).
-    ("rados_mon_op_timeout", 0.0, "10"),
+    ("rados_mon_op_timeout", "0", "10"),
     // A data request with its OSD down: long enough for an OSD to restart, after which the
     // guest sees an I/O error rather than a request that never completes.
-    ("rados_osd_op_timeout", 0.0, "60"),
+    ("rados_osd_op_timeout", "0", "60"),
+    // librbd hands each request to a dispatch thread of its own unless this is off: one more
+    // thread wake-up per request, on top of the messenger's. Off, strata's workers build and
+    // send each request themselves (less daemon CPU per request: docs/performance.md,
+    // "Requests handed to librbd by the worker"). A pool's or image's own configuration
+    // (`rbd config image set IMAGE rbd_non_blocking_aio true`) still turns it back on. What
+    // can then hold up a worker is librbd's own short locks, and the connection's throttle
+    // (`objecter_inflight_ops`, `objecter_inflight_op_bytes`) when that many requests are
+    // already in flight: the worker waits for some of them to finish, as a drain would.
+    ("rbd_non_blocking_aio", "true", "false"),
 ];
 
-/// librbd hands each request to a dispatch thread of its own unless `rbd_non_blocking_aio` is
-/// off: one more thread wake-up per request, on top of the messenger's. Where the client's
-/// configuration keeps Ceph's default, strata turns it off, so that its workers build and send
-/// each request themselves (less daemon CPU per request: docs/performance.md, "Requests
-/// handed to librbd by the worker"). A pool's or image's own configuration (`rbd config
-/// image set IMAGE rbd_non_blocking_aio true`) still turns it back on. What can then hold up
-/// a worker is librbd's own short locks, and the connection's throttle
-/// (`objecter_inflight_ops`, `objecter_inflight_op_bytes`) when that many requests are
-/// already in flight: the worker waits for some of them to finish, as a drain would.
-const INLINE_DISPATCH: (&str, &str, &str) = ("rbd_non_blocking_aio", "true", "false");
+/// Whether a configured value is `default`: as text, or as the same number (Ceph prints a
+/// number option as `300.000000`).
+fn is_default(value: &str, default: &str) -> bool {
+    let value = value.trim();
+    value == default
+        || matches!(
+            (value.parse::<f64>(), default.parse::<f64>()),
+            (Ok(v), Ok(d)) if v == d
+        )
+}
 
 /// What the connection needs from the node's options.
 #[derive(Debug, Default)]
@@ -143,17 +154,10 @@ impl Cluster {
                 ));
             }
         }
-        for (option, default, ours) in TIMEOUTS {
-            let kept = handle
-                .get(option)
-                .and_then(|v| v.trim().parse::<f64>().ok());
-            if kept == Some(default) {
+        for (option, default, ours) in OUR_DEFAULTS {
+            if handle.get(option).is_some_and(|v| is_default(&v, default)) {
                 handle.set(option, ours)?;
             }
-        }
-        let (option, default, ours) = INLINE_DISPATCH;
-        if handle.get(option).as_deref() == Some(default) {
-            handle.set(option, ours)?;
         }
         if let Some(mon_host) = &options.mon_host {
             handle.set("mon_host", mon_host)?;
@@ -220,5 +224,20 @@ impl Drop for Cluster {
             ffi::rados_ioctx_destroy(self.ioctx);
             ffi::rados_shutdown(self.rados);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_default;
+
+    #[test]
+    fn a_default_matches_as_text_or_as_the_same_number() {
+        assert!(is_default("300.000000", "300"));
+        assert!(is_default("0", "0"));
+        assert!(is_default("true", "true"));
+        assert!(!is_default("300.5", "300"));
+        assert!(!is_default("false", "true"));
+        assert!(!is_default("", "0"));
     }
 }
