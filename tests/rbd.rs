@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
 use common::client::{pattern, Client, ClientConfig};
-use common::daemon::Daemon;
+use common::daemon::{status_field, Daemon};
 use common::path_str;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -860,28 +860,16 @@ fn an_rbd_node_added_over_qmp_says_when_the_sandbox_refuses_it() {
 /// Voluntary context switches of the daemon's threads named `name` so far: each is a sleep
 /// the thread was woken from.
 fn switches_of_threads_named(daemon: &Daemon, name: &str) -> u64 {
-    let tasks = format!("/proc/{}/task", daemon.pid());
-    let mut total = 0;
-    for task in std::fs::read_dir(tasks)
-        .expect("list threads")
-        .map_while(Result::ok)
-    {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(str::trim)
-        };
-        if field("Name:") == Some(name) {
-            total += field("voluntary_ctxt_switches:")
-                .and_then(|n| n.parse::<u64>().ok())
-                .expect("voluntary_ctxt_switches field");
-        }
-    }
-    total
+    daemon
+        .thread_statuses()
+        .iter()
+        .filter(|status| status_field(status, "Name:") == name)
+        .map(|status| {
+            status_field(status, "voluntary_ctxt_switches:")
+                .parse::<u64>()
+                .expect("voluntary_ctxt_switches field")
+        })
+        .sum()
 }
 
 /// Serves `image` and reads it 4 KiB at a time, one request after the other; returns how

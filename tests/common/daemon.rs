@@ -166,30 +166,36 @@ impl Daemon {
         (ok, log)
     }
 
-    /// Seccomp mode (0 none, 2 filter) and name of every thread.
-    pub fn thread_modes(&self) -> Vec<(String, u32)> {
+    /// The `/proc` status text of every thread (threads that end meanwhile are left out).
+    pub fn thread_statuses(&self) -> Vec<String> {
         let tasks = format!("/proc/{}/task", self.pid());
-        let mut modes = Vec::new();
-        for task in std::fs::read_dir(tasks)
+        std::fs::read_dir(tasks)
             .expect("list threads")
             .map_while(Result::ok)
-        {
-            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-                continue; // the thread ended meanwhile
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(str::trim)
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let mode = field("Seccomp:").parse().expect("Seccomp: field");
-            modes.push((field("Name:"), mode));
-        }
-        modes
+            .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+            .collect()
     }
+
+    /// Seccomp mode (0 none, 2 filter) and name of every thread.
+    pub fn thread_modes(&self) -> Vec<(String, u32)> {
+        self.thread_statuses()
+            .iter()
+            .map(|status| {
+                let mode = status_field(status, "Seccomp:")
+                    .parse()
+                    .expect("Seccomp: field");
+                (status_field(status, "Name:").to_string(), mode)
+            })
+            .collect()
+    }
+}
+
+/// The value of field `key` (with its colon) in a `/proc` status text; empty if absent.
+pub fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or("", str::trim)
 }
 
 impl Drop for Daemon {
