@@ -67,12 +67,12 @@ impl Daemon {
         self.child.id()
     }
 
-    /// Waits until every socket in `sockets` exists; fails if the daemon exits first or the
-    /// timeout passes.
+    /// Waits until a socket listens at every path in `sockets`; fails if the daemon exits
+    /// first or the timeout passes.
     #[track_caller]
     pub fn wait_for_sockets(&mut self, sockets: &[&Path]) {
         let deadline = Instant::now() + self.timeout;
-        while !sockets.iter().all(|s| s.exists()) {
+        while !sockets.iter().all(|s| listening(s)) {
             self.drain();
             assert!(
                 Instant::now() < deadline && self.child.try_wait().expect("wait").is_none(),
@@ -203,4 +203,17 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether a Unix socket bound to `path` listens (flags 00010000 in /proc/net/unix): the
+/// file exists from bind() on, but a connect before listen() is refused.
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() == 8 && fields[3] == "00010000" && fields[7] == path
+    })
 }

@@ -1,13 +1,15 @@
 """What the QMP test scripts share: their first two arguments, the count of checks that held,
-the expected-error check, a scratch disk and its nodes, and running the daemon under test
-until its monitors listen.
+the expected-error check, a scratch disk and its nodes, running the daemon under test until
+its monitors listen, and a deadline for the whole script.
 
 Every script takes `strata|qsd BINARY` first (more arguments after those are its own). It
 imports this module from its own directory, which Python puts first on the module path.
 Nothing here writes to stdout: some scripts talk to tests/qmp.rs over it.
 """
+import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,53 @@ from qemu.qmp import ExecuteError
 DAEMON, BINARY = sys.argv[1], sys.argv[2]
 STRATA = DAEMON == "strata"
 _passed = 0
+
+# No script takes more than a minute or two; one that waits longer waits on something that
+# will not come (a command without a reply, a client that never connects).
+DEADLINE_S = 300
+
+
+def _descendants():
+    """Where each process this script started, and each of their threads, waits: one line a
+    thread with its state and kernel wait channel (a daemon stuck in the kernel shows here)."""
+    parents, lines = {os.getpid()}, []
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid not in parents:
+                continue
+            parents.add(pid)
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                task = f"/proc/{pid}/task/{tid}"
+                with open(f"{task}/stat") as f:
+                    stat = f.read()
+                with open(f"{task}/wchan") as f:
+                    wchan = f.read()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                state = stat.rsplit(")", 1)[1].split()[0]
+                lines.append(f"  pid {pid} tid {tid} {name}: state {state}, waits in {wchan or '-'}")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return "\n".join(lines) or "  (none)"
+
+
+def _past_deadline(signum, frame):
+    """SIGALRM at the deadline: shows where every asyncio task and every process started here
+    waits, then raises so that the daemon is stopped on the way out and the test fails instead
+    of hanging."""
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no running loop: the traceback of the exception shows the wait
+        tasks = set()
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
+    print(f"processes started by {sys.argv[0]}:\n{_descendants()}", file=sys.stderr)
+    raise TimeoutError(f"{sys.argv[0]} against {DAEMON} did not finish in {DEADLINE_S} s")
+
+
+signal.signal(signal.SIGALRM, _past_deadline)
+signal.setitimer(signal.ITIMER_REAL, DEADLINE_S)
 
 
 def check(condition, what):
@@ -76,16 +125,32 @@ def raw_disk_args(image, options=""):
             "--blockdev", f"driver=raw,node-name=d0,file=f0{options}"]
 
 
+def unix_sockets(path):
+    """The (flags, state) of every Unix socket bound to `path`, from /proc/net/unix: flags
+    00010000 is a listening socket, state 03 a connected one (accepted sockets carry the
+    listener's path)."""
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f]
+    return [(row[3], row[5]) for row in rows[1:] if len(row) == 8 and row[7] == path]
+
+
+def listening(path):
+    """Whether a socket listens on `path`: the file exists from bind(), but a connect before
+    listen() is refused."""
+    return any(flags == "00010000" for flags, _ in unix_sockets(path))
+
+
 @contextlib.contextmanager
 def running(argv, log_path, monitors, cwd=None):
     """Starts the daemon `argv` (its output to `log_path`) and yields its process once every
-    socket of `monitors` exists. On an error, writes the end of the log to stderr. At the end
-    a daemon still running gets SIGTERM and is waited for (killed after 30 s)."""
+    socket of `monitors` listens. On an error, writes the end of the log to stderr. At the end
+    a daemon still running gets SIGTERM and is waited for (killed after 30 s, and given up on
+    10 s after that)."""
     log = open(log_path, "w")
     daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         deadline = time.monotonic() + 20
-        while not all(os.path.exists(m) for m in monitors):
+        while not all(listening(m) for m in monitors):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("the daemon did not start its monitors")
             time.sleep(0.05)
@@ -101,7 +166,11 @@ def running(argv, log_path, monitors, cwd=None):
                 daemon.wait(30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-                daemon.wait()
+                try:
+                    daemon.wait(10)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"{DAEMON} survived SIGKILL for 10 s:\n"
+                                         f"{_descendants()}") from None
                 raise
         log.close()
 

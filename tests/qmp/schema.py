@@ -24,8 +24,8 @@ import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from harness import (DAEMON, BINARY, STRATA, check, check_exit, monitor_args, passed, raw_disk_args,
-                     running, scratch_disk)
+from harness import (DAEMON, BINARY, STRATA, check, check_exit, listening, monitor_args, passed,
+                     raw_disk_args, running, scratch_disk)
 
 QSD = sys.argv[3] if len(sys.argv) > 3 else "qemu-storage-daemon"
 
@@ -384,7 +384,7 @@ async def fetch_schema(binary, d):
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
-        while not os.path.exists(mon):
+        while not listening(mon):
             check(daemon.poll() is None and time.monotonic() < deadline, "QSD started")
             await asyncio.sleep(0.05)
         qmp = QMPClient("schema-reference")
