@@ -329,6 +329,11 @@ mod blkio_client {
         result
     }
 
+    /// How long one request may take, connection included, before it is reported as an
+    /// error: libblkio's connect has no timeout of its own, and a daemon that never answers
+    /// must fail the test, not hang it.
+    const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+
     /// Answers one "BLKIO ..." line.
     pub fn answer(line: &str) -> String {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -338,9 +343,14 @@ mod blkio_client {
         };
         let offset: u64 = offset.parse().expect("offset");
         let tag: u8 = tag.parse().expect("tag");
-        match request(op, socket, offset, tag) {
-            Ok(answer) => answer,
-            Err(e) => format!("error {e}"),
+        let (op, socket) = (op.to_string(), socket.to_string());
+        let (done, result) = std::sync::mpsc::channel();
+        // A request that never ends leaves its thread behind; the test fails anyway.
+        std::thread::spawn(move || done.send(request(&op, &socket, offset, tag)));
+        match result.recv_timeout(REQUEST_LIMIT) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => format!("error {e}"),
+            Err(_) => format!("error no answer in {} s", REQUEST_LIMIT.as_secs()),
         }
     }
 }
@@ -348,12 +358,14 @@ mod blkio_client {
 /// tests/qmp/reopen.py against `daemon`, answering its requests for libblkio I/O.
 fn reopen(daemon: &str, binary: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/reopen.py");
+    // stderr to a file, as the script writes to it while this side only reads stdout.
+    let err_log = tempfile::NamedTempFile::new().expect("stderr file");
     let mut child = Command::new("python3")
         .arg(&script)
         .args([daemon, binary])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(err_log.reopen().expect("stderr file"))
         .spawn()
         .expect("run python3");
     let mut to_script = child.stdin.take().expect("stdin");
@@ -369,10 +381,10 @@ fn reopen(daemon: &str, binary: &str) {
             other.push(line);
         }
     }
-    let out = child.wait_with_output().expect("wait for python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = child.wait().expect("wait for python3");
+    let stderr = std::fs::read_to_string(err_log.path()).unwrap_or_default();
     assert!(
-        out.status.success(),
+        status.success(),
         "reopen checks against {daemon} failed:\n{}\n{stderr}",
         other.join("\n")
     );
