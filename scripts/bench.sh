@@ -447,6 +447,11 @@ show_log() {
     fi
 }
 
+listening() { # PATH: whether a socket listens there (the file exists from bind(), a connect
+    # before listen() is refused)
+    awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix
+}
+
 start_daemon() { # TARGET BACKEND NQ
     local target=$1 backend=$2 nq=$3 i
     SOCK="$RUNDIR/$target-$backend-$nq.sock"
@@ -463,7 +468,7 @@ start_daemon() { # TARGET BACKEND NQ
             show_log
             die "$target ($backend, num-queues=$nq) exited with status $rc before creating its socket"
         fi
-        [[ -S $SOCK ]] && return 0
+        listening "$SOCK" && return 0
         sleep 0.02
     done
     show_log

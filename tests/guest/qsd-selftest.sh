@@ -37,6 +37,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# listening PATH: whether a socket listens at PATH (flags 00010000 in /proc/net/unix); the
+# file exists from bind(), but a connect before listen() is refused.
+listening() { awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix; }
+
 # start_qsd NAME SIZE QUEUES LBS: raw image + QSD export at $work/NAME.sock
 start_qsd() {
     local name="$1" size="$2" queues="$3" lbs="$4"
@@ -48,7 +52,7 @@ start_qsd() {
         >"$work/$name.qsd.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 50); do
-        [[ -S "$work/$name.sock" ]] && return 0
+        listening "$work/$name.sock" && return 0
         sleep 0.1
     done
     echo "qsd-selftest: QSD $name did not come up:" >&2

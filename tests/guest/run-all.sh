@@ -41,6 +41,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# listening PATH: whether a socket listens at PATH (flags 00010000 in /proc/net/unix); the
+# file exists from bind(), but a connect before listen() is refused.
+listening() { awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix; }
+
 start_daemon() { # blockdev-args... ; sets daemon_pid
     local lbs="$1"; shift
     rm -f "$work/vm.sock"
@@ -49,7 +53,7 @@ start_daemon() { # blockdev-args... ; sets daemon_pid
         >>"$work/strata.log" 2>&1 &
     daemon_pid=$!
     for _ in $(seq 100); do
-        [[ -S "$work/vm.sock" ]] && return 0
+        listening "$work/vm.sock" && return 0
         kill -0 "$daemon_pid" 2>/dev/null || break
         sleep 0.1
     done
