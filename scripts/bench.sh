@@ -593,6 +593,14 @@ targets_for() { # BACKEND -> targets that apply
     echo "${out[@]}"
 }
 
+rotated() { # ROUND TARGET... -> the targets, rotated left by ROUND-1
+    # A target that always ran first would always meet the backend in the state the previous
+    # workload left (a Ceph OSD's caches, a loop device's pages): rotating the order each round
+    # spreads that drift over every target instead of handing it to one.
+    local shift=$((($1 - 1) % ($# - 1))) args=("${@:2}")
+    echo "${args[@]:shift}" "${args[@]:0:shift}"
+}
+
 image_of() { # BACKEND -> the image io_uring runs on directly (file, ram)
     if [[ $1 == ram ]]; then echo "$RAMDEV"; else echo "$IMAGE"; fi
 }
@@ -702,13 +710,15 @@ measure() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Rounds: per workload, every target in turn (same seed within a round = same offsets).
+# Rounds: per workload, every target in turn (same seed within a round = same offsets); the
+# order of the targets rotates from one round to the next.
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round/$ROUNDS" >&2
     for backend in ${BACKENDS//,/ }; do
         for wl in $(workloads_for "$backend"); do
             nq=$(queues_of "$wl")
-            for target in $(targets_for "$backend"); do
+            # shellcheck disable=SC2046 # targets are words without spaces
+            for target in $(rotated "$round" $(targets_for "$backend")); do
                 best_steal=""
                 for attempt in 1 2 3; do
                     ((WAIT_IDLE == 0)) || wait_idle
