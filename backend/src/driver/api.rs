@@ -129,6 +129,17 @@ pub trait BlockDriver: Send + Sync {
     /// Makes a range read as zeroes; with `may_unmap` it may free the space.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()>;
 
+    /// Makes a range read as zeroes without writing zero data (QEMU's
+    /// `BDRV_REQ_NO_FALLBACK`), growing a file that ends before the range's end. ENOTSUP
+    /// where the storage could only write the zeroes: the caller then writes them itself,
+    /// next to the data it writes anyway.
+    fn write_zeroes_without_data(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(std::future::ready(Err(BlockError::new(
+            libc::ENOTSUP,
+            "this driver cannot zero a range without writing zeroes",
+        ))))
+    }
+
     /// Allocation status at `offset` (up to `len` bytes).
     fn block_status(&self, _offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(async move {

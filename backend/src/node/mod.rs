@@ -411,22 +411,7 @@ impl Node {
             return self.write(offset, iov).await;
         }
         let len = iovec::total_len(iov);
-        let checked = self.check_writable("write").and_then(|()| {
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > i64::MAX as u64)
-            {
-                return Err(BlockError::new(
-                    libc::EFBIG,
-                    format!(
-                        "write of {len} bytes at offset {offset} on node '{}' is too large",
-                        self.name
-                    ),
-                ));
-            }
-            Ok(())
-        });
-        if let Err(e) = checked {
+        if let Err(e) = self.check_growing("write", offset, len) {
             self.io.invalid(IoKind::Write);
             return Err(e);
         }
@@ -437,6 +422,63 @@ impl Node {
             self.write_data(offset, iov, len).await
         };
         self.write_done(offset, len, start, result.is_ok());
+        result
+    }
+
+    /// Checks a write of `len` bytes at `offset` of a node that grows when written past its end
+    /// (a regular file): writable, and ending where a file can.
+    fn check_growing(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(what)?;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(BlockError::new(
+                libc::EFBIG,
+                format!(
+                    "{what} of {len} bytes at offset {offset} on node '{}' is too large",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes without writing zero data, growing a
+    /// regular file as [`write_growing`](Self::write_growing) does: for a format driver that
+    /// would otherwise write zeroes around the data of a newly allocated cluster. ENOTSUP
+    /// when the storage cannot, or the range is not made of whole blocks of the node; the
+    /// caller then writes the zeroes.
+    pub async fn write_zeroes_without_data(&self, offset: u64, len: u64) -> Result<()> {
+        let checked = if self.driver.can_grow() {
+            self.check_growing("write_zeroes", offset, len)
+        } else {
+            self.check_writable("write_zeroes")
+                .and_then(|()| self.check_range(offset, len, "write_zeroes"))
+        };
+        if let Err(e) = checked {
+            self.io.invalid(IoKind::Write);
+            return Err(e);
+        }
+        if len == 0 || !self.is_aligned(offset, len) {
+            return Err(BlockError::new(
+                libc::ENOTSUP,
+                format!(
+                    "{len} bytes at offset {offset} are not whole blocks of node '{}'",
+                    self.name
+                ),
+            ));
+        }
+        let start = clock::now();
+        let result = {
+            let _guard = self.serialiser.begin(offset, offset + len, false).await;
+            self.driver.write_zeroes_without_data(offset, len).await
+        };
+        match &result {
+            // Nothing happened: the caller writes the zeroes, and that write is accounted.
+            Err(e) if e.errno() == libc::ENOTSUP => {}
+            _ => self.write_done(offset, len, start, result.is_ok()),
+        }
         result
     }
 

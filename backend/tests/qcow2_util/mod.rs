@@ -11,7 +11,7 @@ use std::sync::Arc;
 use strata_backend::{block_on, Graph, IoVec, Node, Options};
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 #[allow(unused_imports)]
 pub use common::pattern;
 

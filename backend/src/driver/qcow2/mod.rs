@@ -47,7 +47,7 @@ pub use self::create::{create_file, CreateOptions};
 pub use self::info::{read_info, ImageInfo};
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -114,6 +114,11 @@ struct Qcow2 {
     overlap: Option<Arc<Overlap>>,
     inflight: InFlight,
     epoch: ReadEpoch,
+    /// Whether the file can zero new clusters without writing zeroes (see `write_alloc`);
+    /// cleared at its first refusal.
+    zeroes_without_data: AtomicBool,
+    /// Guest writes in flight on the image.
+    writes_in_flight: AtomicUsize,
 }
 
 fn open<'a>(ctx: &'a mut OpenContext<'_>) -> OpenFuture<'a> {
@@ -341,6 +346,8 @@ impl Qcow2 {
             overlap,
             inflight: InFlight::default(),
             epoch: ReadEpoch::default(),
+            zeroes_without_data: AtomicBool::new(true),
+            writes_in_flight: AtomicUsize::new(0),
             size: AtomicU64::new(header.size),
             header,
         })
