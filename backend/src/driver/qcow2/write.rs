@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::mapping::Kind;
 use super::{Qcow2, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::error::Result;
+use crate::io::bounce::BounceBuffer;
 use crate::io::iovec::{self, IoVec};
 
 /// Longest run of clusters one allocating write takes at once.
@@ -29,22 +30,19 @@ impl Drop for InFlightWrite<'_> {
 
 impl Qcow2 {
     /// The logical content of `len` bytes at guest `offset` inside the cluster whose old L2
-    /// entry is `entry` (for copy-on-write).
-    async fn cow_data(&self, entry: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        if len == 0 {
-            return Ok(buf);
-        }
+    /// entry is `entry` (for copy-on-write), in an aligned buffer: written next to the
+    /// guest's data, it keeps the write zero-copy under O_DIRECT.
+    async fn cow_data(&self, entry: u64, offset: u64, len: u64) -> Result<BounceBuffer> {
+        let mut buf = BounceBuffer::new(len as usize)?;
         let intra = offset & (self.cluster_size - 1);
         match self.classify(entry, 0, intra, (0, 0))?.0 {
-            Kind::Zero => {}
-            Kind::Unallocated => self.read_backing(offset, &[IoVec::new(&mut buf)]).await?,
-            Kind::Data { host, .. } => {
-                self.file.read(host, &[IoVec::new(&mut buf)]).await?;
-            }
+            Kind::Zero => buf.as_mut_slice().fill(0),
+            Kind::Unallocated => self.read_backing(offset, &[buf.iovec()]).await?,
+            Kind::Data { host, .. } => self.file.read(host, &[buf.iovec()]).await?,
             Kind::Compressed { entry } => {
                 let cluster = self.read_compressed_cluster(entry).await?;
-                buf.copy_from_slice(&cluster[intra as usize..(intra + len) as usize]);
+                buf.as_mut_slice()
+                    .copy_from_slice(&cluster[intra as usize..(intra + len) as usize]);
             }
         }
         Ok(buf)
@@ -165,16 +163,18 @@ impl Qcow2 {
             {
                 return Ok(());
             }
-            let mut head = self.cow_data(old[0], start, pos - start).await?;
-            let mut tail = self.cow_data(old[n as usize - 1], wend, end - wend).await?;
+            let mut head = match head_len {
+                0 => None,
+                _ => Some(self.cow_data(old[0], start, head_len).await?),
+            };
+            let mut tail = match tail_len {
+                0 => None,
+                _ => Some(self.cow_data(old[n as usize - 1], wend, tail_len).await?),
+            };
             let mut v = Vec::with_capacity(iov.len() + 2);
-            if !head.is_empty() {
-                v.push(IoVec::new(&mut head));
-            }
+            v.extend(head.as_mut().map(BounceBuffer::iovec));
             v.extend(iovec::sub_iov(iov, done as usize, written as usize));
-            if !tail.is_empty() {
-                v.push(IoVec::new(&mut tail));
-            }
+            v.extend(tail.as_mut().map(BounceBuffer::iovec));
             self.file.write_growing(host, &v).await
         }
         .await;
