@@ -184,6 +184,25 @@ impl<'m> SplitRing<'m> {
     }
 }
 
+/// Asks the driver not to kick for the requests it makes available from now on, while the
+/// worker polls the ring. With EVENT_IDX, virtio-queue's `disable_notification` leaves
+/// `avail_event` where the last `enable_notification` put it, so the driver still kicks for
+/// the first request after it, and that kick later wakes the worker for nothing. Here
+/// `avail_event` goes one behind the next entry to take, an index the driver's index cannot
+/// pass again while the entries in between wait. `enable_notification` puts it back when the
+/// worker stops polling; a store the driver does not see yet costs one kick, nothing more.
+pub(crate) fn hold_kicks(mem: &GuestMemoryMmap, queue: &Queue) {
+    if !queue.event_idx_enabled() {
+        return;
+    }
+    let offset = RING_HEADER + USED_ENTRY * usize::from(queue.size());
+    if let Some(at) = queue.used_ring().checked_add(offset as u64) {
+        let behind = queue.next_avail().wrapping_sub(1);
+        // Outside guest memory: the queue is broken, and the next batch says so.
+        let _ = mem.store(behind.to_le(), GuestAddress(at), Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +388,47 @@ mod tests {
         let ring = SplitRing::new(&mut regions, &q);
         assert!(ring.needs_notification(&q, 0));
         assert!(!ring.needs_notification(&q, 1));
+    }
+
+    /// Whether a driver that moves the available index from `old` to `new` kicks
+    /// (vring_need_event in Linux's virtio_ring, with the device's `avail_event`).
+    fn driver_kicks(mem: &GuestMemoryMmap, old: u16, new: u16) -> bool {
+        let at = GuestAddress(USED + 4 + 8 * u64::from(SIZE));
+        let event = u16::from_le(mem.read_obj(at).expect("in memory"));
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    #[test]
+    fn held_kicks_stay_held_until_notifications_are_enabled() {
+        let mem = one_region();
+        for next in [0u16, 5, 65535] {
+            let mut q = queue(true);
+            q.set_next_avail(next);
+            q.enable_notification(&mem).expect("in memory");
+            assert!(
+                driver_kicks(&mem, next, next.wrapping_add(1)),
+                "enabled: the next request kicks"
+            );
+            hold_kicks(&mem, &q);
+            for (old, new) in [(0u16, 1u16), (0, 3), (1, 2), (3, 8)] {
+                let (old, new) = (next.wrapping_add(old), next.wrapping_add(new));
+                assert!(
+                    !driver_kicks(&mem, old, new),
+                    "held at {next}: no kick from {old} to {new}"
+                );
+            }
+            q.enable_notification(&mem).expect("in memory");
+            assert!(
+                driver_kicks(&mem, next, next.wrapping_add(1)),
+                "enabled again: the next request kicks"
+            );
+        }
+        // Without EVENT_IDX the used ring's flags do the job: nothing is written.
+        let q = queue(false);
+        let at = GuestAddress(USED + 4 + 8 * u64::from(SIZE));
+        mem.write_obj(0x1234u16, at).expect("in memory");
+        hold_kicks(&mem, &q);
+        assert_eq!(mem.read_obj::<u16>(at).expect("in memory"), 0x1234);
     }
 
     /// A queue of `size` entries with its rings at `avail` and `used`.

@@ -8,6 +8,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::Worker;
 use crate::device::Device;
+use crate::split_ring;
 
 /// Longest a worker stays in one busy-poll stint before it goes back to its epoll loop (which
 /// must see exit and control events now and then even under constant load).
@@ -63,6 +64,14 @@ impl Worker {
         let start = clock::read();
         if self.active.is_empty() {
             return start;
+        }
+        {
+            let mem = dev.mem.memory().into_inner();
+            for &slot in &self.active {
+                if let Some(vring) = vrings.get(slot) {
+                    split_ring::hold_kicks(&mem, vring.get_ref().get_queue());
+                }
+            }
         }
         // When the current run of idle rounds began (None while there is work).
         let mut idle_since: Option<u64> = None;
