@@ -54,24 +54,25 @@ impl Worker {
     /// two cross-CPU wake-ups per request (kick, io_uring completion) are gone.
     fn busy_poll(&mut self, dev: &Device, vrings: &[VringMutex], window: u64) -> u64 {
         // Only the rings in use (a frontend may set up fewer than the 64 this thread could
-        // serve); one that starts later is seen at its first kick, after this stint.
+        // serve); one that starts later is seen at its first kick, after this stint. Their
+        // drivers stop kicking until the stint ends.
         self.active.clear();
-        self.active
-            .extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
-                let state = vring.get_ref();
-                (state.is_enabled() && state.get_queue().ready()).then_some(slot)
-            }));
+        {
+            let mem = dev.mem.memory().into_inner();
+            self.active
+                .extend(vrings.iter().enumerate().filter_map(|(slot, vring)| {
+                    let state = vring.get_ref();
+                    let queue = state.get_queue();
+                    let active = state.is_enabled() && queue.ready();
+                    if active {
+                        split_ring::hold_kicks(&mem, queue);
+                    }
+                    active.then_some(slot)
+                }));
+        }
         let start = clock::read();
         if self.active.is_empty() {
             return start;
-        }
-        {
-            let mem = dev.mem.memory().into_inner();
-            for &slot in &self.active {
-                if let Some(vring) = vrings.get(slot) {
-                    split_ring::hold_kicks(&mem, vring.get_ref().get_queue());
-                }
-            }
         }
         // When the current run of idle rounds began (None while there is work).
         let mut idle_since: Option<u64> = None;
