@@ -258,14 +258,18 @@ impl<'a> LocalExecutor<'a> {
 
     /// Announces that the thread is about to block until the reactor's eventfd is written;
     /// from now on a wake from another thread writes it. Returns false, with the
-    /// announcement taken back, when a task was woken meanwhile: the caller runs the woken
-    /// tasks ([`poll`](Self::poll)) instead of blocking. After true, the caller must block
+    /// announcement taken back, when a task was woken meanwhile or completions wait
+    /// ([`Reactor::ready_to_sleep`]): the caller reaps and runs the woken tasks
+    /// ([`poll_completions`](Self::poll_completions)) instead of blocking. After true, the caller must block
     /// on the eventfd (doing nothing that may wake a task of this executor first) and call
     /// [`woke_up`](Self::woke_up) when it runs again.
     ///
     /// The announcement comes before the look at `woken` (both SeqCst; see `wake_by_ref`):
     /// a wake that this look misses reads the announcement and writes the eventfd.
     pub fn prepare_to_sleep(&self) -> bool {
+        if !self.reactor.ready_to_sleep() {
+            return false;
+        }
         self.shared.sleeping.store(true, SeqCst);
         if self.shared.woken.load(SeqCst) {
             self.woke_up();

@@ -183,6 +183,10 @@ pub struct Reactor {
     ring: RefCell<IoUring>,
     ops: RefCell<Slab<OpState>>,
     queued: Cell<u32>,
+    /// Completions were taken since the eventfd was last cleared. Posting them wrote the
+    /// eventfd again (the kernel writes it for every batch of completions it posts, also
+    /// those it posts in this thread's own `io_uring_enter`), with nothing left to wake for.
+    posted: Cell<bool>,
     eventfd: OwnedFd,
     setup: RingSetup,
 }
@@ -250,6 +254,7 @@ impl Reactor {
             ring: RefCell::new(ring),
             ops: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             queued: Cell::new(0),
+            posted: Cell::new(false),
             eventfd,
             setup,
         })
@@ -352,6 +357,9 @@ impl Reactor {
         }
         let n = wakers.len();
         if n > 0 {
+            self.posted.set(true);
+        }
+        if n > 0 {
             // Time passed for the requests that completed: they read the clock again.
             accounting::clock::invalidate();
         }
@@ -387,8 +395,29 @@ impl Reactor {
         Ok(())
     }
 
+    /// Before the thread sleeps on the eventfd: clears what posting the completions it took
+    /// wrote there, so that the sleep does not end at once for nothing, and tells whether the
+    /// ring has work for it now. Returns true when it may sleep; false when it must reap
+    /// first (work that comes after this look writes the eventfd again).
+    pub fn ready_to_sleep(&self) -> bool {
+        if !self.posted.get() {
+            // Nothing was taken since the last clear: whatever wrote the eventfd since then
+            // is work to wake for.
+            return true;
+        }
+        self.clear_eventfd();
+        let mut ring = self.ring.borrow_mut();
+        if !ring.completion().is_empty() {
+            return false;
+        }
+        // Task work or overflowed completions queued before the clear, whose write the
+        // clear took back. (Neither flag set: none.)
+        !(waiting_in_kernel(&mut ring) && ring_has_work(&ring))
+    }
+
     /// Resets the eventfd counter after it fired.
     pub fn clear_eventfd(&self) {
+        self.posted.set(false);
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a local u64 from our own non-blocking eventfd.
         let _ = unsafe { libc::read(self.eventfd(), (&mut value as *mut u64).cast(), 8) };
@@ -712,6 +741,89 @@ mod tests {
                 );
                 exec.poll().expect("tasks ran");
                 assert_eq!(done.get(), OPS);
+            });
+        }
+    }
+
+    /// Whether `reactor`'s eventfd is readable now.
+    fn eventfd_readable(reactor: &Reactor) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: reactor.eventfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a valid pollfd for the duration of the call; timeout 0 never blocks.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    /// Waits until `reactor`'s eventfd fires, as a worker's epoll does (at most 5 s).
+    fn wait_for_eventfd(reactor: &Reactor) {
+        let started = Instant::now();
+        while !eventfd_readable(reactor) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the eventfd fired"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A thread that took its completions sleeps until the next one. Posting them wrote the
+    /// eventfd again (also when the thread's own enter posts them); that write is cleared
+    /// before the sleep. Before, every sleep after a reap ended at once, and a polling worker
+    /// then polled a whole window for nothing. A completion that comes after the reap, whose
+    /// write the clear takes back, still keeps the thread from sleeping.
+    #[test]
+    fn a_thread_that_took_its_completions_sleeps_until_the_next() {
+        for setup in SETUPS {
+            on_ring_with(setup, move |reactor| {
+                let mut exec = LocalExecutor::new().expect("executor");
+                let done = Rc::new(Cell::new(0));
+                let count = |done: &Rc<Cell<u32>>| {
+                    let done = done.clone();
+                    move || done.set(done.get() + 1)
+                };
+                spawn_timeout(
+                    &mut exec,
+                    reactor,
+                    deadline(Duration::from_millis(10)),
+                    count(&done),
+                );
+                exec.poll().expect("submitted");
+                wait_for_eventfd(reactor);
+                exec.on_eventfd().expect("reaped");
+                assert_eq!(done.get(), 1);
+                assert!(exec.prepare_to_sleep(), "{setup:?}: nothing left to do");
+                assert!(
+                    !eventfd_readable(reactor),
+                    "{setup:?}: the sleep does not end at once"
+                );
+                exec.woke_up();
+
+                // One completion taken, then another comes before the thread sleeps.
+                spawn_timeout(
+                    &mut exec,
+                    reactor,
+                    deadline(Duration::from_millis(10)),
+                    count(&done),
+                );
+                spawn_timeout(
+                    &mut exec,
+                    reactor,
+                    deadline(Duration::from_millis(40)),
+                    count(&done),
+                );
+                exec.poll().expect("submitted");
+                wait_for_eventfd(reactor);
+                exec.on_eventfd().expect("reaped");
+                assert_eq!(done.get(), 2);
+                std::thread::sleep(Duration::from_millis(80));
+                assert!(
+                    !exec.prepare_to_sleep(),
+                    "{setup:?}: a completion waits, so no sleep"
+                );
+                exec.poll_completions().expect("reaped");
+                assert_eq!(done.get(), 3, "{setup:?}: and the next reap takes it");
             });
         }
     }
