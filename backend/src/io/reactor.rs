@@ -283,9 +283,15 @@ impl Reactor {
         }
         self.queued.set(0);
         let mut ring = self.ring.borrow_mut();
+        // The enter runs deferred task work only when one of these flags is set (it carries
+        // GETEVENTS then). Without them, work queued from now on writes the eventfd itself,
+        // as it did when a fast device completed a request during this very enter.
+        let may_run_work = waiting_in_kernel(&mut ring);
         ring.submit()
             .map_err(|e| BlockError::io(&e, "io_uring submit failed"))?;
-        self.wake_self_if_work_is_left(&mut ring);
+        if may_run_work {
+            self.wake_self_if_work_is_left(&mut ring);
+        }
         Ok(())
     }
 
@@ -297,7 +303,8 @@ impl Reactor {
     /// the rest (IORING_SQ_TASKRUN set again); a batch of work that posts nothing (a request
     /// the kernel re-issues) then leaves the rest with no wake-up to come, and a thread that
     /// sleeps on its eventfd would never run it. Completions in the queue are not at risk:
-    /// posting them fired the eventfd, which is cleared only right before a reap.
+    /// posting them fired the eventfd, which is cleared only right before a reap, or before a
+    /// sleep that looks at the queue after the clear ([`Self::ready_to_sleep`]).
     fn wake_self_if_work_is_left(&self, ring: &mut IoUring) {
         if waiting_in_kernel(ring) && ring.completion().is_empty() && ring_has_work(ring) {
             self.signal_eventfd();
