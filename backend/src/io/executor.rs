@@ -260,9 +260,9 @@ impl<'a> LocalExecutor<'a> {
     /// from now on a wake from another thread writes it. Returns false, with the
     /// announcement taken back, when a task was woken meanwhile or completions wait
     /// ([`Reactor::ready_to_sleep`]): the caller reaps and runs the woken tasks
-    /// ([`poll_completions`](Self::poll_completions)) instead of blocking. After true, the caller must block
-    /// on the eventfd (doing nothing that may wake a task of this executor first) and call
-    /// [`woke_up`](Self::woke_up) when it runs again.
+    /// ([`poll_completions`](Self::poll_completions)) instead of blocking. After true, the
+    /// caller must block on the eventfd (doing nothing that may wake a task of this executor
+    /// first) and call [`woke_up`](Self::woke_up) when it runs again.
     ///
     /// The announcement comes before the look at `woken` (both SeqCst; see `wake_by_ref`):
     /// a wake that this look misses reads the announcement and writes the eventfd.
